@@ -1,0 +1,244 @@
+"""The supervisor: builds the components from the configuration, runs them, and stops them in order.
+
+Signal handlers only set flags. SIGTERM/SIGINT: stop intake, let executing commands finish within
+``shutdown.grace_s``, close the HTTP listener, the devices and the store, exit 0; a second SIGTERM/SIGINT
+forces (exit 130; everything accepted is already in SQLite). SIGHUP re-reads the configuration and applies the
+log level and the device profiles. systemd hears READY/STATUS/WATCHDOG/STOPPING through sd_notify; the watchdog
+is fed from a task on the event loop, so a blocked loop (or a stuck store) stops feeding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from gatewayd import __version__
+from gatewayd.app.systemd import Notifier
+from gatewayd.commands.dispatcher import Dispatcher
+from gatewayd.commands.model import Clock
+from gatewayd.commands.service import CommandService
+from gatewayd.config.loader import LoadedConfig, load_config
+from gatewayd.devices.manager import DeviceManager
+from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt
+from gatewayd.observability import logging as gwlog
+from gatewayd.store import Store
+from gatewayd.tasks import TaskOwner
+from gatewayd.web.server import WebContext, WebServer
+
+log = structlog.get_logger("gatewayd.supervisor")
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_FORCED = 0, 1, 2, 130
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedConfig, *, environ: Mapping[str, str] | None = None, clock: Clock | None = None):
+        self.loaded = loaded
+        self._environ = environ
+        self.notifier = Notifier(environ)
+        self.clock = clock or Clock()
+        self.phase = "starting"
+        self._started = time.monotonic()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._main: asyncio.Task[Any] | None = None
+        self._forced = False
+        self.store: Store | None = None
+        self.devices: DeviceManager | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.service: CommandService | None = None
+        self.web: WebServer | None = None
+
+    # --- signals: flags only ---------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "request") -> None:
+        if self._stop.is_set():
+            if not self._forced and self._main is not None:
+                self._forced = True
+                log.warning("shutdown_forced", reason=reason)
+                self._main.cancel()
+            return
+        log.info("shutdown_requested", reason=reason)
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    # --- run -------------------------------------------------------------------------------------------------
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        if install_signals:
+            self._install_signals(loop)
+        self.notifier.notify("STATUS=starting")
+        try:
+            await self._run()
+            return EXIT_OK
+        except asyncio.CancelledError:
+            if self._forced:
+                return EXIT_FORCED
+            raise
+        except (ConfigError, StoreCorrupt) as err:
+            self._startup_failed(err)
+            return EXIT_CONFIG
+        except GatewayError as err:
+            self._startup_failed(err)
+            return EXIT_CRASH
+        except BaseExceptionGroup as group:
+            log.error(
+                "component_crashed", errors=[f"{type(e).__name__}: {e}" for e in group.exceptions], exc_info=group
+            )
+            return EXIT_FORCED if self._forced else EXIT_CRASH
+        finally:
+            self.phase = "stopped"
+            if install_signals:
+                self._remove_signals(loop)
+            self.notifier.close()
+
+    def _startup_failed(self, err: GatewayError) -> None:
+        log.error("startup_failed", code=err.code, error=err.message, phase=self.phase)
+        self.notifier.notify(f"STATUS=failed: {err.message}")
+        print(f"gatewayd: cannot start: {err.message}", file=sys.stderr)
+
+    async def _run(self) -> None:
+        cfg = self.loaded.config
+        async with contextlib.AsyncExitStack() as stack:
+            self.store = await stack.enter_async_context(
+                Store(cfg.db_path, synchronous=cfg.store.synchronous, max_batch=cfg.store.max_batch)
+            )
+            self.devices = await stack.enter_async_context(DeviceManager(self.loaded))
+            self.service = CommandService(self.store, self.devices, cfg.commands, self.clock)
+            self.dispatcher = await stack.enter_async_context(
+                Dispatcher(self.store, self.devices.devices, clock=self.clock, on_final=self.service.on_final)
+            )
+            ctx = WebContext(self.service, self.devices, self.status, cfg.commands.max_wait_s)
+            self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
+            tasks = TaskOwner("supervisor")
+            await tasks.open()
+            stack.push_async_callback(tasks.close)
+            tasks.spawn("reload", self._reloader())
+            if self.notifier.enabled:
+                tasks.spawn("systemd", self._systemd())
+
+            self.service.attach(self.dispatcher)
+            self.phase = "running"
+            self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+            log.info(
+                "gateway_ready",
+                gateway_id=cfg.gateway.id,
+                mode=cfg.gateway.mode,
+                port=self.web.port,
+                devices=len(self.devices.devices),
+                version=__version__,
+                startup_s=round(time.monotonic() - self._started, 3),
+            )
+
+            await self._stop.wait()
+
+            self.phase = "stopping"
+            self.service.close_intake()
+            executing = self.dispatcher.in_flight()
+            self.notifier.notify("STOPPING=1", f"STATUS=stopping: {executing} command(s) executing")
+            log.info(
+                "gateway_stopping", executing=executing, queued=self.dispatcher.queued(), grace_s=cfg.shutdown.grace_s
+            )
+            unfinished = await self.dispatcher.drain(cfg.shutdown.grace_s)
+            self.service.wake_waiters()
+            # The exit stack now closes, in reverse order: tasks, HTTP, dispatcher, devices, store.
+        log.info("gateway_stopped", unfinished=unfinished, queued_for_restart=self.dispatcher.queued())
+
+    # --- background duties -------------------------------------------------------------------------------------
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the file; apply the log level and device profiles; keep the old ones on any error."""
+        old = self.loaded
+        try:
+            new = await asyncio.to_thread(load_config, old.path, self._environ)
+        except ConfigError as err:
+            log.error("reload_rejected", problems=[str(p) for p in err.problems])
+            return
+        gwlog.configure(new.config.log.level)
+        assert self.devices is not None
+        changed = self.devices.reload_profiles(
+            new.profiles, {name: dev.profile for name, dev in new.config.devices.items()}
+        )
+        later = [
+            section
+            for section in type(new.config).model_fields
+            if section != "log" and getattr(new.config, section) != getattr(old.config, section)
+        ]
+        self.loaded = LoadedConfig(
+            old.config.model_copy(update={"log": new.config.log}), new.profiles, old.path, old.overrides
+        )
+        log.info("config_reloaded", log_level=new.config.log.level, profiles_changed=changed, needs_restart=later)
+
+    async def _systemd(self) -> None:
+        watchdog_s = self.notifier.watchdog_s
+        interval = min(5.0, watchdog_s / 2) if watchdog_s else 5.0
+        last_status = ""
+        while True:
+            await asyncio.sleep(interval)
+            if watchdog_s and self.healthy():
+                self.notifier.notify("WATCHDOG=1")
+            line = self._status_line()
+            if line != last_status:
+                self.notifier.notify(f"STATUS={line}")
+                last_status = line
+
+    # --- state -------------------------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Alive and making progress: the loop runs (we are here) and the store is not stuck on the disk."""
+        if self.store is None:
+            return self.phase == "starting"
+        limit = max(10.0, self.notifier.watchdog_s or 0.0)
+        return self.store.stalled_for < limit
+
+    def _status_line(self) -> str:
+        if self.devices is None or self.dispatcher is None:
+            return self.phase
+        up = sum(1 for d in self.devices.devices.values() if d.availability.available)
+        return (
+            f"{self.phase}: {up}/{len(self.devices.devices)} devices available, "
+            f"{self.dispatcher.queued()} queued, {self.dispatcher.executed} executed"
+        )
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.loaded.config
+        store = self.store
+        return {
+            "gateway_id": cfg.gateway.id,
+            "version": __version__,
+            "mode": cfg.gateway.mode,
+            "phase": self.phase,
+            "healthy": self.healthy(),
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "queue": self.dispatcher.snapshot() if self.dispatcher else {"queued": 0, "in_flight": 0},
+            "store": {
+                "path": str(cfg.db_path),
+                "commits": store.commits if store else 0,
+                "stalled_s": round(store.stalled_for, 3) if store else 0.0,
+            },
+        }

@@ -1,0 +1,265 @@
+"""The ``gatewayd`` command. Client commands talk to the running daemon's HTTP API with the standard library
+only, so they start fast on a Pi; ``run`` imports the daemon.
+
+Exit codes: 0 success; 1 the command ended in a state other than succeeded (or did not finish in time);
+2 bad usage, invalid configuration or a request the daemon refused; 3 the daemon is not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_NOT_DONE, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def default_config() -> Path:
+    env = os.environ.get("GATEWAYD_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config.toml")
+    return local if local.exists() else Path("/etc/gatewayd/config.toml")
+
+
+# --- daemon ------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gatewayd.app.supervisor import Supervisor
+    from gatewayd.config import load_config
+    from gatewayd.errors import ConfigError
+    from gatewayd.observability import logging as gwlog
+
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # one JSON line reaches journald as soon as it is written
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        print(f"gatewayd: invalid configuration ({len(err.problems)} problem(s)):", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    gwlog.configure(loaded.config.log.level)
+    return asyncio.run(Supervisor(loaded).run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from gatewayd.config import load_config
+    from gatewayd.errors import ConfigError
+
+    try:
+        loaded = load_config(args.path)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(problem)
+        print(f"{len(err.problems)} problem(s) found", file=sys.stderr)
+        return EXIT_INVALID
+    cfg = loaded.config
+    print(f"{loaded.path}: ok ({len(cfg.devices)} devices, {len(loaded.profiles)} profiles, mode {cfg.gateway.mode})")
+    for key, var in sorted(loaded.overrides.items()):
+        print(f"  {key} overridden by {var}")
+    return EXIT_OK
+
+
+# --- client ------------------------------------------------------------------------------------------------------
+
+
+class Unreachable(Exception):
+    pass
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]):
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+def base_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    if os.environ.get("GATEWAYD_URL"):
+        return os.environ["GATEWAYD_URL"].rstrip("/")
+    host, port = "127.0.0.1", 8080
+    path = Path(args.config) if args.config else default_config()
+    if path.exists():
+        try:
+            from gatewayd.config import load_config
+
+            http = load_config(path).config.http
+            host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+            port = http.port
+        except Exception:  # an unreadable config must not stop a status check; the default is tried
+            pass
+    return f"http://{host}:{port}"
+
+
+def request(url: str, method: str = "GET", body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Accept", "application/json")
+    req.add_header("X-Gatewayd-Client", "cli")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        try:
+            payload = json.loads(err.read() or b"null")
+        except ValueError:
+            payload = {"error": {"code": "http_error", "message": str(err), "details": {}}}
+        raise ApiError(err.code, payload) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise Unreachable(f"{url.split('/api')[0]}: {reason}") from None
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``key=value``; the value is JSON when it parses (``50``, ``true``, ``"x"``), a string otherwise."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"parameter {pair!r} is not key=value")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    return params
+
+
+def _unreachable(err: Unreachable) -> int:
+    print(
+        f"gatewayd: the daemon is not reachable at {err} — is it running? (systemctl status gatewayd, or gatewayd run)",
+        file=sys.stderr,
+    )
+    return EXIT_UNREACHABLE
+
+
+def _api_error(err: ApiError) -> int:
+    error = (err.body or {}).get("error", {}) if isinstance(err.body, dict) else {}
+    print(f"gatewayd: refused ({err.status} {error.get('code', '?')}): {error.get('message', '')}", file=sys.stderr)
+    for item in (error.get("details") or {}).get("errors", []):
+        print(f"  {item.get('field')}: {item.get('message')}", file=sys.stderr)
+    return EXIT_INVALID if err.status < 500 else EXIT_NOT_DONE
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        params = parse_params(args.params)
+    except ValueError as err:
+        print(f"gatewayd: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    body: dict[str, Any] = {"device": args.device, "action": args.action, "params": params}
+    if args.id:
+        body["id"] = args.id
+    if args.ttl is not None:
+        body["ttl_s"] = args.ttl
+    if args.priority:
+        body["priority"] = args.priority
+    url = base_url(args)
+    try:
+        _, record = request(f"{url}/api/v1/commands?wait={args.wait:g}", "POST", body, timeout=args.wait + 10)
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        return _api_error(err)
+    print(json.dumps(record, indent=2))
+    if record.get("state") == "succeeded":
+        return EXIT_OK
+    if record.get("state") not in ("failed", "expired", "rejected", "cancelled"):
+        print(
+            f"gatewayd: command {record.get('id')} is still {record.get('state')} after {args.wait:g} s; "
+            f"check later with: gatewayd status",
+            file=sys.stderr,
+        )
+    return EXIT_NOT_DONE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = base_url(args)
+    try:
+        _, stats = request(f"{url}/api/v1/stats")
+        _, devices = request(f"{url}/api/v1/devices")
+        _, recent = request(f"{url}/api/v1/commands?limit=10")
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        return _api_error(err)
+    if args.json:
+        print(json.dumps({"stats": stats, "devices": devices["devices"], "recent": recent["commands"]}, indent=2))
+        return EXIT_OK
+    q = stats["queue"]
+    print(
+        f"gatewayd {stats['gateway_id']} ({stats['version']}, {stats['mode']} mode) at {url}: {stats['phase']}, "
+        f"{'healthy' if stats['healthy'] else 'UNHEALTHY'}, up {stats['uptime_s']:.0f} s"
+    )
+    print(
+        f"queue: {q['queued']} queued, {q['in_flight']} executing; "
+        f"commands: {', '.join(f'{k} {v}' for k, v in sorted(stats['commands'].items())) or 'none yet'}"
+    )
+    print("devices:")
+    for d in devices["devices"]:
+        state = "available" if d["available"] else f"UNAVAILABLE ({d['last_error']})"
+        print(f"  {d['name']:<16} {d['profile']:<14} {state}  actions: {', '.join(d['actions'])}")
+    if recent["commands"]:
+        print("recent commands:")
+        for c in recent["commands"]:
+            print(f"  {c['created_at']}  {c['id'][:12]:<12} {c['device']:<12} {c['action']:<10} {c['state']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatewayd", description="Edge gateway daemon: devices, commands, status.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (systemd runs this)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file (default: ./config.toml, else /etc/gatewayd/config.toml; or $GATEWAYD_CONFIG)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and its device profiles")
+    check.add_argument("path", nargs="?", type=Path, default=None)
+    check.set_defaults(func=cmd_check_config)
+
+    def client(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", help="daemon URL (default: $GATEWAYD_URL, else from the config's [http])")
+        p.add_argument("--config", type=Path, default=None, help="config file to read the daemon's address from")
+
+    send = sub.add_parser("send", help="send a command and print its final record")
+    send.add_argument("device")
+    send.add_argument("action")
+    send.add_argument("params", nargs="*", metavar="key=value")
+    send.add_argument("--id", help="idempotency key: sending the same id again never runs the command twice")
+    send.add_argument("--ttl", type=float, help="deadline in seconds; the command expires unexecuted after it")
+    send.add_argument("--priority", choices=["critical", "high", "normal", "low"])
+    send.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a final state (default 30)")
+    client(send)
+    send.set_defaults(func=cmd_send)
+
+    status = sub.add_parser("status", help="show the daemon's health, devices and recent commands")
+    status.add_argument("--json", action="store_true")
+    client(status)
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.config is None:
+        args.config = default_config()
+    if args.command == "check-config" and args.path is None:
+        args.path = default_config()
+    return int(args.func(args))

@@ -1,0 +1,187 @@
+"""The command model: states, priorities, the client's envelope and the stored record."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+class State(StrEnum):
+    RECEIVED = "received"
+    ACCEPTED = "accepted"
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.EXPIRED, State.REJECTED, State.CANCELLED})
+OPEN_STATES = (State.ACCEPTED, State.QUEUED, State.DISPATCHED)
+
+
+class Priority(IntEnum):
+    """Lower runs first."""
+
+    CRITICAL = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        # Without a boot id, monotonic readings are only trusted within this process.
+        return f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+BOOT_ID = _boot_id()
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Injected time: monotonic for deadlines and intervals, wall clock only for display and across reboots."""
+
+    boot_id: str = BOOT_ID
+
+    def wall(self) -> float:
+        return time.time()
+
+    def mono(self) -> float:
+        return time.monotonic()
+
+
+def _parse_priority(value: Any) -> Priority:
+    if isinstance(value, str) and value.upper() in Priority.__members__:
+        return Priority[value.upper()]
+    raise ValueError("must be one of critical, high, normal, low")
+
+
+CommandId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+
+
+class CommandRequest(BaseModel):
+    """What a client sends (HTTP body, MQTT payload, CLI). Validated against the device profile afterwards."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    device: Annotated[str, Field(min_length=1, max_length=64)]
+    action: Annotated[str, Field(min_length=1, max_length=64)]
+    params: dict[str, Any] = Field(default_factory=dict)
+    id: CommandId | None = None
+    ttl_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    priority: Annotated[Priority, BeforeValidator(_parse_priority)] = Priority.NORMAL
+
+
+def new_command_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: State
+    at: float
+    mono: float
+    boot_id: str
+    detail: str | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state.value, "at": _iso(self.at)}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass
+class CommandRecord:
+    id: str
+    device: str
+    action: str
+    params: dict[str, Any]
+    priority: Priority
+    source: str
+    user: str | None
+    state: State
+    created_at: float
+    ttl_s: float
+    deadline_at: float
+    deadline_mono: float
+    boot_id: str
+    updated_at: float
+    seq: int = 0
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    transitions: list[Transition] = field(default_factory=list)
+
+    def expired(self, clock: Clock) -> str | None:
+        """Why this command must not run any more, or None while it may.
+
+        Within one boot the monotonic deadline decides: wall-clock jumps (NTP arriving on a Pi without an RTC)
+        cannot stretch or shrink it. Across a reboot only the wall clock is left; if it reads earlier than when
+        the command was created, the clock is not trustworthy and the command's age is unknown, so it expires
+        rather than risk acting on an old order.
+        """
+        if self.boot_id == clock.boot_id:
+            return "deadline passed" if clock.mono() >= self.deadline_mono else None
+        now = clock.wall()
+        if now < self.created_at:
+            return "deadline unknown after reboot (wall clock is behind the command's creation time)"
+        return "deadline passed" if now >= self.deadline_at else None
+
+    def same_request(self, device: str, action: str, params: dict[str, Any]) -> bool:
+        return (self.device, self.action, self.params) == (device, action, params)
+
+    def to_api(self, *, transitions: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "device": self.device,
+            "action": self.action,
+            "params": self.params,
+            "priority": self.priority.label,
+            "source": self.source,
+            "user": self.user,
+            "state": self.state.value,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "ttl_s": self.ttl_s,
+            "deadline_at": _iso(self.deadline_at),
+            "result": self.result,
+            "error": (
+                {"code": self.error_code, "message": self.error_message} if self.error_code is not None else None
+            ),
+        }
+        if transitions:
+            out["transitions"] = [t.to_api() for t in self.transitions]
+        return out
+
+
+def _iso(ts: float) -> str:
+    if not math.isfinite(ts):
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,162 @@
+"""The front door for commands, shared by HTTP, the CLI (through HTTP) and later MQTT.
+
+Accept means committed: ``submit`` returns only after the command and its first transitions are in SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import structlog
+
+from gatewayd.commands import validate as v
+from gatewayd.commands.dispatcher import Dispatcher
+from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition, new_command_id
+from gatewayd.config.models import CommandsSection
+from gatewayd.devices.manager import DeviceManager
+from gatewayd.errors import Conflict, QueueFull, ShuttingDown, UnknownCommand
+from gatewayd.store import Store
+from gatewayd.store import commands as sql
+
+log = structlog.get_logger("gatewayd.commands")
+
+
+class CommandService:
+    def __init__(self, store: Store, devices: DeviceManager, cfg: CommandsSection, clock: Clock):
+        self._store = store
+        self._devices = devices
+        self._cfg = cfg
+        self._clock = clock
+        self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self.dispatcher: Dispatcher | None = None
+        self.accepting = False
+        self.accepted = 0
+        self.replayed = 0
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.accepting = True
+
+    def close_intake(self) -> None:
+        self.accepting = False
+
+    async def submit(self, payload: Any, *, source: str, user: str | None = None) -> tuple[CommandRecord, bool]:
+        """Validate and durably accept a command. Returns (record, created); created is False for a replay."""
+        received = self._transition(State.RECEIVED)
+        if not self.accepting or self.dispatcher is None:
+            raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
+        request = v.parse_request(payload)
+        checked = v.validate(
+            request, self._devices.profiles(), default_ttl_s=self._cfg.default_ttl_s, max_ttl_s=self._cfg.max_ttl_s
+        )
+        if (
+            request.priority is not Priority.CRITICAL
+            and self.dispatcher.queued(request.device) >= self._cfg.max_queued_per_device
+        ):
+            raise QueueFull(
+                f"{self._cfg.max_queued_per_device} commands are already waiting for {request.device!r}",
+                details={"device": request.device},
+            )
+        now, mono = self._clock.wall(), self._clock.mono()
+        rec = CommandRecord(
+            id=request.id or new_command_id(),
+            device=request.device,
+            action=request.action,
+            params=checked.params,
+            priority=request.priority,
+            source=source,
+            user=user,
+            state=State.QUEUED,
+            created_at=received.at,
+            ttl_s=checked.ttl_s,
+            deadline_at=received.at + checked.ttl_s,
+            deadline_mono=received.mono + checked.ttl_s,
+            boot_id=self._clock.boot_id,
+            updated_at=now,
+        )
+        transitions = [
+            received,
+            Transition(State.ACCEPTED, now, mono, self._clock.boot_id),
+            Transition(State.QUEUED, now, mono, self._clock.boot_id),
+        ]
+
+        def accept(conn: Any) -> tuple[CommandRecord, bool]:
+            inserted = sql.insert(conn, rec, transitions)
+            if inserted is not None:
+                return inserted, True
+            existing = sql.get(conn, rec.id)
+            assert existing is not None
+            return existing, False
+
+        stored, created = await self._store.write(accept)
+        if not created:
+            if not stored.same_request(rec.device, rec.action, rec.params):
+                raise Conflict(
+                    f"command id {rec.id!r} was already used for a different command",
+                    details={"id": rec.id, "existing": stored.to_api(transitions=False)},
+                )
+            self.replayed += 1
+            log.info("command_replayed", command_id=rec.id, device=rec.device, state=stored.state.value)
+            return stored, False
+        self.accepted += 1
+        self.dispatcher.push(stored)
+        log.info(
+            "command_accepted",
+            command_id=rec.id,
+            device=rec.device,
+            action=rec.action,
+            priority=rec.priority.label,
+            source=source,
+        )
+        return stored, True
+
+    def _transition(self, state: State) -> Transition:
+        return Transition(state, self._clock.wall(), self._clock.mono(), self._clock.boot_id)
+
+    async def get(self, command_id: str) -> CommandRecord:
+        rec = await self._store.read(lambda c: sql.get(c, command_id))
+        if rec is None:
+            raise UnknownCommand(f"no command with id {command_id!r}", details={"id": command_id})
+        return rec
+
+    async def listing(self, *, state: str | None, device: str | None, limit: int) -> list[CommandRecord]:
+        return await self._store.read(lambda c: sql.listing(c, state=state, device=device, limit=limit))
+
+    async def counts(self) -> dict[str, int]:
+        return await self._store.read(sql.counts)
+
+    async def wait(self, command_id: str, timeout_s: float) -> CommandRecord:
+        """The record once it reaches a final state, or as it is when ``timeout_s`` runs out."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[command_id].append(fut)
+        try:
+            rec = await self.get(command_id)
+            if rec.state.final or timeout_s <= 0:
+                return rec
+            try:
+                await asyncio.wait_for(fut, timeout_s)
+            except TimeoutError:
+                pass
+
+            return await self.get(command_id)  # the stored record, with every transition
+        finally:
+            waiters = self._waiters.get(command_id)
+            if waiters is not None:
+                if fut in waiters:
+                    waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[command_id]
+
+    def wake_waiters(self) -> None:
+        """Shutting down: every ``?wait`` returns now, with the command as it stands."""
+        for futures in self._waiters.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def on_final(self, rec: CommandRecord) -> None:
+        for fut in self._waiters.pop(rec.id, []):
+            if not fut.done():
+                fut.set_result(None)

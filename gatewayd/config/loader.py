@@ -1,0 +1,210 @@
+"""Load ``config.toml``, apply ``GATEWAYD_<SECTION>__<KEY>`` overrides, load the device profiles, and check
+that everything fits together. Every problem is collected (with its file and key path) before failing, so
+``gatewayd check-config`` can show them all at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gatewayd.config.models import Config
+from gatewayd.config.profiles import Profile
+from gatewayd.errors import ConfigError, ConfigProblem
+
+ENV_PREFIX = "GATEWAYD_"
+KNOWN_SIMULATORS = frozenset({"pump"})
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    profiles: dict[str, Profile]
+    path: Path
+    overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> environment variable
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
+    """``GATEWAYD_HTTP__PORT=8081`` -> ``{("http", "port"): ("GATEWAYD_HTTP__PORT", "8081")}``.
+
+    Only variables with a ``__`` separator are overrides, so ``GATEWAYD_URL`` (used by the CLI) is not one.
+    """
+    found: dict[tuple[str, ...], tuple[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__"))
+        found[parts] = (name, value)
+    return found
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Values are TOML literals when they parse as one (``8081``, ``true``, ``[1, 2]``), strings otherwise."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_overrides(
+    data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, str]], problems: list[ConfigProblem]
+) -> None:
+    for path, (var, raw) in sorted(overrides.items()):
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(ConfigProblem(f"env {var}", ".".join(path[: i + 1]), "is not a table"))
+                break
+            node = child
+        else:
+            node[path[-1]] = _parse_env_value(raw)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    message = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    value = err.get("input")
+    if err["type"] != "missing" and not isinstance(value, dict | list):
+        message += f" (got {value!r})"
+    return message
+
+
+def _validation_problems(
+    exc: ValidationError, file: str, overrides: dict[tuple[str, ...], tuple[str, str]] | None = None
+) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        source = file
+        for path, (var, _) in (overrides or {}).items():
+            if loc[: len(path)] == path:
+                source = f"env {var}"
+        problems.append(ConfigProblem(source, _loc(err["loc"]), _describe(err)))
+    return problems
+
+
+def _read_toml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(ConfigProblem(str(path), "", "file not found"))
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(ConfigProblem(str(path), "", f"cannot read: {err}"))
+        return None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        problems.append(ConfigProblem(str(path), "", f"not valid TOML: {err}"))
+        return None
+
+
+def load_profiles(directory: Path, problems: list[ConfigProblem]) -> dict[str, Profile]:
+    profiles: dict[str, Profile] = {}
+    if not directory.is_dir():
+        problems.append(ConfigProblem(str(directory), "", "profiles directory not found"))
+        return profiles
+    for path in sorted(directory.glob("*.toml")):
+        data = _read_toml(path, problems)
+        if data is None:
+            continue
+        if "name" in data:
+            problems.append(ConfigProblem(str(path), "name", "unknown key (a profile is named by its file name)"))
+            continue
+        try:
+            profiles[path.stem] = Profile.model_validate({"name": path.stem, **data})
+        except ValidationError as exc:
+            problems.extend(_validation_problems(exc, str(path)))
+    return profiles
+
+
+def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    pins: dict[int, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    for name, dev in cfg.devices.items():
+        key = f"devices.{name}"
+        profile = profiles.get(dev.profile)
+        if profile is None:
+            problems.append(ConfigProblem(file, f"{key}.profile", f"unknown profile {dev.profile!r}"))
+            continue
+        if profile.kind == "gpio_output":
+            if dev.pin is None:
+                problems.append(ConfigProblem(file, f"{key}.pin", "a GPIO device needs a pin"))
+            elif dev.pin in pins:
+                problems.append(ConfigProblem(file, f"{key}.pin", f"pin {dev.pin} is already used by {pins[dev.pin]}"))
+            else:
+                pins[dev.pin] = name
+        elif profile.kind == "serial_line":
+            if dev.bus is None:
+                problems.append(ConfigProblem(file, f"{key}.bus", "a serial device needs a bus"))
+                continue
+            if dev.bus not in cfg.serial:
+                problems.append(ConfigProblem(file, f"{key}.bus", f"unknown serial bus {dev.bus!r}"))
+                continue
+            if dev.address is None:
+                problems.append(ConfigProblem(file, f"{key}.address", "a serial device needs an address"))
+            elif (dev.bus, dev.address) in addresses:
+                other = addresses[(dev.bus, dev.address)]
+                problems.append(
+                    ConfigProblem(file, f"{key}.address", f"address {dev.address} on {dev.bus} is used by {other}")
+                )
+            else:
+                addresses[(dev.bus, dev.address)] = name
+            if cfg.bus_simulated(dev.bus):
+                if profile.simulator is None:
+                    problems.append(
+                        ConfigProblem(
+                            file, f"{key}.profile", f"profile {profile.name!r} has no simulator for mock mode"
+                        )
+                    )
+                elif profile.simulator not in KNOWN_SIMULATORS:
+                    problems.append(ConfigProblem(file, f"{key}.profile", f"unknown simulator {profile.simulator!r}"))
+    return problems
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    gw = cfg.gateway
+    data_dir = gw.data_dir if gw.data_dir.is_absolute() else base / gw.data_dir
+    profiles_dir = gw.profiles_dir if gw.profiles_dir.is_absolute() else base / gw.profiles_dir
+    new_gw = gw.model_copy(update={"data_dir": data_dir, "profiles_dir": profiles_dir})
+    return cfg.model_copy(update={"gateway": new_gw})
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Load and check everything; raise :class:`ConfigError` listing every problem found.
+
+    Relative paths in the file are relative to the file's directory, so the bundled config works from anywhere.
+    """
+    path = Path(path).absolute()
+    environ = os.environ if environ is None else environ
+    problems: list[ConfigProblem] = []
+    data = _read_toml(path, problems)
+    if data is None:
+        raise ConfigError(problems)
+    overrides = env_overrides(environ)
+    _apply_overrides(data, overrides, problems)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, str(path), overrides))
+        raise ConfigError(problems) from None
+    cfg = _resolve(cfg, path.parent)
+    profiles = load_profiles(cfg.gateway.profiles_dir, problems)
+    problems.extend(_cross_check(cfg, profiles, str(path)))
+    if problems:
+        raise ConfigError(problems)
+    dotted = {".".join(p): var for p, (var, _) in overrides.items()}
+    return LoadedConfig(cfg, profiles, path, dotted)

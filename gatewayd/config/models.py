@@ -1,0 +1,94 @@
+"""The models of ``config.toml``. Unknown keys are errors; every section has working defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gatewayd.config.profiles import Name
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "gw-dev"
+    mode: Literal["mock", "hardware"] = "mock"
+    data_dir: Path = Path("./var")
+    profiles_dir: Path = Path("./hardware/profiles")
+
+
+class LogSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class HttpSection(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
+class ShutdownSection(Section):
+    grace_s: float = Field(default=10.0, ge=0, le=600)
+
+
+class CommandsSection(Section):
+    default_ttl_s: float = Field(default=300.0, gt=0)
+    max_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    max_wait_s: float = Field(default=60.0, gt=0, le=3600)
+    max_queued_per_device: int = Field(default=1000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _ttl_order(self) -> CommandsSection:
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError("default_ttl_s must not exceed max_ttl_s")
+        return self
+
+
+class StoreSection(Section):
+    filename: str = "gatewayd.sqlite3"
+    synchronous: Literal["full", "normal"] = "full"
+    max_batch: int = Field(default=512, ge=1, le=100_000)
+
+
+class SerialBusConfig(Section):
+    port: str
+    baudrate: int = Field(default=115200, ge=300, le=4_000_000)
+    response_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    simulate: bool | None = None  # None: simulate when gateway.mode is "mock"
+
+
+class SimulatorConfig(Section):
+    latency_s: float = Field(default=0.0, ge=0, le=60)
+
+
+class DeviceConfig(Section):
+    profile: Name
+    description: str = ""
+    bus: Name | None = None
+    address: int | None = Field(default=None, ge=1, le=247)
+    pin: int | None = Field(default=None, ge=0, le=53)
+    active_high: bool = True
+    simulator: SimulatorConfig = SimulatorConfig()
+
+
+class Config(Section):
+    gateway: GatewaySection = GatewaySection()
+    log: LogSection = LogSection()
+    http: HttpSection = HttpSection()
+    shutdown: ShutdownSection = ShutdownSection()
+    commands: CommandsSection = CommandsSection()
+    store: StoreSection = StoreSection()
+    serial: dict[Name, SerialBusConfig] = Field(default_factory=dict)
+    devices: dict[Name, DeviceConfig] = Field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.gateway.data_dir / self.store.filename
+
+    def bus_simulated(self, bus: str) -> bool:
+        flag = self.serial[bus].simulate
+        return self.gateway.mode == "mock" if flag is None else flag

@@ -1,0 +1,57 @@
+"""What every device looks like to the dispatcher, whatever bus or pin it is on."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from gatewayd.config.profiles import Profile
+
+log = structlog.get_logger("gatewayd.devices")
+
+
+@dataclass
+class Availability:
+    """Availability is state, not a log stream: it is logged once when it goes down and once when it returns."""
+
+    subject: str
+    available: bool = False
+    last_error: str | None = None
+    since: float = field(default_factory=time.time)
+
+    def up(self) -> None:
+        if not self.available:
+            self.available, self.since = True, time.time()
+            log.info("device_available", device=self.subject)
+
+    def down(self, error: str) -> None:
+        self.last_error = error
+        if self.available or self.since == 0:
+            log.warning("device_unavailable", device=self.subject, error=error)
+        self.available, self.since = False, time.time()
+
+    def to_api(self) -> dict[str, Any]:
+        return {"available": self.available, "last_error": self.last_error, "since": self.since}
+
+
+class Device(Protocol):
+    """One addressable device. ``execute`` performs one action and returns the device's result.
+
+    It raises :class:`~gatewayd.errors.DeviceRejected` when the device refuses, and a transient
+    :class:`~gatewayd.errors.DeviceUnavailable` / :class:`~gatewayd.errors.DeviceTimeout` when it cannot be
+    reached. ``command_id`` travels with the request where the transport allows, so that a device that saw the
+    request before (a retry after a crash) answers without acting twice.
+    """
+
+    name: str
+    profile: Profile
+
+    @property
+    def availability(self) -> Availability: ...
+
+    async def execute(self, command_id: str, action: str, params: dict[str, Any]) -> dict[str, Any]: ...
+
+    def describe(self) -> dict[str, Any]: ...

@@ -1,0 +1,145 @@
+"""The gatewayd line protocol, framing only: bytes in, frames out, no I/O (see hardware/PROTOCOL.md).
+
+A frame is one ASCII line::
+
+    :AASSK{json}*CCCC\\n
+
+``AA`` device address (hex, 01-F7), ``SS`` sequence number (hex, 00-FF), ``K`` frame kind, ``{json}`` a
+compact JSON object, ``CCCC`` the CRC-16/CCITT-FALSE (hex) of everything between ``:`` and ``*``. Bytes before
+a ``:`` are line noise and are skipped; a line that fails its CRC or does not parse is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gatewayd.errors import ProtocolError
+
+MAX_FRAME = 512  # bytes, start marker to newline included
+
+
+class Kind(StrEnum):
+    REQUEST = "Q"  # gateway -> device
+    REPLY = "R"  # device -> gateway: done, with a result
+    NAK = "N"  # device -> gateway: refused, with a code and a message
+    TELEMETRY = "T"  # device -> gateway, unsolicited
+    EVENT = "E"  # device -> gateway, unsolicited
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF): ``crc16(b"123456789") == 0x29B1``."""
+    return binascii.crc_hqx(data, 0xFFFF)
+
+
+@dataclass(frozen=True)
+class Frame:
+    address: int
+    seq: int
+    kind: Kind
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        if not 0 <= self.address <= 0xFF or not 0 <= self.seq <= 0xFF:
+            raise ValueError("address and seq must fit in one byte")
+        body = f"{self.address:02X}{self.seq:02X}{self.kind.value}".encode("ascii") + json.dumps(
+            self.payload, separators=(",", ":"), ensure_ascii=True
+        ).encode("ascii")
+        line = b":" + body + b"*" + f"{crc16(body):04X}".encode("ascii") + b"\n"
+        if len(line) > MAX_FRAME:
+            raise ValueError(f"frame of {len(line)} bytes exceeds the {MAX_FRAME}-byte limit")
+        return line
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Frame:
+        """Parse one line without its newline (a trailing ``\\r`` is tolerated)."""
+        line = line.rstrip(b"\r")
+        if not line.startswith(b":"):
+            raise ProtocolError("frame does not start with ':'")
+        star = line.rfind(b"*")
+        if star < 6 or len(line) - star != 5:
+            raise ProtocolError("frame has no '*CCCC' checksum")
+        body, crc_text = line[1:star], line[star + 1 :]
+        try:
+            crc = int(crc_text, 16)
+        except ValueError:
+            raise ProtocolError("checksum is not hex") from None
+        if crc != crc16(body):
+            raise ProtocolError("checksum mismatch")
+        try:
+            address, seq = int(body[0:2], 16), int(body[2:4], 16)
+            kind = Kind(body[4:5].decode("ascii"))
+            payload = json.loads(body[5:]) if len(body) > 5 else {}
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ProtocolError(f"malformed frame: {err}") from err
+        if not isinstance(payload, dict):
+            raise ProtocolError("payload is not a JSON object")
+        return cls(address, seq, kind, payload)
+
+
+_HEADER = re.compile(rb":[0-9A-Fa-f]{4}[QRNTE]")
+
+
+@dataclass
+class Decoder:
+    """Incremental decoder with a bounded buffer. Feed it whatever the port returned; it returns whole frames.
+
+    Lines end at ``\n``, which compact JSON never contains, so a newline is always a safe place to resynchronise.
+    Noise before a frame on the same line is skipped; a line longer than ``max_frame`` is discarded up to its
+    newline without being buffered.
+    """
+
+    max_frame: int = MAX_FRAME
+    frames: int = 0
+    dropped: int = 0
+    last_error: str | None = None
+    _buf: bytearray = field(default_factory=bytearray)
+    _discarding: bool = False
+
+    def feed(self, data: bytes) -> list[Frame]:
+        out: list[Frame] = []
+        self._buf += data
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > self.max_frame:
+                    if not self._discarding:
+                        self._drop("frame too long")
+                    self._discarding = True
+                    self._buf.clear()
+                return out
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            if self._discarding:
+                self._discarding = False
+                continue
+            frame = self._parse(line)
+            if frame is not None:
+                out.append(frame)
+
+    def _parse(self, line: bytes) -> Frame | None:
+        if not line.strip(b"\r\x00 "):
+            return None  # an empty line is idle noise, not an error
+        if len(line) + 1 > self.max_frame:
+            self._drop("frame too long")
+            return None
+        error = "no frame start"
+        # Usually the first candidate is the frame; later ones cover a frame cut off by a sender that restarted.
+        for match in _HEADER.finditer(line):
+            try:
+                frame = Frame.from_line(line[match.start() :])
+            except ProtocolError as err:
+                error = err.message
+                continue
+            self.frames += 1
+            return frame
+        self._drop(error)
+        return None
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        self.last_error = why

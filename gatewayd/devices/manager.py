@@ -1,0 +1,121 @@
+"""Builds every device from the configuration: serial buses (each with a simulator behind a pseudo-terminal in
+mock mode) and GPIO outputs. Opening a device that is missing marks it unavailable; it never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from gatewayd.config.loader import LoadedConfig
+from gatewayd.config.profiles import Profile
+from gatewayd.devices.base import Device
+from gatewayd.devices.gpio import GpioController, GpioOutput
+from gatewayd.devices.serial_bus import SerialBus, SerialDevice
+from gatewayd.devices.simulator import PtySimulator, SimulatedDevice
+
+log = structlog.get_logger("gatewayd.devices")
+
+
+class DeviceManager:
+    def __init__(self, loaded: LoadedConfig):
+        self._loaded = loaded
+        self.devices: dict[str, Device] = {}
+        self.buses: dict[str, SerialBus] = {}
+        self.simulators: dict[str, PtySimulator] = {}
+        self._stack = contextlib.AsyncExitStack()
+
+    @property
+    def sim_dir(self) -> Any:
+        return self._loaded.config.gateway.data_dir / "sim"
+
+    async def __aenter__(self) -> DeviceManager:
+        try:
+            await self._open()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _open(self) -> None:
+        cfg = self._loaded.config
+        profiles = self._loaded.profiles
+        for bus_name, bus_cfg in cfg.serial.items():
+            on_bus = {n: d for n, d in cfg.devices.items() if d.bus == bus_name}
+            port = bus_cfg.port
+            if cfg.bus_simulated(bus_name):
+                sims = {}
+                for name, dev in on_bus.items():
+                    model = profiles[dev.profile].simulator
+                    assert model is not None and dev.address is not None  # checked by the config loader
+                    sims[dev.address] = SimulatedDevice(
+                        name, model, self.sim_dir / f"{name}.jsonl", dev.simulator.latency_s
+                    )
+                sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims))
+                self.simulators[bus_name] = sim
+                port = sim.port
+            bus = await self._stack.enter_async_context(SerialBus(bus_name, bus_cfg, port))
+            self.buses[bus_name] = bus
+            for name, dev in on_bus.items():
+                assert dev.address is not None
+                self.devices[name] = SerialDevice(name, profiles[dev.profile], bus, dev.address)
+        gpio_devices = {n: d for n, d in cfg.devices.items() if profiles[d.profile].kind == "gpio_output"}
+        if gpio_devices:
+            controller = await self._stack.enter_async_context(GpioController(mock=cfg.gateway.mode == "mock"))
+            for name, dev in gpio_devices.items():
+                output = GpioOutput(name, profiles[dev.profile], dev, controller)
+                await output.open()
+                self._stack.push_async_callback(output.close)
+                self.devices[name] = output
+        # Keep the configuration's order for listings.
+        self.devices = {name: self.devices[name] for name in cfg.devices if name in self.devices}
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    def profiles(self) -> Mapping[str, Profile]:
+        """Device name -> its profile: what commands are validated against."""
+        return {name: dev.profile for name, dev in self.devices.items()}
+
+    def reload_profiles(self, profiles: Mapping[str, Profile], device_profile: Mapping[str, str]) -> list[str]:
+        """Swap in re-read profiles (SIGHUP). A profile whose kind changed needs a restart and is kept as it was."""
+        changed = []
+        for name, dev in self.devices.items():
+            new = profiles.get(device_profile.get(name, ""))
+            if new is None or new == dev.profile:
+                continue
+            if new.kind != dev.profile.kind:
+                log.warning("profile_reload_needs_restart", device=name, profile=new.name)
+                continue
+            dev.profile = new
+            changed.append(name)
+        return changed
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name, dev in self.devices.items():
+            actions = {
+                action: {
+                    "description": spec.description,
+                    "params": spec.json_schema(),
+                    "ttl_s": dev.profile.ttl_for(action),
+                }
+                for action, spec in dev.profile.actions.items()
+            }
+            out.append(
+                {
+                    "name": name,
+                    "profile": dev.profile.name,
+                    "description": self._loaded.config.devices[name].description or dev.profile.description,
+                    **dev.availability.to_api(),
+                    **dev.describe(),
+                    "actions": actions,
+                }
+            )
+        return out

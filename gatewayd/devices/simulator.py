@@ -1,0 +1,215 @@
+"""Simulated devices behind real pseudo-terminals, so mock mode runs the real serial code.
+
+The simulator owns the master side of a pty; the gateway opens the slave path with pyserial exactly as it would
+open ``/dev/ttyUSB0``. Each simulated device keeps an execution log (JSON lines) of every action it performed:
+tests read it to prove that an action ran exactly once. Like a real device that honours the protocol's ``id``
+field, it remembers the ids it executed (across restarts, from its log) and answers a repeated request with the
+original result instead of acting again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import random
+import time
+import tty
+from collections import OrderedDict
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from gatewayd.devices.framing import Decoder, Frame, Kind
+from gatewayd.tasks import TaskOwner
+
+log = structlog.get_logger("gatewayd.simulator")
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class PumpModel:
+    """A pump controller: start, stop, set_speed(percent, ramp_s), read."""
+
+    def __init__(self, rng: random.Random | None = None):
+        self.running = False
+        self.speed = 0
+        self._rng = rng or random.Random(1)
+
+    def execute(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
+        if action == "start":
+            self.running = True
+        elif action == "stop":
+            self.running = False
+        elif action == "set_speed":
+            percent = params.get("percent")
+            if not isinstance(percent, int) or not 0 <= percent <= 100:
+                raise Refused("bad_param", "percent must be an integer 0-100")
+            self.speed = percent
+        elif action != "read":
+            raise Refused("unknown_action", f"no action {action!r}")
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "running": self.running,
+            "speed": self.speed,
+            "temperature_c": round(18.0 + self._rng.uniform(-0.5, 0.5) + (0.05 * self.speed if self.running else 0), 2),
+        }
+
+
+MODELS = {"pump": PumpModel}
+
+
+class ExecutionLog:
+    """Append-only JSON-lines log of executed actions, and the memory of which ids were executed."""
+
+    def __init__(self, path: Path, remember: int = 10_000):
+        self.path = path
+        self._remember = remember
+        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._remember_result(entry["id"], entry["result"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn last line after a crash
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def result_of(self, command_id: str) -> dict[str, Any] | None:
+        return self._results.get(command_id)
+
+    def record(self, command_id: str, action: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        line = json.dumps({"ts": time.time(), "id": command_id, "action": action, "params": params, "result": result})
+        os.write(self._fd, line.encode() + b"\n")  # one write() of one line: survives kill -9 of this process
+        self._remember_result(command_id, result)
+
+    def _remember_result(self, command_id: str, result: dict[str, Any]) -> None:
+        self._results[command_id] = result
+        self._results.move_to_end(command_id)
+        while len(self._results) > self._remember:
+            self._results.popitem(last=False)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class SimulatedDevice:
+    def __init__(self, name: str, model: str, log_path: Path, latency_s: float = 0.0):
+        self.name = name
+        self.model = MODELS[model]()
+        self.log = ExecutionLog(log_path)
+        self.latency_s = latency_s
+
+    def handle(self, payload: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
+        command_id = payload.get("id")
+        action = payload.get("action")
+        params = payload.get("params", {})
+        if not isinstance(command_id, str) or not isinstance(action, str) or not isinstance(params, dict):
+            return Kind.NAK, {"id": command_id, "code": "bad_request", "message": "id, action and params required"}
+        previous = self.log.result_of(command_id)
+        if previous is not None:
+            return Kind.REPLY, {"id": command_id, "result": previous, "duplicate": True}
+        try:
+            result = self.model.execute(action, params)
+        except Refused as err:
+            return Kind.NAK, {"id": command_id, "code": err.code, "message": err.message}
+        self.log.record(command_id, action, params, result)
+        return Kind.REPLY, {"id": command_id, "result": result}
+
+
+class PtySimulator:
+    """Devices on one simulated bus, answering on the master side of a pseudo-terminal."""
+
+    def __init__(self, bus: str, devices: dict[int, SimulatedDevice]):
+        self.bus = bus
+        self.devices = devices
+        self.port: str = ""
+        self._master = -1
+        self._slave = -1
+        self._decoder = Decoder()
+        self._requests: asyncio.Queue[Frame] = asyncio.Queue(maxsize=256)
+        self._out = bytearray()
+        self._tasks = TaskOwner(f"sim:{bus}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def __aenter__(self) -> PtySimulator:
+        self._loop = asyncio.get_running_loop()
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._master)
+        tty.setraw(self._slave)
+        os.set_blocking(self._master, False)
+        self.port = os.ttyname(self._slave)
+        self._loop.add_reader(self._master, self._on_readable)
+        await self._tasks.open()
+        self._tasks.spawn("serve", self._serve())
+        log.info("simulator_started", bus=self.bus, port=self.port, devices=[d.name for d in self.devices.values()])
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close_fds()
+        await self._tasks.close()
+        for device in self.devices.values():
+            device.log.close()
+
+    def _close_fds(self) -> None:
+        if self._master >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._master)
+            self._loop.remove_writer(self._master)
+            os.close(self._master)
+            self._master = -1
+        if self._slave >= 0:
+            os.close(self._slave)
+            self._slave = -1
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._master, 4096)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if err.errno == errno.EIO:  # no slave open at the moment
+                return
+            raise
+        for frame in self._decoder.feed(data):
+            if frame.kind is Kind.REQUEST and frame.address in self.devices:
+                with contextlib.suppress(asyncio.QueueFull):  # a real MCU drops what it cannot buffer too
+                    self._requests.put_nowait(frame)
+
+    async def _serve(self) -> None:
+        while True:
+            frame = await self._requests.get()
+            device = self.devices[frame.address]
+            if device.latency_s:
+                await asyncio.sleep(device.latency_s)
+            kind, payload = device.handle(frame.payload)
+            self._write(Frame(frame.address, frame.seq, kind, payload).to_bytes())
+
+    def _write(self, data: bytes) -> None:
+        if self._master < 0:
+            return
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self._loop is not None
+        while self._out:
+            try:
+                n = os.write(self._master, self._out)
+            except BlockingIOError:
+                self._loop.add_writer(self._master, self._flush)
+                return
+            del self._out[:n]
+        self._loop.remove_writer(self._master)

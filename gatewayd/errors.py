@@ -1,0 +1,160 @@
+"""One exception root for the whole daemon.
+
+Every error carries a stable ``code`` (used by the API, the CLI and the logs) and an HTTP status. Errors are
+split into transient (worth retrying later: the device or the disk may recover) and permanent (retrying the
+same thing can never succeed). Foreign errors are translated at the boundary with ``raise ... from err``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    code = "internal_error"
+    status = 500
+    transient = False
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class TransientError(GatewayError):
+    transient = True
+    status = 503
+    code = "unavailable"
+
+
+class PermanentError(GatewayError):
+    transient = False
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+
+
+class ConfigError(PermanentError):
+    """A configuration file (or environment override) is invalid. ``problems`` lists every problem found."""
+
+    code = "config_invalid"
+
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} configuration problem(s)", details={"problems": [str(p) for p in problems]})
+
+
+class ConfigProblem:
+    __slots__ = ("file", "key", "message")
+
+    def __init__(self, file: str, key: str, message: str):
+        self.file, self.key, self.message = file, key, message
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key or '(file)'}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"ConfigProblem({self.file!r}, {self.key!r}, {self.message!r})"
+
+
+# --- store ---------------------------------------------------------------------------------------------------
+
+
+class StoreError(PermanentError):
+    code = "store_error"
+
+
+class StoreCorrupt(StoreError):
+    code = "store_corrupt"
+
+
+class StoreUnavailable(TransientError):
+    """The database cannot take writes right now (disk full, I/O error, closing)."""
+
+    code = "store_unavailable"
+
+
+# --- requests and commands -----------------------------------------------------------------------------------
+
+
+class BadRequest(PermanentError):
+    code = "bad_request"
+    status = 400
+
+
+class PayloadTooLarge(PermanentError):
+    code = "payload_too_large"
+    status = 413
+
+
+class NotFound(PermanentError):
+    code = "not_found"
+    status = 404
+
+
+class UnknownDevice(NotFound):
+    code = "unknown_device"
+
+
+class UnknownCommand(NotFound):
+    code = "unknown_command"
+
+
+class ValidationFailed(PermanentError):
+    code = "validation_failed"
+    status = 422
+
+
+class Conflict(PermanentError):
+    code = "conflict"
+    status = 409
+
+
+class ShuttingDown(TransientError):
+    code = "shutting_down"
+    status = 503
+
+
+class QueueFull(TransientError):
+    code = "queue_full"
+    status = 503
+
+
+class WaitTimeout(TransientError):
+    code = "wait_timeout"
+    status = 504
+
+
+# --- devices ---------------------------------------------------------------------------------------------------
+
+
+class DeviceError(GatewayError):
+    code = "device_error"
+    status = 502
+
+
+class DeviceUnavailable(TransientError):
+    code = "device_unavailable"
+
+
+class DeviceTimeout(TransientError):
+    code = "device_timeout"
+    status = 504
+
+
+class DeviceRejected(PermanentError):
+    """The device answered, and said no (NAK): retrying the same request will not help."""
+
+    code = "device_rejected"
+    status = 422
+
+
+class ProtocolError(TransientError):
+    """Bytes on the wire that do not form a valid frame (bad CRC, garbage, oversize)."""
+
+    code = "protocol_error"

@@ -1,0 +1,3 @@
+from gatewayd.store.db import Store, open_database
+
+__all__ = ["Store", "open_database"]

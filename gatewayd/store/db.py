@@ -1,0 +1,275 @@
+"""The one SQLite file: opening, integrity check, migrations, and durable writes off the event loop.
+
+Writes go to one writer thread that commits whatever has queued up in one transaction (group commit), so a
+burst of commands costs one fsync, and the event loop never waits on the disk: it awaits a future that the
+writer resolves after COMMIT. Each job runs in its own savepoint, so one failing job does not spoil the batch.
+Reads run on a second thread with its own connection (WAL lets it read while the writer commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import structlog
+
+from gatewayd.errors import GatewayError, StoreCorrupt, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], Any]
+log = structlog.get_logger("gatewayd.store")
+
+_STOP = object()
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) for every file in ``migrations/``, in version order."""
+    found = []
+    for entry in resources.files("gatewayd.store").joinpath("migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    for expected, (version, name, _) in enumerate(found, start=1):
+        if version != expected:
+            raise StoreError(f"migration {name} is out of sequence (expected version {expected})")
+    return found
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    return conn
+
+
+def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
+    """Open (creating if needed), check and migrate. Blocking: call it from a thread.
+
+    Raises :class:`StoreCorrupt` for a file that is not a sound SQLite database and :class:`StoreError` for one
+    that cannot be opened at all, each with a message a technician can act on.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as err:
+        raise StoreError(f"cannot create data directory {path.parent}: {err.strerror}") from err
+    try:
+        conn = _connect(path, synchronous)
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot open database {path}: {err}") from err
+    try:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"database {path} cannot use WAL journaling (got {mode!r})")
+        problems = [row[0] for row in conn.execute("PRAGMA integrity_check(20)")]
+        if problems != ["ok"]:
+            raise StoreCorrupt(
+                f"database {path} is corrupt ({problems[0]}); move it aside to start with an empty one",
+                details={"path": str(path), "problems": problems},
+            )
+        _migrate(conn, path)
+    except sqlite3.DatabaseError as err:
+        conn.close()
+        if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
+            raise StoreError(f"cannot open database {path}: {err}") from err
+        raise StoreCorrupt(
+            f"database {path} is not a usable SQLite database ({err}); move it aside to start with an empty one",
+            details={"path": str(path)},
+        ) from err
+    except GatewayError:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    known = migrations()
+    if current > len(known):
+        raise StoreError(
+            f"database {path} has schema version {current}, newer than this gatewayd knows ({len(known)}); "
+            "upgrade gatewayd or restore an older database"
+        )
+    for version, name, sql in known[current:]:
+        try:
+            conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+        except sqlite3.Error as err:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"migration {name} failed on {path}: {err}") from err
+        log.info("store_migrated", version=version, migration=name)
+
+
+class Store:
+    """Async context manager around the SQLite file. ``write`` is durable when it returns."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full", max_batch: int = 512):
+        self.path = path
+        self._synchronous = synchronous
+        self._max_batch = max_batch
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._closed = True
+        # Observability: how the group commit behaves, and whether the writer is stuck.
+        self.commits = 0
+        self.jobs_committed = 0
+        self.last_commit_s = 0.0
+        self._busy_since: float | None = None
+
+    async def __aenter__(self) -> Store:
+        conn = await asyncio.to_thread(open_database, self.path, self._synchronous)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gatewayd-store-read")
+        try:
+            self._read_conn = await asyncio.get_running_loop().run_in_executor(
+                self._reader, _connect, self.path, self._synchronous
+            )
+        except sqlite3.Error as err:
+            conn.close()
+            self._reader.shutdown()
+            raise StoreError(f"cannot open database {self.path} for reading: {err}") from err
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="gatewayd-store-write", daemon=True)
+        self._closed = False
+        self._writer.start()
+        log.info("store_opened", path=str(self.path))
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(_STOP)
+        assert self._writer is not None and self._reader is not None
+        await asyncio.to_thread(self._writer.join)
+        read_conn = self._read_conn
+        if read_conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._reader, read_conn.close)
+        self._reader.shutdown(wait=True)
+        log.info("store_closed", path=str(self.path), commits=self.commits, jobs=self.jobs_committed)
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the writer has been inside one batch (0 when idle): a disk that hangs shows here."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job`` in the writer thread; return its result once the transaction holding it is committed."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((job, fut, loop))
+        return await fut
+
+    async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed or self._reader is None or self._read_conn is None:
+            raise StoreUnavailable("the store is closed")
+        conn = self._read_conn
+
+        def run() -> T:
+            try:
+                return job(conn)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+        except sqlite3.Error as err:
+            raise StoreUnavailable(f"database read failed: {err}") from err
+
+    # --- writer thread ---------------------------------------------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            stop = False
+            while not stop:
+                batch = [self._jobs.get()]
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is _STOP or _STOP in batch:
+                    stop = True
+                    batch = [item for item in batch if item is not _STOP]
+                if batch:
+                    self._busy_since = time.monotonic()
+                    self._commit_batch(conn, batch)
+                    self._busy_since = None
+        finally:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # a checkpoint is an optimisation; the WAL is replayed on next open
+            conn.close()
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        started = time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job, _fut, _loop in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((True, job(conn)))
+                    conn.execute("RELEASE job")
+                except Exception as err:  # the job's own error goes back to its caller, the batch goes on
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((False, _translate(err)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            failure = StoreUnavailable(f"database write failed: {err}")
+            failure.__cause__ = err
+            log.error("store_commit_failed", error=str(err), jobs=len(batch))
+            outcomes = [(False, failure)] * len(batch)
+        else:
+            self.commits += 1
+            self.jobs_committed += len(batch)
+            self.last_commit_s = time.monotonic() - started
+        for (_job, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
+            try:
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+            except RuntimeError:
+                pass  # the caller's loop is closed: nobody is left to tell, the commit stands
+
+
+def _translate(err: Exception) -> Exception:
+    if isinstance(err, GatewayError):
+        return err
+    if isinstance(err, sqlite3.Error):
+        failure = StoreUnavailable(f"database write failed: {err}")
+        failure.__cause__ = err
+        return failure
+    return err
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():  # the caller gave up waiting; the write itself still happened
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)

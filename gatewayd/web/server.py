@@ -1,0 +1,220 @@
+"""aiohttp: the JSON API, /healthz, /readyz and the status page. Every error has one shape::
+
+{"error": {"code": "...", "message": "...", "details": {...}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gatewayd.commands.model import State
+from gatewayd.commands.service import CommandService
+from gatewayd.config.models import HttpSection
+from gatewayd.devices.manager import DeviceManager
+from gatewayd.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
+from gatewayd.web import page
+
+log = structlog.get_logger("gatewayd.web")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class WebContext:
+    service: CommandService
+    devices: DeviceManager
+    status: Callable[[], dict[str, Any]]  # the supervisor's view: phase, uptime, store, queue
+    max_wait_s: float
+
+
+def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": err.to_dict()}, status=err.status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "bad_request"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        if err.status >= 500:
+            log.warning("request_failed", path=request.path, code=err.code, error=err.message)
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        body = {"error": {"code": code, "message": exc.reason, "details": {"path": request.path}}}
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return web.json_response(body, status=exc.status, headers=headers)
+    except Exception:
+        log.exception("request_crashed", path=request.path, method=request.method)
+        body = {"error": {"code": "internal_error", "message": "internal error (logged)", "details": {}}}
+        return web.json_response(body, status=500)
+
+
+def _ctx(request: web.Request) -> WebContext:
+    ctx: WebContext = request.app[CTX]
+    return ctx
+
+
+CTX = web.AppKey("ctx", WebContext)
+MAX_BODY = web.AppKey("max_body", int)
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY]
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
+    if not raw.strip():
+        raise BadRequest("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the request body is not valid JSON: {err}") from None
+
+
+def _query_float(request: web.Request, name: str, lo: float, hi: float) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise BadRequest(f"{name} must be a number from {lo:g} to {hi:g}", details={"field": name, "value": raw})
+    return value
+
+
+async def post_command(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    wait_s = _query_float(request, "wait", 0, ctx.max_wait_s)
+    payload = await _json_body(request)
+    source = "cli" if request.headers.get("X-Gatewayd-Client") == "cli" else "http"
+    rec, created = await ctx.service.submit(payload, source=source)
+    if wait_s:
+        rec = await ctx.service.wait(rec.id, wait_s)
+    headers = {"Location": f"/api/v1/commands/{rec.id}"}
+    if not created:
+        headers["Idempotent-Replay"] = "true"
+    status = 200 if rec.state.final or not created else 202
+    return web.json_response(rec.to_api(), status=status, headers=headers)
+
+
+async def get_command(request: web.Request) -> web.Response:
+    rec = await _ctx(request).service.get(request.match_info["id"])
+    return web.json_response(rec.to_api())
+
+
+async def list_commands(request: web.Request) -> web.Response:
+    state = request.query.get("state")
+    if state is not None and state not in State.__members__.values():
+        raise BadRequest("unknown state", details={"field": "state", "states": [s.value for s in State]})
+    limit = _query_float(request, "limit", 1, 1000)
+    records = await _ctx(request).service.listing(
+        state=state, device=request.query.get("device"), limit=int(limit or 50)
+    )
+    return web.json_response({"commands": [r.to_api(transitions=False) for r in records]})
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    return web.json_response({"devices": _ctx(request).devices.describe()})
+
+
+async def get_device(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    for device in _ctx(request).devices.describe():
+        if device["name"] == name:
+            return web.json_response(device)
+    raise NotFound(f"no device named {name!r}", details={"device": name}, code="unknown_device")
+
+
+async def queue(request: web.Request) -> web.Response:
+    return web.json_response(_ctx(request).status()["queue"])
+
+
+async def stats(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    status = ctx.status()
+    status["commands"] = await ctx.service.counts()
+    return web.json_response(status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    status = _ctx(request).status()
+    healthy = status["healthy"]
+    return web.json_response({"status": "ok" if healthy else "unhealthy", **status}, status=200 if healthy else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = _ctx(request).service.accepting
+    body = {"status": "ready" if ready else "not_ready", "phase": _ctx(request).status()["phase"]}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def status_page(request: web.Request) -> web.Response:
+    ctx = _ctx(request)
+    records = await ctx.service.listing(state=None, device=None, limit=25)
+    html = page.render(ctx.status(), ctx.devices.describe(), [r.to_api(transitions=False) for r in records])
+    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app[CTX] = ctx
+    app[MAX_BODY] = max_body_bytes
+    app.router.add_get("/", status_page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/api/v1/commands", post_command)
+    app.router.add_get("/api/v1/commands", list_commands)
+    app.router.add_get("/api/v1/commands/{id}", get_command)
+    app.router.add_get("/api/v1/devices", list_devices)
+    app.router.add_get("/api/v1/devices/{name}", get_device)
+    app.router.add_get("/api/v1/queue", queue)
+    app.router.add_get("/api/v1/stats", stats)
+    return app
+
+
+class WebServer:
+    def __init__(self, cfg: HttpSection, ctx: WebContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> WebServer:
+        app = build_app(self.ctx, self.cfg.max_body_bytes)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await self._runner.cleanup()
+            raise GatewayError(
+                f"cannot listen on {self.cfg.host}:{self.cfg.port}: {err.strerror or err}", code="listen_failed"
+            ) from err
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self.cfg.port
+        log.info("http_listening", host=self.cfg.host, port=self.port)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
