@@ -108,7 +108,9 @@ class SerialBus:
                     details={"bus": self.name},
                 )
             seq = next(self._seq)
-            fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            fut: asyncio.Future[Frame] = loop.create_future()
             self._pending[(address, seq)] = fut
             try:
                 writer.write(Frame(address, seq, Kind.REQUEST, payload).to_bytes())
@@ -125,6 +127,14 @@ class SerialBus:
             finally:
                 self._pending.pop((address, seq), None)
             self.transactions += 1
+            log.debug(
+                "serial_transaction",
+                bus=self.name,
+                address=address,
+                seq=seq,
+                reply=reply.kind.name.lower(),
+                ms=round((loop.time() - started) * 1000, 2),
+            )
         if reply.kind is Kind.NAK:
             raise DeviceRejected(
                 str(reply.payload.get("message", "refused by device")),

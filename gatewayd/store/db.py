@@ -46,10 +46,19 @@ def migrations() -> list[tuple[int, str, str]]:
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    try:
+        _configure(conn, synchronous)
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _configure(conn: sqlite3.Connection, synchronous: str) -> None:
+    """Per-connection settings; the first statement that reads the file, so a corrupt header fails here."""
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-    return conn
 
 
 def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
@@ -63,10 +72,11 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
     except OSError as err:
         raise StoreError(f"cannot create data directory {path.parent}: {err.strerror}") from err
     try:
-        conn = _connect(path, synchronous)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     except sqlite3.Error as err:
         raise StoreError(f"cannot open database {path}: {err}") from err
     try:
+        _configure(conn, synchronous)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"database {path} cannot use WAL journaling (got {mode!r})")

@@ -1,0 +1,44 @@
+# Sourced by scripts/run and scripts/test: make .venv with gatewayd installed (editable), on a fresh
+# Debian / Raspberry Pi OS machine that has only python3. Re-installs only when pyproject.toml changes.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+EXTRA="${1:-}"
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "gatewayd setup: need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+apt_install() {
+    # apt-get update once per boot of this script: a fresh machine has no package lists.
+    if [ -z "${GATEWAYD_APT_UPDATED:-}" ]; then
+        as_root apt-get update -qq
+        export GATEWAYD_APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "gatewayd needs Python 3.11 or newer; $PY is $("$PY" --version 2>&1)" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+        # Debian splits venv/ensurepip out of python3.
+        rm -rf "$VENV"
+        apt_install python3-venv
+        "$PY" -m venv "$VENV"
+    fi
+fi
+
+STAMP="$VENV/.gatewayd-installed"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)${EXTRA:+[$EXTRA]}"
+if [ ! -f "$STAMP" ] || ! grep -qxF "$WANT" "$STAMP"; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${EXTRA:+[$EXTRA]}"
+    echo "$WANT" > "$STAMP"
+fi

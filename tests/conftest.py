@@ -1,0 +1,189 @@
+"""Shared fixtures. The daemon is started for real (``python -m gatewayd run``) with the bundled config,
+its port and data directory overridden through the environment, exactly as systemd would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(
+    method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 30.0
+) -> tuple[int, Any, dict[str, str]]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            text = resp.read()
+            ctype = resp.headers.get("Content-Type", "")
+            return resp.status, json.loads(text) if "json" in ctype else text.decode(), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        return err.code, json.loads(text) if text else None, dict(err.headers)
+
+
+class Daemon:
+    """One gatewayd process. Restartable on the same data directory, to test what survives."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, config: Path = CONFIG):
+        self.data_dir = data_dir
+        self.config = config
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "GATEWAYD_HTTP__PORT": str(self.port),
+            "GATEWAYD_GATEWAY__DATA_DIR": str(data_dir),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        if "NOTIFY_SOCKET" not in (env or {}):  # a test runner under systemd must not leak its socket
+            self.env.pop("NOTIFY_SOCKET", None)
+            self.env.pop("WATCHDOG_USEC", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.log_path = data_dir.parent / f"{data_dir.name}-daemon.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 5.0) -> float:
+        self.starts += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
+        log.write(f"--- start {self.starts}\n".encode())
+        log.flush()
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gatewayd", "run", "--config", str(self.config)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return time.monotonic() - started
+
+    def wait_ready(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _, _ = http("GET", f"{self.url}/readyz", timeout=1)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready within {timeout} s:\n{self.log_tail()}")
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_tail()}") from None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def post(self, body: Any, wait: float | None = None, **kw: Any) -> tuple[int, Any, dict[str, str]]:
+        suffix = f"?wait={wait}" if wait is not None else ""
+        return http("POST", f"{self.url}/api/v1/commands{suffix}", body, **kw)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, body, _ = http("GET", f"{self.url}{path}")
+        return status, body
+
+    def command(self, command_id: str) -> dict[str, Any]:
+        status, body = self.get(f"/api/v1/commands/{command_id}")
+        assert status == 200, body
+        return dict(body)
+
+    def wait_final(self, command_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = self.command(command_id)
+            if rec["state"] in ("succeeded", "failed", "expired", "rejected", "cancelled"):
+                return rec
+            time.sleep(0.05)
+        raise AssertionError(f"command {command_id} not final after {timeout} s: {rec}")
+
+    def sim_log(self, device: str = "pump1") -> list[dict[str, Any]]:
+        path = self.data_dir / "sim" / f"{device}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def executions(self, command_id: str, device: str = "pump1") -> int:
+        return sum(1 for entry in self.sim_log(device) if entry["id"] == command_id)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Any]:
+    daemons: list[Daemon] = []
+
+    def make(env: dict[str, str] | None = None, name: str = "data", config: Path = CONFIG) -> Daemon:
+        d = Daemon(tmp_path / name, env, config)
+        daemons.append(d)
+        return d
+
+    yield make
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Daemon:
+    d: Daemon = make_daemon()
+    d.start()
+    return d
