@@ -70,7 +70,7 @@ class Daemon:
 
     def start(self, wait: bool = True, timeout: float = 5.0) -> float:
         self.starts += 1
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
+        log = open(self.log_path, "ab")  # handed to the child, closed right after Popen
         log.write(f"--- start {self.starts}\n".encode())
         log.flush()
         started = time.monotonic()
@@ -115,6 +115,13 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"daemon did not stop within {timeout} s:\n{self.log_tail()}") from None
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon did not exit within {timeout} s:\n{self.log_tail()}") from None
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -245,7 +245,7 @@ def test_kill_9_right_after_acceptance_then_restart_runs_it_exactly_once(make_da
 def test_kill_9_while_dispatched_is_resent_and_the_device_does_not_act_twice(make_daemon: Any) -> None:
     d: Daemon = make_daemon({"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.5"})
     d.start()
-    status, rec, _ = d.post({"id": "inflight-1", "device": "pump1", "action": "start"})
+    status, _, _ = d.post({"id": "inflight-1", "device": "pump1", "action": "start"})
     assert status == 202
     deadline = time.monotonic() + 5
     while d.command("inflight-1")["state"] != "dispatched":
@@ -274,7 +274,13 @@ def test_priority_order_on_one_device(make_daemon: Any) -> None:
 
 
 def test_second_sigint_forces_exit_and_keeps_what_was_accepted(make_daemon: Any) -> None:
-    d: Daemon = make_daemon({"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "3", "GATEWAYD_SHUTDOWN__GRACE_S": "30"})
+    d: Daemon = make_daemon(
+        {
+            "GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "3",
+            "GATEWAYD_SERIAL__BUS0__RESPONSE_TIMEOUT_S": "10",
+            "GATEWAYD_SHUTDOWN__GRACE_S": "30",
+        }
+    )
     d.start()
     d.post({"id": "slow", "device": "pump1", "action": "start"})
     d.post({"id": "behind", "device": "pump1", "action": "stop"})

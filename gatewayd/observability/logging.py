@@ -50,7 +50,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         structlog.processors.JSONRenderer(),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, *final],
+        processors=[*shared, *final],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
