@@ -1,0 +1,661 @@
+"""Benchmark of the whole command path: HTTP accept -> SQLite -> dispatcher -> device -> final state.
+
+Starts a real daemon (``python -m gatewayd run``) with the bundled config.toml on a free loopback port and a fresh
+data directory, sends commands to the simulated devices (pump1 behind a pseudo-terminal, relay1 on gpiozero's
+MockFactory) with bounded concurrency, waits until every command is final, and reports start-to-ready time,
+throughput, accept-to-succeeded latency, exactly-once execution on the pump, the daemon's memory and CPU time, and
+a clean SIGTERM exit. Repeats with a fresh daemon per run and prints per-run figures and medians.
+
+    .venv/bin/python bench/command_path.py [--commands 2000] [--concurrency 32] [--runs 3] [--json PATH]
+
+Exit status: 0 every check passed; 1 a check failed or the daemon misbehaved; 2 bad usage. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config.toml"
+
+READY_TIMEOUT_S = 10.0
+FINAL_TIMEOUT_S = 120.0  # from the first POST until every command is final
+STOP_TIMEOUT_S = 15.0
+REQUEST_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.01
+QUEUE_FULL_RETRIES = 200  # 503 queue_full is the daemon's back-pressure: the same id is sent again after a pause
+QUEUE_FULL_PAUSE_S = 0.05
+LOG_TAIL_LINES = 40
+
+FINAL_STATES = frozenset({"succeeded", "failed", "expired", "rejected", "cancelled"})
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BenchError(Exception):
+    """A run could not be completed (daemon not ready, commands not final in time, ...)."""
+
+
+# --- the machine ---------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it; a Raspberry Pi's ARM kernel has ``Model`` instead of ``model name``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or "unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields and value.strip():
+            fields[key.strip()] = value.strip()
+    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
+        if key in fields:
+            return fields[key]
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": f"{platform.python_version()} ({platform.python_implementation()})",
+    }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- /proc readings ------------------------------------------------------------------------------------------------
+
+
+def proc_status_mib(pid: int, key: str) -> float:
+    """A ``VmXxx`` line of /proc/<pid>/status (reported in kB) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) / 1024
+    raise BenchError(f"/proc/{pid}/status has no {key}")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User plus system CPU time of a process, in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces; fields[0] is field 3 (state)
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills the daemon if the benchmark dies without cleaning up."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# --- the daemon ----------------------------------------------------------------------------------------------------
+
+
+class Daemon:
+    """One gatewayd process with its own data directory and loopback port; never outlives the ``async with``."""
+
+    def __init__(self, workdir: Path):
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "daemon.log"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_mono = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _env(self) -> dict[str, str]:
+        # Only this run's overrides: inherited GATEWAYD_* variables or a systemd socket would change what is measured.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GATEWAYD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+        }
+        env.update(
+            {
+                "GATEWAYD_HTTP__HOST": "127.0.0.1",
+                "GATEWAYD_HTTP__PORT": str(self.port),
+                "GATEWAYD_GATEWAY__DATA_DIR": str(self.data_dir),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+            }
+        )
+        return env
+
+    async def __aenter__(self) -> Daemon:
+        with self.log_path.open("wb") as log:
+            self.started_mono = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gatewayd",
+                "run",
+                "--config",
+                str(CONFIG),
+                cwd=ROOT,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the benchmark only; it stops the daemon itself
+                preexec_fn=_die_with_parent,
+            )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            return f"(no daemon log: {err})"
+        tail = text.splitlines()[-lines:]
+        return "\n".join(f"    | {line}" for line in tail) or "    | (empty)"
+
+    async def wait_ready(self, session: aiohttp.ClientSession) -> float:
+        """Seconds from process start until /readyz answers 200."""
+        assert self.proc is not None
+        deadline = self.started_mono + READY_TIMEOUT_S
+        while True:
+            if self.proc.returncode is not None:
+                raise BenchError(f"the daemon exited with code {self.proc.returncode} before it was ready")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"{self.url}/readyz", timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - self.started_mono
+            if time.monotonic() >= deadline:
+                raise BenchError(f"the daemon did not answer 200 on /readyz within {READY_TIMEOUT_S:g} s")
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def stop(self) -> int:
+        """SIGTERM, then the exit code; BenchError if it does not exit within STOP_TIMEOUT_S."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            raise BenchError(f"the daemon did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM") from None
+
+
+# --- load ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    id: str
+    device: str
+    action: str
+    params: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "action": self.action, "params": self.params}
+
+
+@dataclass
+class Submitted:
+    spec: Spec
+    status: int
+    body: Any
+    queue_full_retries: int
+
+
+def make_specs(n: int, run: int, rng: random.Random) -> list[Spec]:
+    """About half pump1 set_speed with a random percent, half relay1 on/off; ids unique across runs."""
+    nonce = rng.getrandbits(32)
+    specs = []
+    for i in range(n):
+        cid = f"bench-{run}-{nonce:08x}-{i:06d}"
+        if rng.random() < 0.5:
+            specs.append(Spec(cid, "pump1", "set_speed", {"percent": rng.randint(0, 100)}))
+        else:
+            specs.append(Spec(cid, "relay1", rng.choice(("on", "off")), {}))
+    return specs
+
+
+async def bounded_map(fn: Callable[[T], Awaitable[R]], items: Iterable[T], concurrency: int) -> list[R]:
+    """``fn`` over ``items`` with at most ``concurrency`` calls in flight; results in input order."""
+    todo = list(enumerate(items))
+    results: dict[int, R] = {}
+    feed = iter(todo)
+
+    async def worker() -> None:
+        for index, item in feed:
+            results[index] = await fn(item)
+
+    async with asyncio.TaskGroup() as tg:
+        for w in range(min(concurrency, len(todo))):
+            tg.create_task(worker(), name=f"bench.worker{w}")
+    return [results[i] for i in range(len(todo))]
+
+
+async def submit(session: aiohttp.ClientSession, url: str, spec: Spec) -> Submitted:
+    retries = 0
+    while True:
+        async with session.post(f"{url}/api/v1/commands", json=spec.body()) as resp:
+            body = await resp.json(content_type=None)
+            code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+            if resp.status == 503 and code == "queue_full" and retries < QUEUE_FULL_RETRIES:
+                retries += 1
+                await asyncio.sleep(QUEUE_FULL_PAUSE_S)
+                continue
+            return Submitted(spec, resp.status, body, retries)
+
+
+async def wait_drained(session: aiohttp.ClientSession, url: str, deadline: float) -> float:
+    """Monotonic time at which the daemon reports nothing queued and nothing executing.
+
+    Polling /api/v1/queue is cheap; polling 2000 records while they execute would slow down what is measured.
+    """
+    while True:
+        async with session.get(f"{url}/api/v1/queue") as resp:
+            queue = await resp.json()
+        if queue["queued"] == 0 and queue["in_flight"] == 0:
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"commands still open {FINAL_TIMEOUT_S:g} s after the first POST: "
+                f"{queue['queued']} queued, {queue['in_flight']} executing"
+            )
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+async def fetch_final(
+    session: aiohttp.ClientSession, url: str, ids: list[str], concurrency: int, deadline: float
+) -> dict[str, dict[str, Any]]:
+    """Every command's record (GET by id), polling those not final yet until ``deadline``."""
+    records: dict[str, dict[str, Any]] = {}
+
+    async def get(cid: str) -> dict[str, Any]:
+        async with session.get(f"{url}/api/v1/commands/{cid}") as resp:
+            body: dict[str, Any] = await resp.json()
+            if resp.status != 200:
+                raise BenchError(f"GET /api/v1/commands/{cid} answered {resp.status}: {body}")
+            return body
+
+    pending = ids
+    while pending:
+        for rec in await bounded_map(get, pending, concurrency):
+            records[rec["id"]] = rec
+        pending = [cid for cid in pending if records[cid]["state"] not in FINAL_STATES]
+        if pending and time.monotonic() >= deadline:
+            states = Counter(records[cid]["state"] for cid in pending)
+            raise BenchError(f"{len(pending)} command(s) not final in time: {dict(states)}")
+        if pending:
+            await asyncio.sleep(0.1)
+    return records
+
+
+# --- figures -------------------------------------------------------------------------------------------------------
+
+
+def iso_ms(text: str) -> int:
+    """``2026-11-22T15:26:26.397Z`` as integer milliseconds since the epoch (the API's precision)."""
+    dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return (dt - EPOCH) // timedelta(milliseconds=1)
+
+
+def transition_ms(rec: dict[str, Any], state: str) -> int | None:
+    for t in rec.get("transitions", []):
+        if t["state"] == state:
+            return iso_ms(t["at"])
+    return None
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return math.nan
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def pump_executions(path: Path) -> Counter[str]:
+    """How many times the pump simulator executed each command id, from its JSON-lines execution log."""
+    counts: Counter[str] = Counter()
+    if not path.exists():
+        return counts
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            counts[json.loads(line)["id"]] += 1
+    return counts
+
+
+@dataclass
+class LogScan:
+    warnings: int = 0
+    errors: int = 0
+    not_json: int = 0
+    events: Counter[str] = field(default_factory=Counter)  # "level event" -> count, warning and above only
+
+
+def scan_log(path: Path) -> LogScan:
+    scan = LogScan()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            level = str(entry.get("level", "")).lower()
+            event = str(entry.get("event", "?"))
+        except (ValueError, AttributeError):
+            scan.not_json += 1
+            scan.events[f"stderr {line.strip()[:100]}"] += 1
+            continue
+        if level == "warning":
+            scan.warnings += 1
+        elif level in ("error", "critical", "exception"):
+            scan.errors += 1
+        else:
+            continue
+        scan.events[f"{level} {event}"] += 1
+    return scan
+
+
+@dataclass
+class RunResult:
+    run: int
+    commands: int
+    start_to_ready_s: float
+    post_phase_s: float
+    accepted: int
+    queue_full_retries: int
+    throughput_transitions_cps: float
+    throughput_wall_cps: float
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    latency_max_ms: float
+    not_succeeded: int
+    final_states: dict[str, int]
+    pump_commands: int
+    pump_duplicates: int
+    pump_missing: int
+    daemon_cpu_s: float
+    peak_rss_mib: float
+    rss_mib: float
+    exit_code: int
+    log_warnings: int
+    log_errors: int
+    log_not_json: int
+    log_events: dict[str, int]
+    problems: list[str]
+
+
+async def one_run(run: int, args: argparse.Namespace) -> RunResult:
+    rng = random.Random(args.seed + run)
+    specs = make_specs(args.commands, run, rng)
+    workdir = Path(tempfile.mkdtemp(prefix=f"gatewayd-bench-{run}-"))
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    daemon = Daemon(workdir)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, daemon:
+            try:
+                ready_s = await daemon.wait_ready(session)
+                cpu_before = proc_cpu_s(daemon.pid)
+
+                first_post_wall, first_post_mono = time.time(), time.monotonic()
+                deadline = first_post_mono + FINAL_TIMEOUT_S
+                submitted = await bounded_map(lambda s: submit(session, daemon.url, s), specs, args.concurrency)
+                post_phase_s = time.monotonic() - first_post_mono
+                drained_mono = await wait_drained(session, daemon.url, deadline)
+                cpu_s = proc_cpu_s(daemon.pid) - cpu_before
+                peak_rss, rss = proc_status_mib(daemon.pid, "VmHWM"), proc_status_mib(daemon.pid, "VmRSS")
+
+                accepted = [
+                    s
+                    for s in submitted
+                    if s.status == 202 and isinstance(s.body, dict) and s.body.get("id") == s.spec.id
+                ]
+                records = await fetch_final(
+                    session, daemon.url, [s.spec.id for s in accepted], args.concurrency, deadline
+                )
+                exit_code = await daemon.stop()
+            except BenchError as err:
+                raise BenchError(
+                    f"run {run}: {err}\n  daemon log ({daemon.log_path}), last lines:\n{daemon.log_tail()}"
+                ) from None
+            except aiohttp.ClientError as err:
+                raise BenchError(
+                    f"run {run}: HTTP error talking to the daemon: {type(err).__name__}: {err}\n"
+                    f"  daemon log, last lines:\n{daemon.log_tail()}"
+                ) from err
+
+        problems: list[str] = []
+        accepted_ids = {s.spec.id for s in accepted}
+        refused = [s for s in submitted if s.spec.id not in accepted_ids]
+        for s in refused[:5]:
+            problems.append(f"POST {s.spec.id} answered {s.status}: {json.dumps(s.body)[:200]}")
+
+        states = Counter(rec["state"] for rec in records.values())
+        succeeded = [rec for rec in records.values() if rec["state"] == "succeeded"]
+        not_succeeded = args.commands - len(succeeded)
+        if not_succeeded:
+            problems.append(f"{not_succeeded} command(s) not succeeded (final states {dict(states)})")
+        latencies: list[float] = []
+        last_succeeded_ms = 0
+        for rec in succeeded:
+            accepted_at, succeeded_at = transition_ms(rec, "accepted"), transition_ms(rec, "succeeded")
+            if accepted_at is None or succeeded_at is None:
+                problems.append(f"command {rec['id']} has no accepted or succeeded transition")
+                continue
+            latencies.append(float(succeeded_at - accepted_at))
+            last_succeeded_ms = max(last_succeeded_ms, succeeded_at)
+        latencies.sort()
+        span_s = last_succeeded_ms / 1000 - first_post_wall
+        throughput_transitions = args.commands / span_s if succeeded and span_s > 0 else math.nan
+        throughput_wall = args.commands / (drained_mono - first_post_mono)
+
+        pump_ids = {s.spec.id for s in accepted if s.spec.device == "pump1"}
+        executions = pump_executions(daemon.data_dir / "sim" / "pump1.jsonl")
+        duplicates = sum(n - 1 for cid, n in executions.items() if n > 1)
+        missing = sum(1 for cid in pump_ids if executions[cid] == 0)
+        strangers = sum(1 for cid in executions if cid not in pump_ids)
+        if duplicates:
+            problems.append(f"{duplicates} duplicate pump execution(s)")
+        if missing:
+            problems.append(f"{missing} pump command(s) never executed")
+        if strangers:
+            problems.append(f"{strangers} unknown id(s) in the pump's execution log")
+        if exit_code != 0:
+            problems.append(f"the daemon exited with code {exit_code} after SIGTERM (expected 0)")
+
+        scan = scan_log(daemon.log_path)
+        return RunResult(
+            run=run,
+            commands=args.commands,
+            start_to_ready_s=ready_s,
+            post_phase_s=post_phase_s,
+            accepted=len(accepted),
+            queue_full_retries=sum(s.queue_full_retries for s in submitted),
+            throughput_transitions_cps=throughput_transitions,
+            throughput_wall_cps=throughput_wall,
+            latency_p50_ms=percentile(latencies, 0.50),
+            latency_p90_ms=percentile(latencies, 0.90),
+            latency_p99_ms=percentile(latencies, 0.99),
+            latency_max_ms=latencies[-1] if latencies else math.nan,
+            not_succeeded=not_succeeded,
+            final_states=dict(states),
+            pump_commands=len(pump_ids),
+            pump_duplicates=duplicates,
+            pump_missing=missing,
+            daemon_cpu_s=cpu_s,
+            peak_rss_mib=peak_rss,
+            rss_mib=rss,
+            exit_code=exit_code,
+            log_warnings=scan.warnings,
+            log_errors=scan.errors,
+            log_not_json=scan.not_json,
+            log_events=dict(scan.events.most_common()),
+            problems=problems,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+
+# (label, RunResult field, format)
+ROWS: list[tuple[str, str, str]] = [
+    ("start-to-ready (s)", "start_to_ready_s", "{:.3f}"),
+    ("POST phase, all 202s (s)", "post_phase_s", "{:.2f}"),
+    ("throughput, transitions (cmd/s) [1]", "throughput_transitions_cps", "{:.1f}"),
+    ("throughput, wall clock (cmd/s) [2]", "throughput_wall_cps", "{:.1f}"),
+    ("accept->succeeded p50 (ms) [3]", "latency_p50_ms", "{:.1f}"),
+    ("accept->succeeded p90 (ms)", "latency_p90_ms", "{:.1f}"),
+    ("accept->succeeded p99 (ms)", "latency_p99_ms", "{:.1f}"),
+    ("accept->succeeded max (ms)", "latency_max_ms", "{:.0f}"),
+    ("not succeeded (must be 0)", "not_succeeded", "{:.0f}"),
+    ("queue_full retries (503)", "queue_full_retries", "{:.0f}"),
+    ("pump commands", "pump_commands", "{:.0f}"),
+    ("pump duplicates (must be 0)", "pump_duplicates", "{:.0f}"),
+    ("pump missing (must be 0)", "pump_missing", "{:.0f}"),
+    ("daemon CPU during load (s) [4]", "daemon_cpu_s", "{:.2f}"),
+    ("daemon peak RSS, VmHWM (MiB)", "peak_rss_mib", "{:.1f}"),
+    ("daemon RSS after load, VmRSS (MiB)", "rss_mib", "{:.1f}"),
+    ("exit code after SIGTERM (must be 0)", "exit_code", "{:.0f}"),
+    ("daemon log warning lines", "log_warnings", "{:.0f}"),
+    ("daemon log error lines", "log_errors", "{:.0f}"),
+    ("daemon log non-JSON lines", "log_not_json", "{:.0f}"),
+]
+
+NOTES = """\
+[1] primary: commands / (last `succeeded` transition timestamp - wall clock of the first POST); same host clock.
+[2] commands / (first POST until /api/v1/queue reports nothing queued or executing; polled every 10 ms).
+[3] per command, `succeeded.at - accepted.at` from the record's transitions; timestamps have 1 ms precision,
+    so each latency is +-1 ms. Percentiles interpolate linearly between ranks.
+[4] utime+stime of the daemon process from the first POST until the queue drained (/proc/<pid>/stat)."""
+
+
+def medians(results: list[RunResult]) -> dict[str, float]:
+    return {name: statistics.median(float(getattr(r, name)) for r in results) for _, name, _ in ROWS}
+
+
+def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
+    lines = [
+        "gatewayd command-path benchmark",
+        f"machine : {machine['platform']}",
+        f"cpu     : {machine['cpu']} ({machine['cpu_count']} logical CPUs)",
+        f"python  : {machine['python']}",
+        f"command : {shlex.join(sys.orig_argv)}",
+        f"load    : {args.commands} commands per run (pump1 set_speed random percent / relay1 on|off, about 50/50), "
+        f"{args.concurrency} in flight, {args.runs} run(s), seed {args.seed}; config {CONFIG.relative_to(ROOT)}",
+        "",
+    ]
+    label_w = max(len(label) for label, _, _ in ROWS)
+    heads = [f"run {r.run}" for r in results] + ["median"]
+    col_w = max(10, *(len(h) for h in heads))
+    lines.append(f"{'':<{label_w}}" + "".join(f"{h:>{col_w}}" for h in heads))
+    lines.append("-" * (label_w + col_w * len(heads)))
+    mid = medians(results)
+    for label, name, fmt in ROWS:
+        cells = [fmt.format(float(getattr(r, name))) for r in results] + [fmt.format(mid[name])]
+        lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{col_w}}" for c in cells))
+    lines += ["", NOTES, ""]
+    for r in results:
+        if r.log_events:
+            events = ", ".join(f"{event} x{n}" for event, n in r.log_events.items())
+            lines.append(f"run {r.run} daemon log, warning and above: {events}")
+    problems = [f"run {r.run}: {p}" for r in results for p in r.problems]
+    lines.append("RESULT: FAIL\n  " + "\n  ".join(problems) if problems else "RESULT: PASS (every check held)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--commands", type=int, default=2000, help="commands per run (default 2000, max 20000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32, max 256)")
+    parser.add_argument("--runs", type=int, default=3, help="runs, each with a fresh daemon (default 3, max 10)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the command mix (default 1)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
+    args = parser.parse_args(argv)
+    for name, hi in (("commands", 20_000), ("concurrency", 256), ("runs", 10)):
+        if not 1 <= getattr(args, name) <= hi:
+            parser.error(f"--{name} must be from 1 to {hi}")
+    return args
+
+
+async def bench(args: argparse.Namespace) -> list[RunResult]:
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM cleans up like Ctrl-C: the daemon is stopped and the temp dir removed on the way out.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    results = []
+    for run in range(1, args.runs + 1):
+        print(f"run {run}/{args.runs} ...", file=sys.stderr, flush=True)
+        results.append(await one_run(run, args))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = machine_info()
+    try:
+        results = asyncio.run(bench(args))
+    except BenchError as err:
+        print(f"command_path: FAILED: {err}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("command_path: interrupted; the daemon was killed and its temp dir removed", file=sys.stderr)
+        return 130
+    print(render(results, args, machine))
+    if args.json is not None:
+        payload = {
+            "machine": machine,
+            "command_line": shlex.join(sys.orig_argv),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "runs": [asdict(r) for r in results],
+            "median": medians(results),
+            "passed": not any(r.problems for r in results),
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return 1 if any(r.problems for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
