@@ -63,6 +63,8 @@ class SerialBusConfig(Section):
 
 class SimulatorConfig(Section):
     latency_s: float = Field(default=0.0, ge=0, le=60)
+    # A dead device on a live bus: requests arrive, nothing answers (the gateway sees response timeouts).
+    mute: bool = False
 
 
 class DeviceConfig(Section):

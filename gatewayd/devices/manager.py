@@ -53,7 +53,7 @@ class DeviceManager:
                     model = profiles[dev.profile].simulator
                     assert model is not None and dev.address is not None  # checked by the config loader
                     sims[dev.address] = SimulatedDevice(
-                        name, model, self.sim_dir / f"{name}.jsonl", dev.simulator.latency_s
+                        name, model, self.sim_dir / f"{name}.jsonl", dev.simulator.latency_s, dev.simulator.mute
                     )
                 sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims))
                 self.simulators[bus_name] = sim

@@ -105,11 +105,12 @@ class ExecutionLog:
 
 
 class SimulatedDevice:
-    def __init__(self, name: str, model: str, log_path: Path, latency_s: float = 0.0):
+    def __init__(self, name: str, model: str, log_path: Path, latency_s: float = 0.0, mute: bool = False):
         self.name = name
         self.model = MODELS[model]()
         self.log = ExecutionLog(log_path)
         self.latency_s = latency_s
+        self.mute = mute
 
     def handle(self, payload: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
         command_id = payload.get("id")
@@ -192,6 +193,8 @@ class PtySimulator:
         while True:
             frame = await self._requests.get()
             device = self.devices[frame.address]
+            if device.mute:
+                continue
             if device.latency_s:
                 await asyncio.sleep(device.latency_s)
             kind, payload = device.handle(frame.payload)
