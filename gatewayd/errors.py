@@ -147,6 +147,13 @@ class DeviceTimeout(TransientError):
     status = 504
 
 
+class DeviceBusy(TransientError):
+    """The device answered that it cannot take a request right now (NAK code ``busy``): worth retrying soon."""
+
+    code = "device_busy"
+    status = 503
+
+
 class DeviceRejected(PermanentError):
     """The device answered, and said no (NAK): retrying the same request will not help."""
 

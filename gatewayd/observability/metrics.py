@@ -1,0 +1,130 @@
+"""Prometheus metrics shared by all components, in one registry that the web server exposes at ``/metrics``.
+
+Labels name things the configuration names (a retry policy, a limiter, a breaker, a bulkhead) and outcomes from
+short fixed lists, never per-request values (user, key, command id): a keyed limiter over 10,000 users is one
+label value, not 10,000, so the series count stays bounded on a device with little memory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds
+
+# --- retry ---------------------------------------------------------------------------------------------------
+
+RETRY_ATTEMPTS = Counter(
+    "gatewayd_retry_attempts",
+    "Calls made under a retry policy, by outcome (success, transient, permanent).",
+    ["policy", "outcome"],
+    registry=REGISTRY,
+)
+RETRY_GAVE_UP = Counter(
+    "gatewayd_retry_gave_up",
+    "Retry loops that gave up, by reason (attempts, deadline, hint_too_long, hint_past_deadline).",
+    ["policy", "reason"],
+    registry=REGISTRY,
+)
+RETRY_HINTS = Counter(
+    "gatewayd_retry_hints",
+    "Server retry hints (Retry-After, retry-after-ms), by outcome (used, refused).",
+    ["policy", "outcome"],
+    registry=REGISTRY,
+)
+
+# --- rate limits ---------------------------------------------------------------------------------------------
+
+RATE_LIMIT_DECISIONS = Counter(
+    "gatewayd_rate_limit_decisions",
+    "Rate limiter decisions, by outcome (allowed, limited, bypassed: a critical request let through).",
+    ["limiter", "outcome"],
+    registry=REGISTRY,
+)
+RATE_LIMIT_KEYS = Gauge(
+    "gatewayd_rate_limit_keys",
+    "Keys (users, devices, endpoints) a keyed limiter currently tracks.",
+    ["limiter"],
+    registry=REGISTRY,
+)
+RATE_LIMIT_EVICTIONS = Counter(
+    "gatewayd_rate_limit_evictions",
+    "Keys dropped from a keyed limiter, by reason (idle: full or unused; lru: the key-count bound).",
+    ["limiter", "reason"],
+    registry=REGISTRY,
+)
+ADAPTIVE_RATE = Gauge(
+    "gatewayd_adaptive_rate",
+    "Current refill rate (tokens per second) an adaptive limiter has settled on.",
+    ["limiter"],
+    registry=REGISTRY,
+)
+
+# --- circuit breakers ----------------------------------------------------------------------------------------
+
+BREAKER_STATE = Gauge(
+    "gatewayd_breaker_state",
+    "Circuit breaker state: 0 closed, 1 open, 2 half-open.",
+    ["breaker"],
+    registry=REGISTRY,
+)
+BREAKER_TRANSITIONS = Counter(
+    "gatewayd_breaker_transitions",
+    "Circuit breaker state changes.",
+    ["breaker", "from_state", "to_state"],
+    registry=REGISTRY,
+)
+BREAKER_CALLS = Counter(
+    "gatewayd_breaker_calls",
+    "Calls through a circuit breaker, by outcome (success, failure, slow, ignored, rejected).",
+    ["breaker", "outcome"],
+    registry=REGISTRY,
+)
+
+# --- bulkheads -----------------------------------------------------------------------------------------------
+
+BULKHEAD_ACTIVE = Gauge("gatewayd_bulkhead_active", "Calls holding a bulkhead slot.", ["bulkhead"], registry=REGISTRY)
+BULKHEAD_QUEUED = Gauge(
+    "gatewayd_bulkhead_queued", "Calls waiting for a bulkhead slot.", ["bulkhead"], registry=REGISTRY
+)
+BULKHEAD_REJECTED = Counter(
+    "gatewayd_bulkhead_rejected",
+    "Calls a bulkhead turned away, by reason (queue_full, wait_timeout).",
+    ["bulkhead", "reason"],
+    registry=REGISTRY,
+)
+
+# --- persisted resilience state ------------------------------------------------------------------------------
+
+RESILIENCE_STATE_SAVES = Counter(
+    "gatewayd_resilience_state_saves",
+    "Saves of breaker, limiter and adaptive-rate state to the store, by outcome (ok, failed).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+RESILIENCE_STATE_SKIPPED = Counter(
+    "gatewayd_resilience_state_rows_skipped",
+    "Stored state rows not restored, by reason (unknown_key, wrong_kind, corrupt).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+@lru_cache(maxsize=4096)
+def _child(metric: Counter | Gauge, labels: tuple[str, ...]) -> Counter | Gauge:
+    return metric.labels(*labels)
+
+
+def counter(metric: Counter, *labels: str) -> Counter:
+    """A labelled child, cached: ``labels()`` takes a lock and builds a key on every call otherwise."""
+    child = _child(metric, labels)
+    assert isinstance(child, Counter)
+    return child
+
+
+def gauge(metric: Gauge, *labels: str) -> Gauge:
+    child = _child(metric, labels)
+    assert isinstance(child, Gauge)
+    return child
