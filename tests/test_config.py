@@ -113,3 +113,21 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     out = check_config(binary)
     assert out.returncode == 2 and "cannot read" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_resilience_settings_are_checked_with_their_key_paths(tmp_path: Path) -> None:
+    text = (
+        CONFIG.read_text()
+        .replace("minimum_calls = 5", "minimum_calls = 50")
+        .replace('jitter = "full"', 'jitter = "sometimes"')
+    )
+    bad = tmp_path / "config.toml"
+    bad.write_text(text.replace('profiles_dir = "./hardware/profiles"', f'profiles_dir = "{ROOT}/hardware/profiles"'))
+    out = check_config(bad, {"GATEWAYD_RESILIENCE__DEVICE_RETRY__MAX_ATTEMPTS": "0"})
+    assert out.returncode == 2
+    problems = out.stdout + out.stderr
+    assert "resilience.device_breaker" in problems and "minimum_calls must not exceed window_size" in problems
+    assert "resilience.device_retry.jitter" in problems
+    assert "GATEWAYD_RESILIENCE__DEVICE_RETRY__MAX_ATTEMPTS" in problems
+    settings = load_config(CONFIG, environ={"GATEWAYD_RESILIENCE__DEVICE_BREAKER__OPEN_S": "5"}).config.resilience
+    assert settings.device_breaker.open_s == 5 and settings.device_retry.max_attempts == 3

@@ -3,7 +3,9 @@
 Signal handlers only set flags. SIGTERM/SIGINT: stop intake, let executing commands finish within
 ``shutdown.grace_s``, close the HTTP listener, the devices and the store, exit 0; a second SIGTERM/SIGINT
 forces (exit 130; everything accepted is already in SQLite). SIGHUP re-reads the configuration and applies the
-log level and the device profiles. systemd hears READY/STATUS/WATCHDOG/STOPPING through sd_notify; the watchdog
+log level and the device profiles. Breaker states are restored from the store before the first command runs,
+saved every ``resilience.save_interval_s`` and once more on the way out. systemd hears
+READY/STATUS/WATCHDOG/STOPPING through sd_notify; the watchdog
 is fed from a task on the event loop, so a blocked loop (or a stuck store) stops feeding it.
 """
 
@@ -26,8 +28,9 @@ from gatewayd.commands.model import Clock
 from gatewayd.commands.service import CommandService
 from gatewayd.config.loader import LoadedConfig, load_config
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt
+from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt, StoreUnavailable
 from gatewayd.observability import logging as gwlog
+from gatewayd.resilience import ResilienceState
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner
 from gatewayd.web.server import WebContext, WebServer
@@ -54,6 +57,7 @@ class Supervisor:
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.web: WebServer | None = None
+        self.resilience = ResilienceState()
 
     # --- signals: flags only ---------------------------------------------------------------------------------
 
@@ -124,15 +128,28 @@ class Supervisor:
             )
             self.devices = await stack.enter_async_context(DeviceManager(self.loaded))
             self.service = CommandService(self.store, self.devices, cfg.commands, self.clock)
-            self.dispatcher = await stack.enter_async_context(
-                Dispatcher(self.store, self.devices.devices, clock=self.clock, on_final=self.service.on_final)
+            dispatcher = Dispatcher(
+                self.store,
+                self.devices.devices,
+                clock=self.clock,
+                on_final=self.service.on_final,
+                retry=cfg.resilience.device_retry,
+                breaker=cfg.resilience.device_breaker,
             )
-            ctx = WebContext(self.service, self.devices, self.status, cfg.commands.max_wait_s)
+            for name, breaker in dispatcher.breakers.items():
+                self.resilience.register(f"breaker:device:{name}", breaker)
+            await self.resilience.load(self.store)  # before any command runs: an open breaker stays open
+            self.dispatcher = await stack.enter_async_context(dispatcher)
+            ctx = WebContext(
+                self.service, self.devices, self.status, cfg.commands.max_wait_s, self.dispatcher.breaker_state
+            )
             self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
             tasks = TaskOwner("supervisor")
             await tasks.open()
             stack.push_async_callback(tasks.close)
             tasks.spawn("reload", self._reloader())
+            saver = self.resilience.run_saver(self.store, interval_s=cfg.resilience.save_interval_s)
+            tasks.spawn("resilience_saver", saver)
             if self.notifier.enabled:
                 tasks.spawn("systemd", self._systemd())
 
@@ -160,6 +177,10 @@ class Supervisor:
             )
             unfinished = await self.dispatcher.drain(cfg.shutdown.grace_s)
             self.service.wake_waiters()
+            try:
+                await self.resilience.save(self.store)
+            except StoreUnavailable as err:
+                log.warning("resilience_state_not_saved", error=err.message)
             # The exit stack now closes, in reverse order: tasks, HTTP, dispatcher, devices, store.
         log.info("gateway_stopped", unfinished=unfinished, queued_for_restart=self.dispatcher.queued())
 

@@ -1,6 +1,12 @@
 """Runs accepted commands on their devices: one at a time per device, highest priority first, oldest first
 within a priority, never after the deadline.
 
+Each device has a retry policy and a circuit breaker from the resilience kit. A transient failure (no answer,
+busy, unavailable bus) is retried with backoff while the command's deadline allows; a refusal (NAK) is not. When a
+device keeps failing its breaker opens: commands for it then wait in the queue, unsent, until the breaker lets a
+probe through or their deadline passes, except critical ones, which are always tried. A command whose retries
+meet an open breaker goes back to the queue rather than failing.
+
 Every state change is committed before the next step: ``dispatched`` before the device is asked, the final
 state before waiters hear of it. A command cut off by a crash or a forced stop stays ``dispatched`` in the store
 and is sent again after restart with the same id; devices use the id to answer a repeat without acting twice.
@@ -9,15 +15,29 @@ and is sent again after restart with the same id; devices use the id to answer a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import structlog
 
-from gatewayd.commands.model import Clock, CommandRecord, State, Transition
+from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition
+from gatewayd.config.models import BreakerSettings, RetrySettings
 from gatewayd.devices.base import Device
 from gatewayd.errors import DeviceRejected, GatewayError, StoreUnavailable
+from gatewayd.resilience import (
+    REAL_CLOCK,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    DeadlineExceeded,
+    RetryExhausted,
+    RetryPolicy,
+    Verdict,
+    classify,
+)
+from gatewayd.resilience import Clock as ResilienceClock
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
 from gatewayd.tasks import TaskOwner
@@ -37,6 +57,9 @@ class Dispatcher:
         clock: Clock,
         on_final: FinalCallback,
         sweep_interval_s: float = 1.0,
+        retry: RetrySettings | None = None,
+        breaker: BreakerSettings | None = None,
+        rclock: ResilienceClock = REAL_CLOCK,
     ):
         self._store = store
         self._devices = devices
@@ -51,6 +74,37 @@ class Dispatcher:
         self._draining = False
         self._tasks = TaskOwner("dispatcher")
         self.executed = 0
+        self._rclock = rclock
+        r = retry or RetrySettings()
+        self._retry = RetryPolicy(
+            max_attempts=r.max_attempts,
+            base_s=r.base_s,
+            multiplier=r.multiplier,
+            cap_s=r.cap_s,
+            jitter=r.jitter,
+            name="device",
+            clock=rclock,
+            classifier=_device_verdict,
+        )
+        b = breaker or BreakerSettings()
+        # Made here, not on entry, so the supervisor can restore their saved states before any command runs.
+        self.breakers = {
+            name: CircuitBreaker(
+                f"device:{name}",
+                window=b.window,
+                window_size=b.window_size,
+                window_s=b.window_s,
+                failure_rate=b.failure_rate,
+                minimum_calls=b.minimum_calls,
+                slow_call_s=b.slow_call_s,
+                open_s=b.open_s,
+                half_open_max_calls=b.half_open_max_calls,
+                half_open_successes=b.half_open_successes,
+                clock=rclock,
+            )
+            for name in devices
+        }
+        self._wake = {name: asyncio.Event() for name in devices}  # a push, or a drain, for a worker held by its breaker
 
     async def __aenter__(self) -> Dispatcher:
         await self._tasks.open()
@@ -92,6 +146,9 @@ class Dispatcher:
         """Put an accepted (committed, state queued) command in its device's queue."""
         self._queued[rec.id] = rec
         self._queues.setdefault(rec.device, asyncio.PriorityQueue()).put_nowait((int(rec.priority), rec.seq, rec.id))
+        wake = self._wake.get(rec.device)
+        if wake is not None:
+            wake.set()
 
     def queued(self, device: str | None = None) -> int:
         if device is None:
@@ -106,14 +163,30 @@ class Dispatcher:
             "queued": self.queued(),
             "in_flight": self.in_flight(),
             "per_device": {
-                name: {"queued": self.queued(name), "executing": self._busy[name].id if name in self._busy else None}
+                name: {
+                    "queued": self.queued(name),
+                    "executing": self._busy[name].id if name in self._busy else None,
+                    "breaker": self.breaker_state(name),
+                }
                 for name in self._devices
             },
         }
 
+    def breaker_state(self, device: str) -> dict[str, Any] | None:
+        """``{"state": ..., "retry_after_s": ...}`` for the API and the status page."""
+        breaker = self.breakers.get(device)
+        if breaker is None:
+            return None
+        state = breaker.state
+        retry_at = breaker.retry_at
+        wait = max(0.0, retry_at - self._rclock.monotonic()) if retry_at is not None else None
+        return {"state": state.value, "retry_after_s": None if wait is None else round(wait, 3)}
+
     async def drain(self, grace_s: float) -> int:
         """Stop starting commands; wait up to ``grace_s`` for those executing. Returns how many did not finish."""
         self._draining = True
+        for wake in self._wake.values():
+            wake.set()
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except TimeoutError:
@@ -128,14 +201,28 @@ class Dispatcher:
     async def _work(self, name: str) -> None:
         queue = self._queues[name]
         device = self._devices[name]
+        breaker = self.breakers[name]
+        wake = self._wake[name]
         while not self._draining:
-            _prio, _seq, command_id = await queue.get()
+            item = await queue.get()
+            prio, _seq, command_id = item
             rec = self._queued.pop(command_id, None)
             if rec is None:
                 continue  # expired or cancelled while waiting
             if self._draining:
                 self._queued[command_id] = rec  # stays queued in the store: it runs after restart
                 return
+            hold = self._held_for(breaker) if prio != Priority.CRITICAL else 0.0
+            if hold > 0:
+                # The breaker is open: leave the command queued and unsent until a probe may go, a more urgent
+                # command arrives, or we drain. Its deadline is still watched by the sweep.
+                self._queued[command_id] = rec
+                queue.put_nowait(item)
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(hold):
+                        await wake.wait()
+                continue
             self._busy[name] = rec
             self._idle.clear()
             try:
@@ -162,9 +249,18 @@ class Dispatcher:
             rec.state = State.DISPATCHED
             log.info("command_dispatched", action=rec.action)
             try:
-                result = await device.execute(rec.id, rec.action, rec.params)
+                result = await self._execute(device, rec)
             except DeviceRejected as err:
                 await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
+            except CircuitOpenError as err:
+                await self._requeue(rec, f"device circuit open: next probe in {err.retry_after_s:.3g} s")
+            except DeadlineExceeded as err:
+                await self._finish(rec, State.EXPIRED, code="expired", message=err.message)
+            except RetryExhausted as err:
+                last = err.last_error
+                code = last.code if isinstance(last, GatewayError) else "internal_error"
+                message = f"{last} (gave up after {err.attempts} attempt(s): {err.reason})"
+                await self._finish(rec, State.FAILED, code=code, message=message)
             except GatewayError as err:
                 await self._finish(rec, State.FAILED, code=err.code, message=err.message)
             except Exception as err:  # a bug in one device's code must not stop every device
@@ -173,6 +269,55 @@ class Dispatcher:
             else:
                 self.executed += 1
                 await self._finish(rec, State.SUCCEEDED, result=result)
+
+    def _held_for(self, breaker: CircuitBreaker) -> float:
+        """Seconds until the breaker lets a probe through; 0 when it admits calls now."""
+        if breaker.state is not CircuitState.OPEN:
+            return 0.0
+        retry_at = breaker.retry_at
+        return 0.0 if retry_at is None else max(0.0, retry_at - self._rclock.monotonic())
+
+    async def _execute(self, device: Device, rec: CommandRecord) -> dict[str, Any]:
+        """Run the action with retries, each attempt through the device's breaker, within the deadline."""
+        breaker = self.breakers[rec.device]
+        critical = rec.priority is Priority.CRITICAL
+
+        async def attempt() -> dict[str, Any]:
+            try:
+                permit = breaker.permit()
+            except CircuitOpenError:
+                if not critical:
+                    raise
+                # An emergency stop is sent even to a device that has been failing: it may be the one that works.
+                return await device.execute(rec.id, rec.action, rec.params)
+            async with permit:
+                return await device.execute(rec.id, rec.action, rec.params)
+
+        return await self._retry.call(attempt, name=f"device:{rec.device}", deadline=self._deadline(rec))
+
+    def _deadline(self, rec: CommandRecord) -> float:
+        """The command's deadline on the resilience clock."""
+        if rec.boot_id == self._clock.boot_id:
+            left = rec.deadline_mono - self._clock.mono()
+        else:
+            left = rec.deadline_at - self._clock.wall()
+        return self._rclock.monotonic() + left
+
+    async def _requeue(self, rec: CommandRecord, detail: str) -> None:
+        """Back to the queue, unsent, for a device whose breaker is open; it runs when a probe may go."""
+        t = self._transition(State.QUEUED, detail)
+        while True:
+            try:
+                await self._store.write(lambda c: sql.transition(c, rec.seq, t))
+                break
+            except StoreUnavailable as err:
+                log.error("requeue_not_recorded", error=err.message)
+                await asyncio.sleep(STORE_RETRY_S)
+        rec.state, rec.updated_at = State.QUEUED, t.at
+        rec.transitions.append(t)
+        log.info("command_requeued", reason=detail)
+        self._queued[rec.id] = rec
+        self._queues[rec.device].put_nowait((int(rec.priority), rec.seq, rec.id))
 
     async def _finish(
         self,
@@ -208,3 +353,10 @@ class Dispatcher:
             for rec in [r for r in self._queued.values() if r.expired(self._clock) is not None]:
                 if self._queued.pop(rec.id, None) is not None:
                     await self._finish(rec, State.EXPIRED, code="expired", message=rec.expired(self._clock))
+
+
+def _device_verdict(err: BaseException) -> Verdict:
+    """As :func:`classify`, except that an open breaker ends the retries: the command goes back to the queue."""
+    if isinstance(err, CircuitOpenError):
+        return Verdict(False, None, "circuit_open")
+    return classify(err)

@@ -65,6 +65,8 @@ class SimulatorConfig(Section):
     latency_s: float = Field(default=0.0, ge=0, le=60)
     # A dead device on a live bus: requests arrive, nothing answers (the gateway sees response timeouts).
     mute: bool = False
+    # A device that answers NAK "busy" to the first N requests of each command (the gateway retries those).
+    busy_replies: int = Field(default=0, ge=0, le=100)
 
 
 class DeviceConfig(Section):
@@ -77,6 +79,43 @@ class DeviceConfig(Section):
     simulator: SimulatorConfig = SimulatorConfig()
 
 
+class RetrySettings(Section):
+    """A retry policy (gatewayd.resilience.RetryPolicy): pause before retry n is drawn from
+    [0, min(cap_s, base_s * multiplier**n)] with full jitter; never past the command's deadline."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    base_s: float = Field(default=0.2, ge=0, le=60)
+    multiplier: float = Field(default=2.0, ge=1, le=10)
+    cap_s: float = Field(default=5.0, ge=0, le=600)
+    jitter: Literal["full", "proportional", "none"] = "full"
+
+
+class BreakerSettings(Section):
+    """A circuit breaker (gatewayd.resilience.CircuitBreaker) per device."""
+
+    window: Literal["count", "time"] = "count"
+    window_size: int = Field(default=10, ge=1, le=1000)  # calls, for window = "count"
+    window_s: float = Field(default=60.0, gt=0, le=3600)  # seconds, for window = "time"
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    minimum_calls: int = Field(default=5, ge=1, le=1000)
+    slow_call_s: float | None = Field(default=None, gt=0, le=600)
+    open_s: float = Field(default=30.0, ge=0, le=3600)
+    half_open_max_calls: int = Field(default=1, ge=1, le=100)
+    half_open_successes: int = Field(default=1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _window_holds_minimum(self) -> BreakerSettings:
+        if self.window == "count" and self.minimum_calls > self.window_size:
+            raise ValueError("minimum_calls must not exceed window_size, or the breaker could never open")
+        return self
+
+
+class ResilienceSection(Section):
+    save_interval_s: float = Field(default=30.0, gt=0, le=3600)  # breaker states to the store, also on shutdown
+    device_retry: RetrySettings = RetrySettings()
+    device_breaker: BreakerSettings = BreakerSettings()
+
+
 class Config(Section):
     gateway: GatewaySection = GatewaySection()
     log: LogSection = LogSection()
@@ -84,6 +123,7 @@ class Config(Section):
     shutdown: ShutdownSection = ShutdownSection()
     commands: CommandsSection = CommandsSection()
     store: StoreSection = StoreSection()
+    resilience: ResilienceSection = ResilienceSection()
     serial: dict[Name, SerialBusConfig] = Field(default_factory=dict)
     devices: dict[Name, DeviceConfig] = Field(default_factory=dict)
 

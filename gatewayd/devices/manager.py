@@ -53,7 +53,12 @@ class DeviceManager:
                     model = profiles[dev.profile].simulator
                     assert model is not None and dev.address is not None  # checked by the config loader
                     sims[dev.address] = SimulatedDevice(
-                        name, model, self.sim_dir / f"{name}.jsonl", dev.simulator.latency_s, dev.simulator.mute
+                        name,
+                        model,
+                        self.sim_dir / f"{name}.jsonl",
+                        latency_s=dev.simulator.latency_s,
+                        mute=dev.simulator.mute,
+                        busy_replies=dev.simulator.busy_replies,
                     )
                 sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims))
                 self.simulators[bus_name] = sim

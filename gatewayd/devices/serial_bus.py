@@ -20,7 +20,7 @@ from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
-from gatewayd.errors import DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
+from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
 from gatewayd.tasks import TaskOwner
 
 log = structlog.get_logger("gatewayd.serial")
@@ -136,6 +136,10 @@ class SerialBus:
                 ms=round((loop.time() - started) * 1000, 2),
             )
         if reply.kind is Kind.NAK:
+            if reply.payload.get("code") == "busy":  # not a refusal: the device asks us to come back shortly
+                raise DeviceBusy(
+                    str(reply.payload.get("message", "device busy")), details={"address": address, "bus": self.name}
+                )
             raise DeviceRejected(
                 str(reply.payload.get("message", "refused by device")),
                 details={"device_code": reply.payload.get("code"), "address": address},

@@ -105,12 +105,22 @@ class ExecutionLog:
 
 
 class SimulatedDevice:
-    def __init__(self, name: str, model: str, log_path: Path, latency_s: float = 0.0, mute: bool = False):
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        log_path: Path,
+        latency_s: float = 0.0,
+        mute: bool = False,
+        busy_replies: int = 0,
+    ):
         self.name = name
         self.model = MODELS[model]()
         self.log = ExecutionLog(log_path)
         self.latency_s = latency_s
         self.mute = mute
+        self.busy_replies = busy_replies
+        self._busy_counts: OrderedDict[str, int] = OrderedDict()
 
     def handle(self, payload: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
         command_id = payload.get("id")
@@ -121,12 +131,26 @@ class SimulatedDevice:
         previous = self.log.result_of(command_id)
         if previous is not None:
             return Kind.REPLY, {"id": command_id, "result": previous, "duplicate": True}
+        if self._still_busy(command_id):
+            return Kind.NAK, {"id": command_id, "code": "busy", "message": "busy, try again shortly"}
         try:
             result = self.model.execute(action, params)
         except Refused as err:
             return Kind.NAK, {"id": command_id, "code": err.code, "message": err.message}
         self.log.record(command_id, action, params, result)
         return Kind.REPLY, {"id": command_id, "result": result}
+
+    def _still_busy(self, command_id: str) -> bool:
+        """True for the first ``busy_replies`` requests of each command id (a device still finishing a ramp)."""
+        if not self.busy_replies:
+            return False
+        seen = self._busy_counts.get(command_id, 0)
+        if seen >= self.busy_replies:
+            return False
+        self._busy_counts[command_id] = seen + 1
+        while len(self._busy_counts) > 1024:
+            self._busy_counts.popitem(last=False)
+        return True
 
 
 class PtySimulator:

@@ -29,6 +29,12 @@ def render(status: dict[str, Any], devices: list[dict[str, Any]], commands: list
             if d["available"]
             else (f'<span class="bad">unavailable</span><br><span class="muted">{_e(d["last_error"])}</span>')
         )
+        breaker = d.get("breaker") or {}
+        if breaker.get("state") == "open":
+            probe = _e(breaker.get("retry_after_s"))
+            avail += f'<br><span class="bad">circuit open</span> <span class="muted">probe in {probe} s</span>'
+        elif breaker.get("state") == "half_open":
+            avail += '<br><span class="muted">circuit half-open: probing</span>'
         where = f"GPIO {_e(d.get('pin'))}" if d["kind"] == "gpio" else f"{_e(d.get('bus'))} @ {_e(d.get('address'))}"
         actions = ", ".join(_e(a) for a in d["actions"])
         state = d.get("state") or {}
@@ -64,6 +70,6 @@ def render(status: dict[str, Any], devices: list[dict[str, Any]], commands: list
 <th>Error</th></tr>
 {"".join(cmd_rows) or "<tr><td colspan=7 class=muted>no commands yet</td></tr>"}</table>
 <p class="muted">JSON: <a href="/api/v1/devices">/api/v1/devices</a> · <a href="/api/v1/commands">/api/v1/commands</a>
-· <a href="/api/v1/stats">/api/v1/stats</a> · <a href="/healthz">/healthz</a></p>
+· <a href="/api/v1/stats">/api/v1/stats</a> · <a href="/healthz">/healthz</a> · <a href="/metrics">/metrics</a></p>
 </body></html>
 """

@@ -14,12 +14,14 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gatewayd.commands.model import State
 from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
+from gatewayd.observability.metrics import REGISTRY
 from gatewayd.web import page
 
 log = structlog.get_logger("gatewayd.web")
@@ -32,6 +34,7 @@ class WebContext:
     devices: DeviceManager
     status: Callable[[], dict[str, Any]]  # the supervisor's view: phase, uptime, store, queue
     max_wait_s: float
+    breaker_state: Callable[[str], dict[str, Any] | None] = lambda _name: None  # the dispatcher's, per device
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -129,13 +132,20 @@ async def list_commands(request: web.Request) -> web.Response:
     return web.json_response({"commands": [r.to_api(transitions=False) for r in records]})
 
 
+def _devices(ctx: WebContext) -> list[dict[str, Any]]:
+    devices = ctx.devices.describe()
+    for device in devices:
+        device["breaker"] = ctx.breaker_state(device["name"])
+    return devices
+
+
 async def list_devices(request: web.Request) -> web.Response:
-    return web.json_response({"devices": _ctx(request).devices.describe()})
+    return web.json_response({"devices": _devices(_ctx(request))})
 
 
 async def get_device(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    for device in _ctx(request).devices.describe():
+    for device in _devices(_ctx(request)):
         if device["name"] == name:
             return web.json_response(device)
     raise NotFound(f"no device named {name!r}", details={"device": name}, code="unknown_device")
@@ -164,10 +174,16 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of every gatewayd metric (retries, limiters, breakers, bulkheads, process)."""
+    body = generate_latest(REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def status_page(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     records = await ctx.service.listing(state=None, device=None, limit=25)
-    html = page.render(ctx.status(), ctx.devices.describe(), [r.to_api(transitions=False) for r in records])
+    html = page.render(ctx.status(), _devices(ctx), [r.to_api(transitions=False) for r in records])
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
@@ -178,6 +194,7 @@ def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
     app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/commands", post_command)
     app.router.add_get("/api/v1/commands", list_commands)
     app.router.add_get("/api/v1/commands/{id}", get_command)
