@@ -145,3 +145,25 @@ def test_an_open_circuit_holds_commands_and_survives_a_restart(make_daemon: Any)
     assert d.executions(second["id"]) == d.executions(third["id"]) == 1
     assert _breaker(d)["state"] == "closed"
     assert d.stop(signal.SIGTERM) == 0
+
+
+def test_commands_for_an_unplugged_device_wait_unsent_until_their_deadline(make_daemon: Any, tmp_path: Any) -> None:
+    d: Daemon = make_daemon(
+        {"GATEWAYD_SERIAL__BUS0__SIMULATE": "false", "GATEWAYD_SERIAL__BUS0__PORT": str(tmp_path / "no-such-tty")}
+    )
+    d.start()
+    status, device = d.get("/api/v1/devices/pump1")
+    assert status == 200 and device["available"] is False and "no-such-tty" in device["last_error"]
+    started = time.monotonic()
+    status, rec, _ = d.post({"device": "pump1", "action": "set_speed", "params": {"percent": 5}, "ttl_s": 2})
+    assert status == 202, rec
+    time.sleep(0.8)
+    assert d.command(rec["id"])["state"] == "queued"  # held, not failed after a few retries
+    done = d.wait_final(rec["id"], timeout=5)
+    assert done["state"] == "expired" and done["error"]["code"] == "expired", done
+    assert "dispatched" not in _states(done)
+    assert time.monotonic() - started >= 1.9
+    # The relay on GPIO is not held up by the pump's bus.
+    status, relay, _ = d.post({"device": "relay1", "action": "on"}, wait=5)
+    assert relay["state"] == "succeeded", relay
+    assert _breaker(d)["state"] == "closed"

@@ -2,10 +2,11 @@
 within a priority, never after the deadline.
 
 Each device has a retry policy and a circuit breaker from the resilience kit. A transient failure (no answer,
-busy, unavailable bus) is retried with backoff while the command's deadline allows; a refusal (NAK) is not. When a
-device keeps failing its breaker opens: commands for it then wait in the queue, unsent, until the breaker lets a
-probe through or their deadline passes, except critical ones, which are always tried. A command whose retries
-meet an open breaker goes back to the queue rather than failing.
+busy) is retried with backoff while the command's deadline allows; a refusal (NAK) is not. When a device keeps
+failing its breaker opens: commands for it then wait in the queue, unsent, until the breaker lets a probe through
+or their deadline passes, except critical ones, which are always tried. Commands for an unavailable device (its
+bus unplugged) wait the same way until it is back, critical ones included, since nothing can reach it. A command
+whose retries meet an open breaker or a vanished device goes back to the queue rather than failing.
 
 Every state change is committed before the next step: ``dispatched`` before the device is asked, the final
 state before waiters hear of it. A command cut off by a crash or a forced stop stays ``dispatched`` in the store
@@ -25,7 +26,7 @@ import structlog
 from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition
 from gatewayd.config.models import BreakerSettings, RetrySettings
 from gatewayd.devices.base import Device
-from gatewayd.errors import DeviceRejected, GatewayError, StoreUnavailable
+from gatewayd.errors import DeviceRejected, DeviceUnavailable, GatewayError, StoreUnavailable
 from gatewayd.resilience import (
     REAL_CLOCK,
     CircuitBreaker,
@@ -38,6 +39,7 @@ from gatewayd.resilience import (
     classify,
 )
 from gatewayd.resilience import Clock as ResilienceClock
+from gatewayd.resilience.breaker import local_refusal_is_ignored
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
 from gatewayd.tasks import TaskOwner
@@ -46,6 +48,7 @@ log = structlog.get_logger("gatewayd.dispatcher")
 
 FinalCallback = Callable[[CommandRecord], None]
 STORE_RETRY_S = 1.0
+HOLD_RECHECK_S = 1.0  # a held worker looks again this often even if no wake-up came
 
 
 class Dispatcher:
@@ -100,11 +103,15 @@ class Dispatcher:
                 open_s=b.open_s,
                 half_open_max_calls=b.half_open_max_calls,
                 half_open_successes=b.half_open_successes,
+                is_ignored=_breaker_ignores,
                 clock=rclock,
             )
             for name in devices
         }
-        self._wake = {name: asyncio.Event() for name in devices}  # a push, or a drain, for a worker held by its breaker
+        # A push, a drain, or the device coming back wakes a worker that holds its queue.
+        self._wake = {name: asyncio.Event() for name in devices}
+        for name, device in devices.items():
+            device.availability.listeners.append(_waker(self._wake[name]))
 
     async def __aenter__(self) -> Dispatcher:
         await self._tasks.open()
@@ -212,10 +219,16 @@ class Dispatcher:
             if self._draining:
                 self._queued[command_id] = rec  # stays queued in the store: it runs after restart
                 return
-            hold = self._held_for(breaker) if prio != Priority.CRITICAL else 0.0
+            if not device.availability.available:
+                hold = HOLD_RECHECK_S  # woken at once when the device comes back
+            elif prio != Priority.CRITICAL:
+                hold = self._held_for(breaker)
+            else:
+                hold = 0.0
             if hold > 0:
-                # The breaker is open: leave the command queued and unsent until a probe may go, a more urgent
-                # command arrives, or we drain. Its deadline is still watched by the sweep.
+                # The device is unavailable (bus unplugged) or its breaker is open: leave the command queued and
+                # unsent until that changes, a more urgent command arrives, or we drain. The sweep still watches
+                # its deadline.
                 self._queued[command_id] = rec
                 queue.put_nowait(item)
                 wake.clear()
@@ -254,6 +267,8 @@ class Dispatcher:
                 await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
             except CircuitOpenError as err:
                 await self._requeue(rec, f"device circuit open: next probe in {err.retry_after_s:.3g} s")
+            except _DeviceDown as err:
+                await self._requeue(rec, f"device unavailable: {err}")
             except DeadlineExceeded as err:
                 await self._finish(rec, State.EXPIRED, code="expired", message=err.message)
             except RetryExhausted as err:
@@ -283,6 +298,8 @@ class Dispatcher:
         critical = rec.priority is Priority.CRITICAL
 
         async def attempt() -> dict[str, Any]:
+            if not device.availability.available:
+                raise _DeviceDown(device.availability.last_error or "unavailable")
             try:
                 permit = breaker.permit()
             except CircuitOpenError:
@@ -355,8 +372,27 @@ class Dispatcher:
                     await self._finish(rec, State.EXPIRED, code="expired", message=rec.expired(self._clock))
 
 
+class _DeviceDown(Exception):
+    """The device became unavailable between attempts: the command goes back to the queue to wait for it."""
+
+
 def _device_verdict(err: BaseException) -> Verdict:
-    """As :func:`classify`, except that an open breaker ends the retries: the command goes back to the queue."""
-    if isinstance(err, CircuitOpenError):
-        return Verdict(False, None, "circuit_open")
+    """As :func:`classify`, except that an open breaker or a device gone away ends the retries: the command goes
+    back to the queue rather than failing."""
+    if isinstance(err, CircuitOpenError | _DeviceDown):
+        return Verdict(False, None, "held")
     return classify(err)
+
+
+def _breaker_ignores(err: BaseException) -> bool:
+    """Besides our own refusals, an unavailable bus says nothing about the device: availability handles it, and an
+    unplugged cable must not open every breaker on the bus."""
+    return local_refusal_is_ignored(err) or isinstance(err, DeviceUnavailable)
+
+
+def _waker(event: asyncio.Event) -> Callable[[bool], None]:
+    def wake(available: bool) -> None:
+        if available:
+            event.set()
+
+    return wake

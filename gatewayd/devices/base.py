@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,17 +22,31 @@ class Availability:
     available: bool = False
     last_error: str | None = None
     since: float = field(default_factory=time.time)
+    # Called with the new value on every change (the dispatcher wakes the device's held commands).
+    listeners: list[Callable[[bool], None]] = field(default_factory=list, repr=False, compare=False)
 
     def up(self) -> None:
         if not self.available:
             self.available, self.since = True, time.time()
             log.info("device_available", device=self.subject)
+            self._tell(True)
 
     def down(self, error: str) -> None:
         self.last_error = error
-        if self.available or self.since == 0:
+        changed = self.available or self.since == 0
+        if changed:
             log.warning("device_unavailable", device=self.subject, error=error)
-        self.available, self.since = False, time.time()
+            self.since = time.time()
+        self.available = False
+        if changed:
+            self._tell(False)
+
+    def _tell(self, available: bool) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(available)
+            except Exception:  # a listener's bug must not stop the bus that reported the change
+                log.exception("availability_listener_failed", device=self.subject)
 
     def to_api(self) -> dict[str, Any]:
         return {"available": self.available, "last_error": self.last_error, "since": self.since}
