@@ -165,3 +165,10 @@ class ProtocolError(TransientError):
     """Bytes on the wire that do not form a valid frame (bad CRC, garbage, oversize)."""
 
     code = "protocol_error"
+
+
+class SafetyLimited(DeviceRejected):
+    """The device's safety limits refuse this actuation now (too soon after the last, too many per minute)."""
+
+    code = "safety_limit"
+    status = 429

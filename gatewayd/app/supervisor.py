@@ -16,6 +16,7 @@ import contextlib
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,6 +155,7 @@ class Supervisor:
                 tasks.spawn("systemd", self._systemd())
 
             self.service.attach(self.dispatcher)
+            self.dispatcher.request_off = self._switch_off
             self.phase = "running"
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
             log.info(
@@ -183,6 +185,17 @@ class Supervisor:
                 log.warning("resilience_state_not_saved", error=err.message)
             # The exit stack now closes, in reverse order: tasks, HTTP, dispatcher, devices, store.
         log.info("gateway_stopped", unfinished=unfinished, queued_for_restart=self.dispatcher.queued())
+
+    async def _switch_off(self, device: str, action: str) -> None:
+        """A device's max on-time has passed: its off action, as a critical command of its own (durable, visible)."""
+        assert self.service is not None
+        payload = {
+            "device": device,
+            "action": action,
+            "priority": "critical",
+            "id": f"max-on-{device}-{uuid.uuid4().hex[:12]}",
+        }
+        await self.service.submit(payload, source="safety")
 
     # --- background duties -------------------------------------------------------------------------------------
 

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import structlog
 
 from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition
+from gatewayd.commands.safety import SafetyGate
 from gatewayd.config.models import BreakerSettings, RetrySettings
 from gatewayd.devices.base import Device
-from gatewayd.errors import DeviceRejected, DeviceUnavailable, GatewayError, StoreUnavailable
+from gatewayd.errors import DeviceRejected, DeviceUnavailable, GatewayError, SafetyLimited, StoreUnavailable
 from gatewayd.resilience import (
     REAL_CLOCK,
     CircuitBreaker,
@@ -47,6 +48,7 @@ from gatewayd.tasks import TaskOwner
 log = structlog.get_logger("gatewayd.dispatcher")
 
 FinalCallback = Callable[[CommandRecord], None]
+OffRequest = Callable[[str, str], Awaitable[object]]  # (device, off action): submits the automatic off command
 STORE_RETRY_S = 1.0
 HOLD_RECHECK_S = 1.0  # a held worker looks again this often even if no wake-up came
 
@@ -108,6 +110,9 @@ class Dispatcher:
             )
             for name in devices
         }
+        self.safety = {name: SafetyGate(name, device.profile, rclock) for name, device in devices.items()}
+        self.request_off: OffRequest | None = None  # set by the supervisor: how the max on-time switches off
+        self._on_timers: dict[str, asyncio.Task[None]] = {}
         # A push, a drain, or the device coming back wakes a worker that holds its queue.
         self._wake = {name: asyncio.Event() for name in devices}
         for name, device in devices.items():
@@ -252,6 +257,14 @@ class Dispatcher:
             if why is not None:
                 await self._finish(rec, State.EXPIRED, code="expired", message=why)
                 return
+            gate = self.safety[rec.device]
+            if gate.profile is not device.profile:  # re-read on SIGHUP
+                gate.configure(device.profile)
+            try:
+                gate.admit(rec.action)
+            except SafetyLimited as err:
+                await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
+                return
             try:
                 await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.DISPATCHED)))
             except StoreUnavailable as err:
@@ -283,7 +296,37 @@ class Dispatcher:
                 await self._finish(rec, State.FAILED, code="internal_error", message=f"{type(err).__name__}: {err}")
             else:
                 self.executed += 1
+                self._watch_on_time(device, rec.action)
                 await self._finish(rec, State.SUCCEEDED, result=result)
+
+    def _watch_on_time(self, device: Device, action: str) -> None:
+        """After an on action, switch the device off when its profile's max on-time has passed; any safe action
+        (off, stop) in between calls that off."""
+        safety = device.profile.safety
+        spec = device.profile.actions.get(action)
+        if action in safety.on_actions and safety.max_on_s is not None and safety.off_action is not None:
+            self._cancel_on_timer(device.name)
+            coro = self._switch_off_later(device.name, safety.off_action, safety.max_on_s)
+            self._on_timers[device.name] = self._tasks.spawn(f"{device.name}.max_on", coro)
+        elif spec is not None and spec.safe:
+            self._cancel_on_timer(device.name)
+
+    def _cancel_on_timer(self, name: str) -> None:
+        timer = self._on_timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _switch_off_later(self, name: str, off_action: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        self._on_timers.pop(name, None)
+        log.warning("max_on_time_reached", device=name, max_on_s=after_s, action=off_action)
+        if self.request_off is None:
+            log.error("max_on_time_no_way_to_switch_off", device=name)
+            return
+        try:
+            await self.request_off(name, off_action)
+        except GatewayError as err:  # shutting down: a GPIO output is released on close and on start anyway
+            log.error("max_on_time_off_not_accepted", device=name, code=err.code, error=err.message)
 
     def _held_for(self, breaker: CircuitBreaker) -> float:
         """Seconds until the breaker lets a probe through; 0 when it admits calls now."""

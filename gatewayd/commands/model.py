@@ -92,6 +92,7 @@ class CommandRequest(BaseModel):
     id: CommandId | None = None
     ttl_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     priority: Annotated[Priority, BeforeValidator(_parse_priority)] = Priority.NORMAL
+    confirm: bool = False  # required true for actions the profile marks ``confirm``
 
 
 def new_command_id() -> str:

@@ -69,6 +69,10 @@ def validate(
         )
     errors: list[dict[str, Any]] = []
     params: dict[str, Any] = {}
+    if action.confirm and not request.confirm:
+        errors.append(
+            {"field": "confirm", "message": f'action {request.action!r} needs confirmation: send "confirm": true'}
+        )
     for name in request.params:
         if name not in action.params:
             errors.append({"field": f"params.{name}", "message": "unknown parameter"})

@@ -1,7 +1,9 @@
 """Device profiles (``hardware/profiles/*.toml``): what a type of device can do and with which parameters.
 
 A profile is the contract a command is validated against before it is accepted: actions, their parameters
-(type, range, unit, default) and the deadline a command gets when the client gives none.
+(type, range, unit, default) and the deadline a command gets when the client gives none; and the safety limits
+that protect the hardware (``[safety]``: minimum interval between actuations, actuations per minute, maximum
+on-time with automatic off; ``confirm`` on actions that need an explicit confirmation).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class ActionSpec(Strict):
     description: str = ""
     params: dict[Name, ParamSpec] = Field(default_factory=dict)
     ttl_s: float | None = Field(default=None, gt=0)
+    actuates: bool = True  # false for reads: the safety limits do not count them
+    safe: bool = False  # moves the device to its safe state (off, stop): never held back by the safety limits
+    confirm: bool = False  # the command must carry "confirm": true (an action a technician must mean)
 
     def json_schema(self) -> dict[str, Any]:
         return {
@@ -75,6 +80,17 @@ class ActionSpec(Strict):
             "required": [name for name, spec in self.params.items() if spec.required],
             "additionalProperties": False,
         }
+
+
+class SafetySpec(Strict):
+    """Hardware protection, enforced by the dispatcher for every command whatever its source or priority; only
+    ``safe`` actions are exempt, so nothing ever stops a device from being switched off."""
+
+    min_interval_s: float | None = Field(default=None, gt=0, le=86_400)
+    max_actuations_per_minute: int | None = Field(default=None, ge=1, le=6_000)
+    max_on_s: float | None = Field(default=None, gt=0, le=7 * 86_400)
+    on_actions: tuple[Name, ...] = ()  # start the on-time clock
+    off_action: Name | None = None  # sent automatically (critical, source "safety") after max_on_s
 
 
 class Profile(Strict):
@@ -86,11 +102,23 @@ class Profile(Strict):
     default_ttl_s: float = Field(default=300.0, gt=0)
     simulator: Name | None = None
     actions: dict[Name, ActionSpec]
+    safety: SafetySpec = SafetySpec()
 
     @model_validator(mode="after")
     def _has_actions(self) -> Profile:
         if not self.actions:
             raise ValueError("a profile needs at least one action")
+        safety = self.safety
+        named = [*safety.on_actions, *([safety.off_action] if safety.off_action else [])]
+        unknown_named = sorted(set(named) - set(self.actions))
+        if unknown_named:
+            raise ValueError(f"safety names actions the profile does not have: {unknown_named}")
+        if safety.max_on_s is not None:
+            if not safety.on_actions or safety.off_action is None:
+                raise ValueError("safety.max_on_s needs on_actions and an off_action")
+            off = self.actions[safety.off_action]
+            if any(p.required for p in off.params.values()):
+                raise ValueError(f"safety.off_action {safety.off_action!r} must not need parameters")
         if self.kind == "gpio_output":
             unknown = set(self.actions) - {"on", "off"}
             if unknown:

@@ -1,0 +1,135 @@
+"""Safety limits from device profiles, in the running daemon: too-frequent actuation is refused with a clear error,
+the maximum on-time switches an output off by itself, confirmation is required where the profile says so, and the
+safe action (off) is never held back."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.config import load_config
+from gatewayd.errors import ConfigError
+from tests.conftest import CONFIG, ROOT, Daemon
+
+LIMITED_RELAY = """
+kind = "gpio_output"
+[actions.on]
+[actions.off]
+safe = true
+[safety]
+min_interval_s = 0.6
+max_actuations_per_minute = 3
+"""
+
+TIMED_RELAY = """
+kind = "gpio_output"
+[actions.on]
+[actions.off]
+safe = true
+[safety]
+max_on_s = 1.0
+on_actions = ["on"]
+off_action = "off"
+"""
+
+
+def _profiles(tmp_path: Path) -> Path:
+    profiles = tmp_path / "profiles"
+    shutil.copytree(ROOT / "hardware" / "profiles", profiles)
+    (profiles / "limited_relay.toml").write_text(LIMITED_RELAY)
+    (profiles / "timed_relay.toml").write_text(TIMED_RELAY)
+    pump = (profiles / "sim_pump.toml").read_text()
+    (profiles / "sim_pump.toml").write_text(
+        pump.replace('description = "Start the pump"', 'description = "Start the pump"\nconfirm = true')
+    )
+    return profiles
+
+
+@pytest.fixture
+def gw(make_daemon: Any, tmp_path: Path) -> Daemon:
+    d: Daemon = make_daemon(
+        {
+            "GATEWAYD_GATEWAY__PROFILES_DIR": str(_profiles(tmp_path)),
+            "GATEWAYD_DEVICES__RELAY1__PROFILE": "limited_relay",
+            "GATEWAYD_DEVICES__RELAY2__PROFILE": "timed_relay",
+            "GATEWAYD_DEVICES__RELAY2__PIN": "27",
+        }
+    )
+    d.start()
+    return d
+
+
+def _send(d: Daemon, device: str, action: str, **extra: Any) -> dict[str, Any]:
+    status, rec, _ = d.post({"device": device, "action": action, **extra}, wait=5)
+    assert status == 200, rec
+    return dict(rec)
+
+
+def test_too_frequent_actuation_is_refused_and_off_never_is(gw: Daemon) -> None:
+    assert _send(gw, "relay1", "on")["state"] == "succeeded"
+    again = _send(gw, "relay1", "on")
+    assert again["state"] == "rejected"
+    assert again["error"]["code"] == "safety_limit"
+    assert "at most one actuation every 0.6 s" in again["error"]["message"]
+    assert "dispatched" not in [t["state"] for t in again["transitions"]]  # refused before it reached the pin
+    assert _send(gw, "relay1", "off")["state"] == "succeeded"  # the safe state is always allowed
+    # A critical command is held to the same hardware limit.
+    assert _send(gw, "relay1", "on", priority="critical")["error"]["code"] == "safety_limit"
+
+    for _ in range(2):
+        time.sleep(0.65)
+        assert _send(gw, "relay1", "on")["state"] == "succeeded"
+        assert _send(gw, "relay1", "off")["state"] == "succeeded"
+    time.sleep(0.65)
+    fourth = _send(gw, "relay1", "on")
+    assert fourth["state"] == "rejected" and "at most 3 actuations per minute" in fourth["error"]["message"]
+    _, device = gw.get("/api/v1/devices/relay1")
+    assert device["state"]["state"] == "off"
+
+
+def test_max_on_time_switches_the_output_off_and_an_off_cancels_it(gw: Daemon) -> None:
+    on = _send(gw, "relay2", "on")
+    assert on["state"] == "succeeded"
+    switched_on = time.monotonic()
+    deadline = switched_on + 5
+    auto: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not auto:
+        _, listing = gw.get("/api/v1/commands?device=relay2")
+        auto = [c for c in listing["commands"] if c["source"] == "safety" and c["state"] == "succeeded"]
+        time.sleep(0.05)
+    assert auto, "no automatic off within 5 s"
+    assert time.monotonic() - switched_on >= 0.95
+    assert auto[0]["action"] == "off" and auto[0]["priority"] == "critical"
+    _, device = gw.get("/api/v1/devices/relay2")
+    assert device["state"]["state"] == "off"
+    assert any(e.get("event") == "max_on_time_reached" and e.get("device") == "relay2" for e in gw.log_lines())
+
+    # Switched off by hand before the limit: no automatic off follows.
+    assert _send(gw, "relay2", "on")["state"] == "succeeded"
+    assert _send(gw, "relay2", "off")["state"] == "succeeded"
+    time.sleep(1.5)
+    _, listing = gw.get("/api/v1/commands?device=relay2")
+    assert len([c for c in listing["commands"] if c["source"] == "safety"]) == 1
+
+
+def test_an_action_that_needs_confirmation_is_refused_without_it(gw: Daemon) -> None:
+    status, body, _ = gw.post({"device": "pump1", "action": "start"})
+    assert status == 422
+    assert body["error"]["details"]["errors"][0]["field"] == "confirm"
+    assert _send(gw, "pump1", "start", confirm=True)["state"] == "succeeded"
+    assert _send(gw, "pump1", "read")["state"] == "succeeded"  # no confirmation asked of the rest
+
+
+def test_inconsistent_safety_sections_are_config_errors(tmp_path: Path) -> None:
+    profiles = _profiles(tmp_path)
+    (profiles / "timed_relay.toml").write_text(TIMED_RELAY.replace('off_action = "off"', 'off_action = "shut"'))
+    (profiles / "limited_relay.toml").write_text(LIMITED_RELAY.replace("max_actuations_per_minute = 3", "max_on_s = 5"))
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, environ={"GATEWAYD_GATEWAY__PROFILES_DIR": str(profiles)})
+    problems = "\n".join(str(p) for p in err.value.problems)
+    assert "timed_relay.toml" in problems and "'shut'" in problems
+    assert "limited_relay.toml" in problems and "max_on_s needs on_actions and an off_action" in problems
