@@ -591,3 +591,13 @@ async def test_fake_clock_sleeps_overlap_and_never_run_backwards() -> None:
         clock.advance(-1.0)
     clock.advance(2.5)
     assert clock.monotonic() == 17.5
+
+
+async def test_a_quiet_policy_logs_retried_failures_at_debug_and_still_counts_them(name: str, logs: Logs) -> None:
+    clock = FakeClock()
+    upstream = Upstream(clock, [TimeoutError(), TimeoutError()])
+    policy = RetryPolicy(max_attempts=3, name=name, clock=clock, rng=random.Random(1), quiet=True)
+    assert await policy.call(upstream) == "ok"
+    failed = events(logs, "retry_attempt_failed")
+    assert [entry["log_level"] for entry in failed] == ["debug", "debug"]
+    assert metric("attempts", name, outcome="transient") == 2

@@ -74,6 +74,9 @@ class RetryPolicy:
     rng: random.Random = field(default=_RNG, compare=False, repr=False)
     wall: Callable[[], float] = field(default=time.time, compare=False, repr=False)
     classifier: Classifier | None = field(default=None, compare=False, repr=False)
+    # Retried failures are logged at debug instead of info: for loops that may run for days (reopening an
+    # unplugged port), whose outage is already reported once by their owner. Metrics still count every attempt.
+    quiet: bool = False
 
     def __post_init__(self) -> None:
         # Written as "not (x >= 0)" so that NaN, which fails every comparison, is refused too: a NaN deadline
@@ -163,7 +166,7 @@ class RetryPolicy:
                         elapsed_s=round(clock.monotonic() - start, 6),
                     )
                     raise RetryExhausted(label, attempt, err, give_up, verdict.hint_s) from err
-                log.info(
+                (log.debug if self.quiet else log.info)(
                     "retry_attempt_failed",
                     policy=label,
                     attempt=attempt,
