@@ -59,6 +59,16 @@ class SerialBusConfig(Section):
     baudrate: int = Field(default=115200, ge=300, le=4_000_000)
     response_timeout_s: float = Field(default=1.0, gt=0, le=60)
     simulate: bool | None = None  # None: simulate when gateway.mode is "mock"
+    # Reopening a port that disappeared (USB unplugged): pause before attempt n is drawn from
+    # [0, min(reconnect_cap_s, reconnect_base_s * 2**n)] (full jitter), for as long as the port stays away.
+    reconnect_base_s: float = Field(default=0.05, gt=0, le=10)
+    reconnect_cap_s: float = Field(default=1.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _reconnect_cap_not_below_base(self) -> SerialBusConfig:
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must not be less than reconnect_base_s")
+        return self
 
 
 class SimulatorConfig(Section):

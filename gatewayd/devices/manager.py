@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +31,7 @@ class DeviceManager:
         self._stack = contextlib.AsyncExitStack()
 
     @property
-    def sim_dir(self) -> Any:
+    def sim_dir(self) -> Path:
         return self._loaded.config.gateway.data_dir / "sim"
 
     async def __aenter__(self) -> DeviceManager:
@@ -60,9 +61,12 @@ class DeviceManager:
                         mute=dev.simulator.mute,
                         busy_replies=dev.simulator.busy_replies,
                     )
-                sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims))
+                # The bus opens a stable link, not the pty itself, as it would open /dev/serial/by-id/...: the
+                # simulator can then be unplugged and plugged back in (a new pty) under the same name.
+                link = self.sim_dir / f"{bus_name}.tty"
+                sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims, link=link))
                 self.simulators[bus_name] = sim
-                port = sim.port
+                port = str(link)
             bus = await self._stack.enter_async_context(SerialBus(bus_name, bus_cfg, port))
             self.buses[bus_name] = bus
             for name, dev in on_bus.items():

@@ -3,16 +3,21 @@
 The bus carries one transaction at a time: a request goes out, and the bus waits for the reply with the same
 address and sequence number (or the response timeout). Frames are built and parsed by ``framing`` (no I/O);
 this module only moves bytes.
+
+The port may come and go (a USB adapter unplugged, a simulator restarted): one supervised task, the bus's
+``link``, opens the port, reads it until it disappears, and reopens it on the daemon's one retry policy (capped,
+fully jittered backoff, for as long as it takes). Availability is state: it goes down once, with the reason,
+when the port is lost, and up once when it is back; transactions in flight fail with ``DeviceUnavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from types import TracebackType
 from typing import Any
 
-import serial
 import serial_asyncio_fast
 import structlog
 
@@ -21,13 +26,28 @@ from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
+from gatewayd.resilience.classify import Verdict, classify
+from gatewayd.resilience.clock import REAL_CLOCK, Clock
+from gatewayd.resilience.errors import RetryExhausted
+from gatewayd.resilience.retry import RetryPolicy
 from gatewayd.tasks import TaskOwner
 
 log = structlog.get_logger("gatewayd.serial")
 
+# A port may stay unplugged for weeks; the schedule never gives up (and restarts if it ever counts this far).
+_REOPEN_ATTEMPTS = 2**31
+
+
+def port_verdict(err: BaseException) -> Verdict:
+    """Opening a port: any OS-level failure (no such file, EIO, EBUSY, permission while udev catches up) may
+    clear when the adapter is plugged back in. ``serial.SerialException`` is an ``OSError`` too."""
+    if isinstance(err, OSError):
+        return Verdict(True, None, "serial_port")
+    return classify(err)
+
 
 class SerialBus:
-    def __init__(self, name: str, cfg: SerialBusConfig, port: str):
+    def __init__(self, name: str, cfg: SerialBusConfig, port: str, *, clock: Clock = REAL_CLOCK):
         self.name = name
         self.cfg = cfg
         self.port = port
@@ -35,46 +55,93 @@ class SerialBus:
         self.decoder = Decoder()
         self.transactions = 0
         self.timeouts = 0
+        self.opens = 0
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
         self._seq = itertools.cycle(range(256))
         self._pending: dict[tuple[int, int], asyncio.Future[Frame]] = {}
         self._tasks = TaskOwner(f"{name}")
+        self._reopen = RetryPolicy(
+            max_attempts=_REOPEN_ATTEMPTS,
+            base_s=cfg.reconnect_base_s,
+            cap_s=cfg.reconnect_cap_s,
+            jitter="full",
+            name=f"bus:{name}",
+            clock=clock,
+            classifier=port_verdict,
+            quiet=True,  # availability logs the outage once; a long unplug must not write two lines a second
+        )
 
     async def __aenter__(self) -> SerialBus:
         await self._tasks.open()
         try:
-            reader, self._writer = await serial_asyncio_fast.open_serial_connection(
-                url=self.port, baudrate=self.cfg.baudrate
-            )
-        except (serial.SerialException, OSError) as err:
-            # A missing adapter must not stop the daemon: the bus is unavailable and says why.
-            self.availability.down(f"cannot open {self.port}: {err}")
-            return self
-        self.availability.up()
-        self._tasks.spawn("rx", self._receive(reader))
-        log.info("serial_opened", bus=self.name, port=self.port, baudrate=self.cfg.baudrate)
+            # One attempt now, so a port that is there is open (and the bus available) when the daemon is ready.
+            # A missing adapter must not stop the daemon: the bus is unavailable, says why, and keeps trying.
+            reader: asyncio.StreamReader | None
+            try:
+                reader = await self._open()
+            except OSError:
+                reader = None
+            self._tasks.spawn("link", self._link(reader))
+        except BaseException:
+            await self._tasks.close()
+            raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._tasks.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        writer, self._writer = self._writer, None
         self._fail_pending(DeviceUnavailable(f"bus {self.name} closed"))
+        await _close(writer)
 
-    async def _receive(self, reader: asyncio.StreamReader) -> None:
+    async def _open(self) -> asyncio.StreamReader:
+        try:
+            reader, writer = await serial_asyncio_fast.open_serial_connection(url=self.port, baudrate=self.cfg.baudrate)
+        except OSError as err:
+            reason = str(err) if self.port in str(err) else f"cannot open {self.port}: {err}"  # pyserial names it
+            self.availability.down(reason)  # logged on the first failure of an outage only
+            raise
+        self._writer = writer
+        self.decoder = Decoder()  # the stub of a frame cut by the unplug must not prefix the first new one
+        self.opens += 1
+        log.info("serial_opened", bus=self.name, port=self.port, baudrate=self.cfg.baudrate, opens=self.opens)
+        self.availability.up()
+        return reader
+
+    async def _link(self, reader: asyncio.StreamReader | None) -> None:
+        """Open, read until the port goes, close, reopen: for the life of the bus. Nothing escapes but
+        cancellation, so a port that misbehaves never takes the daemon down."""
+        while True:
+            if reader is None:
+                try:
+                    reader = await self._reopen.call(self._open)
+                except RetryExhausted:
+                    continue  # after 2**31 attempts: start the schedule again
+                except Exception as err:  # not an OS error: the port's name or settings are wrong, not its presence
+                    self.availability.down(f"cannot open {self.port}: {err}")
+                    log.error("serial_open_abandoned", bus=self.name, port=self.port, error=str(err))
+                    return
+            reason = await self._receive(reader)
+            reader = None
+            writer, self._writer = self._writer, None
+            self.availability.down(reason)
+            self._fail_pending(DeviceUnavailable(f"bus {self.name}: {reason}", details={"bus": self.name}))
+            await _close(writer)
+
+    async def _receive(self, reader: asyncio.StreamReader) -> str:
+        """Feed frames to their transactions until the port closes; returns why it did."""
         try:
             while data := await reader.read(4096):
                 for frame in self.decoder.feed(data):
                     self._on_frame(frame)
-            reason = "port closed"
-        except (serial.SerialException, OSError) as err:
-            reason = f"read failed: {err}"
-        self.availability.down(reason)
-        self._fail_pending(DeviceUnavailable(f"bus {self.name}: {reason}"))
+        except OSError as err:  # serial.SerialException, EIO from a pty whose other side closed
+            return f"read failed: {err}"
+        except Exception as err:  # a bug in a frame handler must cost a reconnect, not the daemon
+            log.exception("serial_receive_failed", bus=self.name)
+            return f"receive failed: {err!r}"
+        return "port closed"
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.kind in (Kind.REPLY, Kind.NAK):
@@ -102,7 +169,7 @@ class SerialBus:
         """Send one request and return the reply's payload. One transaction at a time on the bus."""
         async with self._lock:
             writer = self._writer
-            if writer is None or not self.availability.available:
+            if writer is None or writer.is_closing() or not self.availability.available:
                 raise DeviceUnavailable(
                     f"bus {self.name} is unavailable: {self.availability.last_error}",
                     details={"bus": self.name},
@@ -122,8 +189,10 @@ class SerialBus:
                     f"no reply from address {address} on {self.name} within {self.cfg.response_timeout_s:g} s",
                     details={"bus": self.name, "address": address},
                 ) from None
-            except (serial.SerialException, OSError) as err:
-                raise DeviceUnavailable(f"bus {self.name}: write failed: {err}") from err
+            except OSError as err:  # serial.SerialException; ConnectionResetError from drain() once the port went
+                raise DeviceUnavailable(
+                    f"bus {self.name}: write failed: {err}", details={"bus": self.name, "address": address}
+                ) from err
             finally:
                 self._pending.pop((address, seq), None)
             self.transactions += 1
@@ -145,6 +214,17 @@ class SerialBus:
                 details={"device_code": reply.payload.get("code"), "address": address},
             )
         return reply.payload
+
+
+async def _close(writer: asyncio.StreamWriter | None) -> None:
+    """Close a port and wait until it is closed. ``abort``, not ``close``: close would first drain the tty
+    (``tcdrain`` in a worker thread), which can block for good on a port whose other end is gone."""
+    if writer is None:
+        return
+    if not writer.transport.is_closing():  # a transport that hit a read or write error closes itself
+        writer.transport.abort()
+    with contextlib.suppress(Exception):  # the error that closed it was already reported as the reason
+        await writer.wait_closed()
 
 
 class SerialDevice:

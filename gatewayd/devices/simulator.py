@@ -5,16 +5,22 @@ open ``/dev/ttyUSB0``. Each simulated device keeps an execution log (JSON lines)
 tests read it to prove that an action ran exactly once. Like a real device that honours the protocol's ``id``
 field, it remembers the ids it executed (across restarts, from its log) and answers a repeated request with the
 original result instead of acting again.
+
+``python -m gatewayd.devices.simulator --link PATH --sim-dir DIR`` runs the same devices as a process of their
+own, behind a pty published at ``PATH``: a stand-in for hardware that can be unplugged (stopped or killed) and
+plugged back in (started again) while the daemon runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import errno
 import json
 import os
 import random
+import signal
 import time
 import tty
 from collections import OrderedDict
@@ -154,11 +160,18 @@ class SimulatedDevice:
 
 
 class PtySimulator:
-    """Devices on one simulated bus, answering on the master side of a pseudo-terminal."""
+    """Devices on one simulated bus, answering on the master side of a pseudo-terminal.
 
-    def __init__(self, bus: str, devices: dict[int, SimulatedDevice]):
+    With ``link``, the simulator publishes a stable path to its current slave pty (a symlink, replaced
+    atomically), as udev does with ``/dev/serial/by-id/...``: the gateway opens the link and finds the device
+    again after :meth:`unplug` and :meth:`plug`, which close the pty (the gateway reads EOF/EIO, as when a USB
+    adapter is pulled) and open a new one.
+    """
+
+    def __init__(self, bus: str, devices: dict[int, SimulatedDevice], link: Path | None = None):
         self.bus = bus
         self.devices = devices
+        self.link = link
         self.port: str = ""
         self._master = -1
         self._slave = -1
@@ -167,37 +180,100 @@ class PtySimulator:
         self._out = bytearray()
         self._tasks = TaskOwner(f"sim:{bus}")
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._link_inode: int | None = None
 
     async def __aenter__(self) -> PtySimulator:
         self._loop = asyncio.get_running_loop()
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._master)
-        tty.setraw(self._slave)
-        os.set_blocking(self._master, False)
-        self.port = os.ttyname(self._slave)
-        self._loop.add_reader(self._master, self._on_readable)
         await self._tasks.open()
-        self._tasks.spawn("serve", self._serve())
-        log.info("simulator_started", bus=self.bus, port=self.port, devices=[d.name for d in self.devices.values()])
+        try:
+            self.plug()
+            self._tasks.spawn("serve", self._serve())
+        except BaseException:
+            self._close_fds()
+            await self._tasks.close()
+            raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._unpublish()
         self._close_fds()
         await self._tasks.close()
         for device in self.devices.values():
             device.log.close()
 
+    @property
+    def plugged(self) -> bool:
+        return self._master >= 0
+
+    def plug(self) -> None:
+        """Open a new pty (the device appears) and point the link at it."""
+        assert self._loop is not None, "plug() needs the simulator entered"
+        if self.plugged:
+            return
+        self._master, self._slave = os.openpty()
+        try:
+            tty.setraw(self._master)
+            tty.setraw(self._slave)
+            os.set_blocking(self._master, False)
+            self.port = os.ttyname(self._slave)
+            self._loop.add_reader(self._master, self._on_readable)
+            self._publish()
+        except BaseException:
+            self._close_fds()
+            raise
+        log.info(
+            "simulator_started",
+            bus=self.bus,
+            port=self.port,
+            link=str(self.link) if self.link else None,
+            devices=[d.name for d in self.devices.values()],
+        )
+
+    def unplug(self) -> None:
+        """Close the pty (the device disappears). The link is left dangling, as a by-id link is until udev
+        removes it; what the devices remember (their execution logs) stays."""
+        if not self.plugged:
+            return
+        self._close_fds()
+        log.info("simulator_unplugged", bus=self.bus, port=self.port)
+
+    def _publish(self) -> None:
+        if self.link is None:
+            return
+        self.link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.link.with_name(f".{self.link.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(self.port, tmp)
+        os.replace(tmp, self.link)  # atomic: a reader sees the old target or the new one, never no link
+        self._link_inode = os.lstat(self.link).st_ino
+
+    def _unpublish(self) -> None:
+        """Remove the link, unless another simulator has taken it over since."""
+        if self.link is None or self._link_inode is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.lstat(self.link).st_ino == self._link_inode:  # a pts path may be reused: compare the link
+                self.link.unlink()
+        self._link_inode = None
+
     def _close_fds(self) -> None:
-        if self._master >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._master)
-            self._loop.remove_writer(self._master)
+        if self._master >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(self._master)
+                self._loop.remove_writer(self._master)
             os.close(self._master)
             self._master = -1
         if self._slave >= 0:
             os.close(self._slave)
             self._slave = -1
+        # What was on the wire dies with the pty: a device that is plugged back in starts from a clean line.
+        self._out.clear()
+        self._decoder = Decoder()
+        while not self._requests.empty():
+            self._requests.get_nowait()
 
     def _on_readable(self) -> None:
         try:
@@ -240,3 +316,61 @@ class PtySimulator:
                 return
             del self._out[:n]
         self._loop.remove_writer(self._master)
+
+
+def _parse_device(spec: str) -> tuple[str, int, str]:
+    name, sep, rest = spec.partition(":")
+    address, sep2, model = rest.partition(":")
+    if not (sep and sep2 and name and address.isdigit() and 1 <= int(address) <= 247 and model in MODELS):
+        raise argparse.ArgumentTypeError(f"{spec!r}: want NAME:ADDRESS:MODEL, address 1-247, model in {list(MODELS)}")
+    return name, int(address), model
+
+
+async def _serve_until_signalled(args: argparse.Namespace) -> None:
+    devices: dict[int, SimulatedDevice] = {}
+    for name, address, model in args.device:
+        devices[address] = SimulatedDevice(name, model, args.sim_dir / f"{name}.jsonl", latency_s=args.latency)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with PtySimulator(args.link.stem, devices, link=args.link):
+        await stop.wait()
+    log.info("simulator_stopped", link=str(args.link))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gatewayd.devices.simulator``: simulated devices behind a new pty, published at ``--link``.
+
+    Point ``serial.<bus>.port`` at the link and set ``serial.<bus>.simulate = false``; stopping this process
+    (SIGTERM, SIGINT, or kill -9) is an unplug, starting it again a replug.
+    """
+    parser = argparse.ArgumentParser(prog="python -m gatewayd.devices.simulator", description=main.__doc__)
+    parser.add_argument("--link", type=Path, required=True, help="symlink to publish, pointing at the pty")
+    parser.add_argument("--sim-dir", type=Path, required=True, help="directory of the execution logs")
+    parser.add_argument(
+        "--device",
+        action="append",
+        type=_parse_device,
+        metavar="NAME:ADDRESS:MODEL",
+        help="a device on the bus (repeatable; default pump1:1:pump)",
+    )
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each device takes to answer")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if not args.latency >= 0:
+        parser.error("--latency must not be negative")
+    args.device = args.device or [("pump1", 1, "pump")]
+    addresses = [address for _, address, _ in args.device]
+    names = [name for name, _, _ in args.device]
+    if len(set(addresses)) != len(addresses) or len(set(names)) != len(names):
+        parser.error("each --device needs its own name and address")
+    from gatewayd.observability.logging import configure
+
+    configure(args.log_level)
+    asyncio.run(_serve_until_signalled(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
