@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gatewayd.config.models import Config
-from gatewayd.config.profiles import Profile
+from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.errors import ConfigError, ConfigProblem
 
 ENV_PREFIX = "GATEWAYD_"
@@ -140,7 +140,7 @@ def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[C
         if profile is None:
             problems.append(ConfigProblem(file, f"{key}.profile", f"unknown profile {dev.profile!r}"))
             continue
-        if profile.kind == "gpio_output":
+        if profile.kind in GPIO_KINDS:
             if dev.pin is None:
                 problems.append(ConfigProblem(file, f"{key}.pin", "a GPIO device needs a pin"))
             elif dev.pin in pins:

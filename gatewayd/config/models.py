@@ -31,6 +31,11 @@ class HttpSection(Section):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
 
 
+class GpioSection(Section):
+    # auto: gpiozero's MockFactory in mock mode, gpiozero's default on a Pi (lgpio on Raspberry Pi OS Bookworm)
+    pin_factory: Literal["auto", "mock", "lgpio", "rpigpio", "pigpio", "native"] = "auto"
+
+
 class ShutdownSection(Section):
     grace_s: float = Field(default=10.0, ge=0, le=600)
 
@@ -130,6 +135,7 @@ class Config(Section):
     gateway: GatewaySection = GatewaySection()
     log: LogSection = LogSection()
     http: HttpSection = HttpSection()
+    gpio: GpioSection = GpioSection()
     shutdown: ShutdownSection = ShutdownSection()
     commands: CommandsSection = CommandsSection()
     store: StoreSection = StoreSection()

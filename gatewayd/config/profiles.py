@@ -93,16 +93,31 @@ class SafetySpec(Strict):
     off_action: Name | None = None  # sent automatically (critical, source "safety") after max_on_s
 
 
+GPIO_KINDS = ("gpio_output", "gpio_pwm", "gpio_input")
+_GPIO_ACTIONS = {"gpio_output": {"on", "off"}, "gpio_pwm": {"on", "off", "set"}, "gpio_input": {"read"}}
+
+
+class InputSpec(Strict):
+    """A digital input (button, reed switch, PIR, float switch): its wiring and the names of its two edges."""
+
+    pull_up: bool = True  # internal pull-up: the contact closes to ground, the usual wiring of a button
+    bounce_s: float | None = Field(default=0.02, ge=0, le=10)  # edges closer than this are contact bounce
+    active_event: Name = "pressed"
+    inactive_event: Name = "released"
+
+
 class Profile(Strict):
     """One device type. The profile's name is its file name without ``.toml``."""
 
     name: Name
-    kind: Literal["gpio_output", "serial_line"]
+    kind: Literal["gpio_output", "gpio_pwm", "gpio_input", "serial_line"]
     description: str = ""
     default_ttl_s: float = Field(default=300.0, gt=0)
     simulator: Name | None = None
     actions: dict[Name, ActionSpec]
     safety: SafetySpec = SafetySpec()
+    input: InputSpec = InputSpec()  # gpio_input only
+    pwm_frequency_hz: float = Field(default=100.0, gt=0, le=100_000)  # gpio_pwm only
 
     @model_validator(mode="after")
     def _has_actions(self) -> Profile:
@@ -119,10 +134,15 @@ class Profile(Strict):
             off = self.actions[safety.off_action]
             if any(p.required for p in off.params.values()):
                 raise ValueError(f"safety.off_action {safety.off_action!r} must not need parameters")
-        if self.kind == "gpio_output":
-            unknown = set(self.actions) - {"on", "off"}
+        allowed = _GPIO_ACTIONS.get(self.kind)
+        if allowed is not None:
+            unknown = set(self.actions) - allowed
             if unknown:
-                raise ValueError(f"gpio_output profiles support the actions on and off, not {sorted(unknown)}")
+                raise ValueError(f"{self.kind} profiles support the actions {sorted(allowed)}, not {sorted(unknown)}")
+        if self.kind == "gpio_pwm" and "set" in self.actions:
+            percent = self.actions["set"].params.get("percent")
+            if percent is None or set(self.actions["set"].params) != {"percent"}:
+                raise ValueError("a gpio_pwm 'set' action takes one parameter, percent")
         return self
 
     def ttl_for(self, action: str) -> float:

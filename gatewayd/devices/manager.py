@@ -13,9 +13,9 @@ from typing import Any
 import structlog
 
 from gatewayd.config.loader import LoadedConfig
-from gatewayd.config.profiles import Profile
+from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.devices.base import Device
-from gatewayd.devices.gpio import GpioController, GpioOutput
+from gatewayd.devices.gpio import GpioController, GpioInput, GpioOutput, GpioPwm
 from gatewayd.devices.serial_bus import SerialBus, SerialDevice
 from gatewayd.devices.simulator import PtySimulator, SimulatedDevice
 
@@ -72,14 +72,23 @@ class DeviceManager:
             for name, dev in on_bus.items():
                 assert dev.address is not None
                 self.devices[name] = SerialDevice(name, profiles[dev.profile], bus, dev.address)
-        gpio_devices = {n: d for n, d in cfg.devices.items() if profiles[d.profile].kind == "gpio_output"}
+        gpio_devices = {n: d for n, d in cfg.devices.items() if profiles[d.profile].kind in GPIO_KINDS}
         if gpio_devices:
-            controller = await self._stack.enter_async_context(GpioController(mock=cfg.gateway.mode == "mock"))
+            controller = await self._stack.enter_async_context(
+                GpioController(mock=cfg.gateway.mode == "mock", pin_factory=cfg.gpio.pin_factory)
+            )
             for name, dev in gpio_devices.items():
-                output = GpioOutput(name, profiles[dev.profile], dev, controller)
-                await output.open()
-                self._stack.push_async_callback(output.close)
-                self.devices[name] = output
+                profile = profiles[dev.profile]
+                gpio: GpioOutput | GpioPwm | GpioInput
+                if profile.kind == "gpio_input":
+                    gpio = GpioInput(name, profile, dev, controller)
+                elif profile.kind == "gpio_pwm":
+                    gpio = GpioPwm(name, profile, dev, controller)
+                else:
+                    gpio = GpioOutput(name, profile, dev, controller)
+                await gpio.open()
+                self._stack.push_async_callback(gpio.close)
+                self.devices[name] = gpio
         # Keep the configuration's order for listings.
         self.devices = {name: self.devices[name] for name in cfg.devices if name in self.devices}
 
