@@ -68,6 +68,13 @@ class SerialBusConfig(Section):
     # [0, min(reconnect_cap_s, reconnect_base_s * 2**n)] (full jitter), for as long as the port stays away.
     reconnect_base_s: float = Field(default=0.05, gt=0, le=10)
     reconnect_cap_s: float = Field(default=1.0, gt=0, le=300)
+    # Unsolicited frames (telemetry, events) accepted from each address: a token bucket of inbound_burst frames,
+    # refilled at inbound_frames_per_s. Frames over it are dropped and counted; replies to requests never are.
+    inbound_frames_per_s: float = Field(default=50.0, gt=0, le=100_000)
+    inbound_burst: int = Field(default=100, ge=1, le=100_000)
+    # RS-485 turnaround: the pause after a transaction ends (reply or timeout) before the next request goes out,
+    # so a device's transceiver has released the line.
+    turnaround_s: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _reconnect_cap_not_below_base(self) -> SerialBusConfig:

@@ -95,8 +95,10 @@ class Decoder:
 
     max_frame: int = MAX_FRAME
     frames: int = 0
+    frame_bytes: int = 0  # bytes of the valid frames, ':' to '\n' inclusive (what a line-rate figure counts)
     dropped: int = 0
     last_error: str | None = None
+    peak_buffered: int = 0  # most bytes ever held between two feeds: stays <= max_frame, whatever arrives
     _buf: bytearray = field(default_factory=bytearray)
     _discarding: bool = False
 
@@ -111,6 +113,8 @@ class Decoder:
                         self._drop("frame too long")
                     self._discarding = True
                     self._buf.clear()
+                if len(self._buf) > self.peak_buffered:
+                    self.peak_buffered = len(self._buf)
                 return out
             line = bytes(self._buf[:end])
             del self._buf[: end + 1]
@@ -136,9 +140,15 @@ class Decoder:
                 error = err.message
                 continue
             self.frames += 1
+            self.frame_bytes += len(line) - match.start() + 1
             return frame
         self._drop(error)
         return None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held now, waiting for the rest of their line."""
+        return len(self._buf)
 
     def _drop(self, why: str) -> None:
         self.dropped += 1

@@ -8,6 +8,11 @@ The port may come and go (a USB adapter unplugged, a simulator restarted): one s
 ``link``, opens the port, reads it until it disappears, and reopens it on the daemon's one retry policy (capped,
 fully jittered backoff, for as long as it takes). Availability is state: it goes down once, with the reason,
 when the port is lost, and up once when it is back; transactions in flight fail with ``DeviceUnavailable``.
+
+What a device sends on its own (``T`` telemetry, ``E`` events) goes through a per-address token bucket
+(``inbound_frames_per_s``, ``inbound_burst``), so one chattering device cannot flood the logs or starve the
+loop; frames over it are dropped and counted, and the throttling is logged once when it starts and once when it
+ends. Replies to our requests never go through it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import Counter
 from types import TracebackType
 from typing import Any
 
@@ -26,9 +32,12 @@ from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
+from gatewayd.observability.metrics import SERIAL_INBOUND_DROPPED, counter
+from gatewayd.resilience.bucket import BucketSpec
 from gatewayd.resilience.classify import Verdict, classify
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
 from gatewayd.resilience.errors import RetryExhausted
+from gatewayd.resilience.keyed import KeyedLimiter
 from gatewayd.resilience.retry import RetryPolicy
 from gatewayd.tasks import TaskOwner
 
@@ -36,6 +45,9 @@ log = structlog.get_logger("gatewayd.serial")
 
 # A port may stay unplugged for weeks; the schedule never gives up (and restarts if it ever counts this far).
 _REOPEN_ATTEMPTS = 2**31
+# A throttled device is back to normal once its bucket has refilled this far (a fraction of the burst): an
+# exact "allowed again" test would flap, and log, on every frame of a steady flood.
+_THROTTLE_END_LEVEL = 0.5
 
 
 def port_verdict(err: BaseException) -> Verdict:
@@ -56,6 +68,18 @@ class SerialBus:
         self.transactions = 0
         self.timeouts = 0
         self.opens = 0
+        self.unsolicited: Counter[int] = Counter()  # delivered, by address
+        self.inbound_dropped: Counter[int] = Counter()  # over the inbound rate, by address
+        self._clock = clock
+        self._line_free_at = 0.0  # monotonic; turnaround after the last transaction
+        self._inbound = KeyedLimiter(
+            BucketSpec(cfg.inbound_burst, cfg.inbound_frames_per_s),
+            name=f"serial.{name}.inbound",
+            max_keys=256,  # one key per address: the bound is never reached
+            clock=clock,
+        )
+        self._dropped_metric = counter(SERIAL_INBOUND_DROPPED, name)
+        self._throttled: dict[int, int] = {}  # address -> frames dropped since its throttling started
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
         self._seq = itertools.cycle(range(256))
@@ -150,7 +174,8 @@ class SerialBus:
                 fut.set_result(frame)
             else:
                 log.debug("serial_unmatched_reply", bus=self.name, address=frame.address, seq=frame.seq)
-        else:
+        elif self._admit(frame.address):
+            self.unsolicited[frame.address] += 1
             log.info(
                 "serial_unsolicited",
                 bus=self.name,
@@ -158,6 +183,35 @@ class SerialBus:
                 kind=frame.kind.name.lower(),
                 payload=frame.payload,
             )
+        if self._throttled:
+            self._end_throttling()
+
+    def _admit(self, address: int) -> bool:
+        """The inbound rate limit of one address: False (and counted) for a frame over it."""
+        if self._inbound.try_acquire(str(address)).allowed:
+            return True
+        self.inbound_dropped[address] += 1
+        self._dropped_metric.inc()
+        dropped = self._throttled.get(address)
+        if dropped is None:
+            dropped = 0
+            log.warning(
+                "serial_inbound_throttled",
+                bus=self.name,
+                address=address,
+                frames_per_s=self.cfg.inbound_frames_per_s,
+                burst=self.cfg.inbound_burst,
+            )
+        self._throttled[address] = dropped + 1
+        return False
+
+    def _end_throttling(self) -> None:
+        """Checked on every frame while a device is throttled, so the end is logged even if it went quiet."""
+        threshold = self.cfg.inbound_burst * _THROTTLE_END_LEVEL
+        for address, dropped in list(self._throttled.items()):
+            if self._inbound.peek(str(address)).remaining >= threshold:
+                del self._throttled[address]
+                log.info("serial_inbound_unthrottled", bus=self.name, address=address, dropped=dropped)
 
     def _fail_pending(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -168,6 +222,9 @@ class SerialBus:
     async def transact(self, address: int, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return the reply's payload. One transaction at a time on the bus."""
         async with self._lock:
+            turnaround = self._line_free_at - self._clock.monotonic()
+            if turnaround > 0:
+                await self._clock.sleep(turnaround)
             writer = self._writer
             if writer is None or writer.is_closing() or not self.availability.available:
                 raise DeviceUnavailable(
@@ -195,6 +252,8 @@ class SerialBus:
                 ) from err
             finally:
                 self._pending.pop((address, seq), None)
+                if self.cfg.turnaround_s:
+                    self._line_free_at = self._clock.monotonic() + self.cfg.turnaround_s
             self.transactions += 1
             log.debug(
                 "serial_transaction",

@@ -9,6 +9,11 @@ original result instead of acting again.
 ``python -m gatewayd.devices.simulator --link PATH --sim-dir DIR`` runs the same devices as a process of their
 own, behind a pty published at ``PATH``: a stand-in for hardware that can be unplugged (stopped or killed) and
 plugged back in (started again) while the daemon runs.
+
+Faults are scriptable, so tests can drive the real serial code through a hostile line: per device (:class:`Faults`,
+drawn from the device's own seeded generator, so a run is repeatable) noise before a reply, a reply cut short,
+lost, or with a wrong CRC, and a flood of unsolicited telemetry; per line (:class:`PtySimulator`) byte-at-a-time
+delivery and pacing to a baud rate (a pty itself moves bytes as fast as the kernel does).
 """
 
 from __future__ import annotations
@@ -24,16 +29,53 @@ import signal
 import time
 import tty
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.tasks import TaskOwner
 
+if TYPE_CHECKING:
+    from gatewayd.resilience.bucket import TokenBucket
+
 log = structlog.get_logger("gatewayd.simulator")
+
+# What a device queues for the wire before its telemetry waits: a microcontroller's TX buffer is small, and a
+# flood faster than the line must not grow the simulator's memory.
+TX_BACKLOG = 4096
+# Paced output is written in chunks of this many bytes; the line's bucket holds a few chunks, so a late wake-up
+# (the loop's timer resolution) is made up for by the next writes instead of lowering the rate.
+_PACE_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Faults:
+    """A device's faults on the wire. Probabilities are per reply; the device acts before its reply is lost, cut
+    or corrupted, as a real one whose answer was garbled on the way would have."""
+
+    garbage: float = 0.0  # noise bytes (1 to garbage_max of them, any value) before a reply
+    garbage_max: int = 32
+    partial: float = 0.0  # the reply is cut short and never finished: the next frame follows its stub
+    drop: float = 0.0  # the reply is lost
+    corrupt: float = 0.0  # the reply's CRC is wrong
+    telemetry_hz: float = 0.0  # unsolicited T frames per second (0: none)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("garbage", "partial", "drop", "corrupt"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, 0 to 1")
+        if not 1 <= self.garbage_max <= 256:
+            raise ValueError("garbage_max must be 1 to 256 bytes")
+        if not 0.0 <= self.telemetry_hz <= 100_000:
+            raise ValueError("telemetry_hz must be 0 to 100000")
+
+
+NO_FAULTS = Faults()
 
 
 class Refused(Exception):
@@ -119,6 +161,7 @@ class SimulatedDevice:
         latency_s: float = 0.0,
         mute: bool = False,
         busy_replies: int = 0,
+        faults: Faults = NO_FAULTS,
     ):
         self.name = name
         self.model = MODELS[model]()
@@ -126,6 +169,11 @@ class SimulatedDevice:
         self.latency_s = latency_s
         self.mute = mute
         self.busy_replies = busy_replies
+        self.faults = faults
+        self.rng = random.Random(faults.seed)
+        self.telemetry_sent = 0
+        self.telemetry_skipped = 0  # the TX backlog was full: the flood outran the line
+        self.faulted: OrderedDict[str, int] = OrderedDict((k, 0) for k in ("garbage", "partial", "drop", "corrupt"))
         self._busy_counts: OrderedDict[str, int] = OrderedDict()
 
     def handle(self, payload: dict[str, Any]) -> tuple[Kind, dict[str, Any]]:
@@ -145,6 +193,31 @@ class SimulatedDevice:
             return Kind.NAK, {"id": command_id, "code": err.code, "message": err.message}
         self.log.record(command_id, action, params, result)
         return Kind.REPLY, {"id": command_id, "result": result}
+
+    def telemetry(self, address: int) -> Frame:
+        seq = self.telemetry_sent % 256
+        self.telemetry_sent += 1
+        return Frame(address, seq, Kind.TELEMETRY, {"n": self.telemetry_sent, **self.model.snapshot()})
+
+    def on_wire(self, reply: Frame) -> bytes:
+        """The bytes that reach the line for ``reply``, after this device's faults (maybe none at all)."""
+        faults, rng = self.faults, self.rng
+        if faults.drop and rng.random() < faults.drop:
+            self.faulted["drop"] += 1
+            return b""
+        data = reply.to_bytes()
+        if faults.corrupt and rng.random() < faults.corrupt:
+            self.faulted["corrupt"] += 1
+            star = data.rindex(b"*")
+            wrong = (int(data[star + 1 : star + 5], 16) ^ (1 << rng.randrange(16))) & 0xFFFF
+            data = data[: star + 1] + f"{wrong:04X}".encode("ascii") + b"\n"
+        if faults.partial and rng.random() < faults.partial:
+            self.faulted["partial"] += 1
+            data = data[: rng.randrange(1, len(data) - 1)]  # no newline: the stub prefixes the next frame
+        if faults.garbage and rng.random() < faults.garbage:
+            self.faulted["garbage"] += 1
+            data = rng.randbytes(rng.randint(1, faults.garbage_max)) + data
+        return data
 
     def _still_busy(self, command_id: str) -> bool:
         """True for the first ``busy_replies`` requests of each command id (a device still finishing a ramp)."""
@@ -168,10 +241,37 @@ class PtySimulator:
     adapter is pulled) and open a new one.
     """
 
-    def __init__(self, bus: str, devices: dict[int, SimulatedDevice], link: Path | None = None):
+    def __init__(
+        self,
+        bus: str,
+        devices: dict[int, SimulatedDevice],
+        link: Path | None = None,
+        *,
+        byte_at_a_time: bool = False,
+        byte_pause_s: float = 0.0,
+        baudrate: int | None = None,
+    ):
+        """``byte_at_a_time``: every byte is a write of its own, ``byte_pause_s`` apart (0: each write still yields
+        to the event loop, so an in-process reader sees them one by one). ``baudrate``: output paced to that rate,
+        10 bits a byte (8N1), as a UART would send it."""
+        if not byte_pause_s >= 0:
+            raise ValueError("byte_pause_s must not be negative")
+        if baudrate is not None and not 50 <= baudrate <= 10_000_000:
+            raise ValueError("baudrate must be 50 to 10000000")
         self.bus = bus
         self.devices = devices
         self.link = link
+        self.byte_at_a_time = byte_at_a_time
+        self.byte_pause_s = byte_pause_s
+        self.baudrate = baudrate
+        self._line: TokenBucket | None = None
+        if baudrate is not None:
+            # Imported here: the resilience package pulls in aiohttp (0.3 s), and a simulator process that is
+            # started again after an unplug must be back quickly.
+            from gatewayd.resilience.bucket import TokenBucket
+
+            self._line = TokenBucket(4 * _PACE_CHUNK, baudrate / 10, name=f"sim.{bus}.line")
+        self._tx_wake = asyncio.Event()
         self.port: str = ""
         self._master = -1
         self._slave = -1
@@ -188,6 +288,10 @@ class PtySimulator:
         try:
             self.plug()
             self._tasks.spawn("serve", self._serve())
+            self._tasks.spawn("tx", self._transmit())
+            for address, device in self.devices.items():
+                if device.faults.telemetry_hz:
+                    self._tasks.spawn(f"flood:{device.name}", self._flood(address, device))
         except BaseException:
             self._close_fds()
             await self._tasks.close()
@@ -298,13 +402,69 @@ class PtySimulator:
             if device.latency_s:
                 await asyncio.sleep(device.latency_s)
             kind, payload = device.handle(frame.payload)
-            self._write(Frame(frame.address, frame.seq, kind, payload).to_bytes())
+            self._write(device.on_wire(Frame(frame.address, frame.seq, kind, payload)))
+
+    async def _flood(self, address: int, device: SimulatedDevice) -> None:
+        """Unsolicited telemetry at ``telemetry_hz``, on an absolute schedule so timer jitter does not slow it.
+        Started for the devices that flood when the simulator is entered."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            hz = device.faults.telemetry_hz  # a test may turn the flood off and on again (dataclasses.replace)
+            if not hz:
+                await asyncio.sleep(0.05)
+                next_at = loop.time()
+                continue
+            next_at += 1.0 / hz
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -1.0:  # the loop stalled: carry on from now rather than burst to catch up
+                next_at = loop.time()
+                await asyncio.sleep(0)
+            if not self.plugged:
+                continue
+            if len(self._out) >= TX_BACKLOG:
+                device.telemetry_skipped += 1
+                continue
+            self._write(device.telemetry(address).to_bytes())
+
+    def inject(self, data: bytes) -> None:
+        """Put raw bytes on the line (noise, a burst of garbage), behind whatever is already queued."""
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
-        if self._master < 0:
+        if self._master < 0 or not data:
             return
         self._out += data
-        self._flush()
+        if self.byte_at_a_time or self._line is not None:
+            self._tx_wake.set()
+        else:
+            self._flush()
+
+    async def _transmit(self) -> None:
+        """The paced and byte-at-a-time line: bytes leave in small writes, at the line's rate."""
+        while True:
+            await self._tx_wake.wait()
+            self._tx_wake.clear()
+            while self._out and self._master >= 0:
+                size = 1 if self.byte_at_a_time else _PACE_CHUNK
+                chunk = bytes(self._out[:size])
+                del self._out[:size]
+                if self._line is not None:
+                    await self._line.acquire(len(chunk))
+                await self._send(chunk)
+                if self.byte_at_a_time:
+                    await asyncio.sleep(self.byte_pause_s)
+
+    async def _send(self, chunk: bytes) -> None:
+        while chunk and self._master >= 0:
+            try:
+                n = os.write(self._master, chunk)
+            except BlockingIOError:  # the reader is behind and the pty's buffer is full
+                await asyncio.sleep(0.001)
+                continue
+            chunk = chunk[n:]
 
     def _flush(self) -> None:
         assert self._loop is not None
@@ -328,13 +488,31 @@ def _parse_device(spec: str) -> tuple[str, int, str]:
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
     devices: dict[int, SimulatedDevice] = {}
-    for name, address, model in args.device:
-        devices[address] = SimulatedDevice(name, model, args.sim_dir / f"{name}.jsonl", latency_s=args.latency)
+    for index, (name, address, model) in enumerate(args.device):
+        faults = Faults(
+            garbage=args.garbage,
+            garbage_max=args.garbage_max,
+            partial=args.partial,
+            drop=args.drop,
+            corrupt=args.corrupt,
+            telemetry_hz=args.telemetry_hz,
+            seed=args.seed + index,
+        )
+        devices[address] = SimulatedDevice(
+            name, model, args.sim_dir / f"{name}.jsonl", latency_s=args.latency, faults=faults
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with PtySimulator(args.link.stem, devices, link=args.link):
+    async with PtySimulator(
+        args.link.stem,
+        devices,
+        link=args.link,
+        byte_at_a_time=args.byte_at_a_time,
+        byte_pause_s=args.byte_pause,
+        baudrate=args.baudrate,
+    ):
         await stop.wait()
     log.info("simulator_stopped", link=str(args.link))
 
@@ -356,10 +534,31 @@ def main(argv: list[str] | None = None) -> int:
         help="a device on the bus (repeatable; default pump1:1:pump)",
     )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each device takes to answer")
+    faults = parser.add_argument_group("faults (per reply unless said otherwise; every device on the bus)")
+    faults.add_argument("--garbage", type=float, default=0.0, metavar="P", help="probability of noise before a reply")
+    faults.add_argument("--garbage-max", type=int, default=32, metavar="N", help="most noise bytes at once (1-256)")
+    faults.add_argument("--partial", type=float, default=0.0, metavar="P", help="probability a reply is cut short")
+    faults.add_argument("--drop", type=float, default=0.0, metavar="P", help="probability a reply is lost")
+    faults.add_argument("--corrupt", type=float, default=0.0, metavar="P", help="probability of a wrong CRC")
+    faults.add_argument(
+        "--telemetry-hz", type=float, default=0.0, metavar="HZ", help="unsolicited T frames per second per device"
+    )
+    faults.add_argument("--seed", type=int, default=0, help="seed of the fault draws (device i uses seed + i)")
+    faults.add_argument("--byte-at-a-time", action="store_true", help="write every byte on its own")
+    faults.add_argument("--byte-pause", type=float, default=0.0, metavar="S", help="pause between those writes")
+    faults.add_argument("--baudrate", type=int, metavar="BAUD", help="pace the output to BAUD, 10 bits a byte")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if not args.latency >= 0:
         parser.error("--latency must not be negative")
+    try:
+        Faults(args.garbage, args.garbage_max, args.partial, args.drop, args.corrupt, args.telemetry_hz)
+    except ValueError as err:
+        parser.error(str(err))
+    if not args.byte_pause >= 0:
+        parser.error("--byte-pause must not be negative")
+    if args.baudrate is not None and not 50 <= args.baudrate <= 10_000_000:
+        parser.error("--baudrate must be 50 to 10000000")
     args.device = args.device or [("pump1", 1, "pump")]
     addresses = [address for _, address, _ in args.device]
     names = [name for name, _, _ in args.device]

@@ -128,3 +128,13 @@ def gauge(metric: Gauge, *labels: str) -> Gauge:
     child = _child(metric, labels)
     assert isinstance(child, Gauge)
     return child
+
+
+# --- serial buses --------------------------------------------------------------------------------------------
+
+SERIAL_INBOUND_DROPPED = Counter(
+    "gatewayd_serial_inbound_dropped",
+    "Unsolicited frames (telemetry, events) a serial bus dropped: their device sent more than its inbound rate.",
+    ["bus"],
+    registry=REGISTRY,
+)
