@@ -259,6 +259,8 @@ class Store:
             self.commits += 1
             self.jobs_committed += len(batch)
             self.last_commit_s = time.monotonic() - started
+        # Not stalled any more before anyone hears of it: a caller woken by its result must not see a stall.
+        self._busy_since = None
         for (_job, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
             try:
                 loop.call_soon_threadsafe(_settle, fut, ok, value)
