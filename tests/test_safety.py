@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 
+from gatewayd.commands.safety import SafetyGate
 from gatewayd.config import load_config
-from gatewayd.errors import ConfigError
+from gatewayd.config.profiles import Profile
+from gatewayd.errors import ConfigError, SafetyLimited
+from gatewayd.resilience import FakeClock
 from tests.conftest import CONFIG, ROOT, Daemon
 
 LIMITED_RELAY = """
@@ -133,3 +136,26 @@ def test_inconsistent_safety_sections_are_config_errors(tmp_path: Path) -> None:
     problems = "\n".join(str(p) for p in err.value.problems)
     assert "timed_relay.toml" in problems and "'shut'" in problems
     assert "limited_relay.toml" in problems and "max_on_s needs on_actions and an off_action" in problems
+
+
+def test_a_command_that_went_back_to_the_queue_is_not_a_second_actuation() -> None:
+    profile = Profile.model_validate(
+        {
+            "name": "limited_relay",
+            "kind": "gpio_output",
+            "actions": {"on": {}, "off": {"safe": True}},
+            "safety": {"min_interval_s": 2, "max_actuations_per_minute": 2},
+        }
+    )
+    clock = FakeClock()
+    gate = SafetyGate("relay1", profile, clock)
+    gate.admit("c1", "on")
+    clock.advance(0.5)
+    gate.admit("c1", "on")  # c1 requeued after its bus vanished, running again: still one actuation
+    with pytest.raises(SafetyLimited):
+        gate.admit("c2", "on")
+    clock.advance(2)
+    gate.admit("c2", "on")
+    clock.advance(2)
+    with pytest.raises(SafetyLimited, match="2 actuations per minute"):
+        gate.admit("c3", "on")

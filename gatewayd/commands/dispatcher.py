@@ -261,7 +261,7 @@ class Dispatcher:
             if gate.profile is not device.profile:  # re-read on SIGHUP
                 gate.configure(device.profile)
             try:
-                gate.admit(rec.action)
+                gate.admit(rec.id, rec.action)
             except SafetyLimited as err:
                 await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
                 return

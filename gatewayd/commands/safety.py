@@ -9,6 +9,8 @@ the device then failed: the relay may have moved.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import SafetyLimited
 from gatewayd.resilience import SlidingWindowLimiter
@@ -23,6 +25,9 @@ class SafetyGate:
         self._clock = clock
         self._last: float | None = None
         self._per_minute: SlidingWindowLimiter | None = None
+        # Commands already let through: one that went back to the queue (its device vanished or its breaker
+        # opened mid-retry) is the same actuation when it runs again, not a second one.
+        self._admitted: OrderedDict[str, None] = OrderedDict()
         self.configure(profile)
 
     def configure(self, profile: Profile) -> None:
@@ -36,10 +41,10 @@ class SafetyGate:
                 limit, 60.0, name=f"safety:{self.device}", clock=self._clock, bypass_priority=_NO_BYPASS
             )
 
-    def admit(self, action: str) -> None:
+    def admit(self, command_id: str, action: str) -> None:
         """Count this actuation, or raise :class:`SafetyLimited` saying which limit refused it."""
         spec = self.profile.actions.get(action)
-        if spec is None or not spec.actuates or spec.safe:
+        if spec is None or not spec.actuates or spec.safe or command_id in self._admitted:
             return
         safety = self.profile.safety
         now = self._clock.monotonic()
@@ -65,3 +70,6 @@ class SafetyGate:
                     },
                 )
         self._last = now
+        self._admitted[command_id] = None
+        while len(self._admitted) > 64:
+            self._admitted.popitem(last=False)
