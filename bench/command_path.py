@@ -20,13 +20,11 @@ import ctypes
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
+import report  # bench/report.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.toml"
@@ -61,35 +60,6 @@ R = TypeVar("R")
 
 class BenchError(Exception):
     """A run could not be completed (daemon not ready, commands not final in time, ...)."""
-
-
-# --- the machine ---------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU as /proc/cpuinfo names it; a Raspberry Pi's ARM kernel has ``Model`` instead of ``model name``."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return platform.processor() or "unknown"
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields and value.strip():
-            fields[key.strip()] = value.strip()
-    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
-        if key in fields:
-            return fields[key]
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": f"{platform.python_version()} ({platform.python_implementation()})",
-    }
 
 
 def free_port() -> int:
@@ -572,30 +542,12 @@ NOTES = """\
 [4] utime+stime of the daemon process from the first POST until the queue drained (/proc/<pid>/stat)."""
 
 
-def medians(results: list[RunResult]) -> dict[str, float]:
-    return {name: statistics.median(float(getattr(r, name)) for r in results) for _, name, _ in ROWS}
-
-
 def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
-    lines = [
-        "gatewayd command-path benchmark",
-        f"machine : {machine['platform']}",
-        f"cpu     : {machine['cpu']} ({machine['cpu_count']} logical CPUs)",
-        f"python  : {machine['python']}",
-        f"command : {shlex.join(sys.orig_argv)}",
-        f"load    : {args.commands} commands per run (pump1 set_speed random percent / relay1 on|off, about 50/50), "
-        f"{args.concurrency} in flight, {args.runs} run(s), seed {args.seed}; config {CONFIG.relative_to(ROOT)}",
-        "",
-    ]
-    label_w = max(len(label) for label, _, _ in ROWS)
-    heads = [f"run {r.run}" for r in results] + ["median"]
-    col_w = max(10, *(len(h) for h in heads))
-    lines.append(f"{'':<{label_w}}" + "".join(f"{h:>{col_w}}" for h in heads))
-    lines.append("-" * (label_w + col_w * len(heads)))
-    mid = medians(results)
-    for label, name, fmt in ROWS:
-        cells = [fmt.format(float(getattr(r, name))) for r in results] + [fmt.format(mid[name])]
-        lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{col_w}}" for c in cells))
+    load = (
+        f"{args.commands} commands per run (pump1 set_speed random percent / relay1 on|off, about 50/50), "
+        f"{args.concurrency} in flight, {args.runs} run(s), seed {args.seed}; config {CONFIG.relative_to(ROOT)}"
+    )
+    lines = report.header("gatewayd command-path benchmark", machine, load) + report.runs_table(ROWS, results)
     lines += ["", NOTES, ""]
     for r in results:
         if r.log_events:
@@ -634,7 +586,7 @@ async def bench(args: argparse.Namespace) -> list[RunResult]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info()
+    machine = report.machine_info()
     try:
         results = asyncio.run(bench(args))
     except BenchError as err:
@@ -650,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             "command_line": shlex.join(sys.orig_argv),
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "runs": [asdict(r) for r in results],
-            "median": medians(results),
+            "median": report.medians(ROWS, results),
             "passed": not any(r.problems for r in results),
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from command_path import machine_info  # the script's own directory is on sys.path: one machine description
+import report  # bench/report.py: the script's own directory is on sys.path
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
 from gatewayd.resilience import (
@@ -205,22 +204,15 @@ async def bench(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def render(per_call: dict[str, list[float]], args: argparse.Namespace, wall_s: float) -> str:
-    machine = machine_info()
+    machine = report.machine_info()
     medians_us = {label: statistics.median(values) / 1000 for label, values in per_call.items()}
     base = medians_us[CASES[0][0]]
     label_w = max(len(label) for label, _ in CASES)
-    lines = [
-        "gatewayd resilience-kit overhead benchmark",
-        f"machine : {machine['platform']}",
-        f"cpu     : {machine['cpu']} ({machine['cpu_count']} logical CPUs)",
-        f"python  : {machine['python']}",
-        f"command : {shlex.join(sys.orig_argv)}",
-        f"load    : {args.calls} calls per case per run, {args.runs} run(s); median of the runs; "
-        f"gc off while timing; {wall_s:.1f} s in all",
-        "",
-        f"{'tool':<{label_w}}  {'us/call':>9}  {'overhead us':>11}  {'runs min..max us/call':>22}",
-        "-" * (label_w + 50),
-    ]
+    load = f"{args.calls} calls per case per run, {args.runs} run(s); median of the runs; gc off while timing; "
+    load += f"{wall_s:.1f} s in all"
+    lines = report.header("gatewayd resilience-kit overhead benchmark", machine, load)
+    lines.append(f"{'tool':<{label_w}}  {'us/call':>9}  {'overhead us':>11}  {'runs min..max us/call':>22}")
+    lines.append("-" * (label_w + 50))
     for label, _ in CASES:
         spread = f"{min(per_call[label]) / 1000:.3f}..{max(per_call[label]) / 1000:.3f}"
         overhead = "-" if label == CASES[0][0] else f"{medians_us[label] - base:.3f}"

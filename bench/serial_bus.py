@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from command_path import machine_info  # the script's own directory is on sys.path: one machine description
+import report  # bench/report.py: the script's own directory is on sys.path
 
 from gatewayd.config.models import SerialBusConfig
 from gatewayd.devices.serial_bus import SerialBus
@@ -196,25 +196,11 @@ NOTES = f"""\
 
 
 def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
-    lines = [
-        "gatewayd serial receive-path benchmark",
-        f"machine : {machine['platform']}",
-        f"cpu     : {machine['cpu']} ({machine['cpu_count']} logical CPUs)",
-        f"python  : {machine['python']}",
-        f"command : {shlex.join(sys.orig_argv)}",
-        f"load    : one simulated device flooding telemetry at {args.baudrate} baud (8N1), {args.runs} run(s) of "
-        f"{args.seconds:g} s after {WARMUP_S:g} s of warm-up, a fresh simulator and bus each",
-        "",
-    ]
-    label_w = max(len(label) for label, _, _ in ROWS)
-    heads = [f"run {r.run}" for r in results] + ["median"]
-    col_w = max(10, *(len(h) for h in heads))
-    lines.append(f"{'':<{label_w}}" + "".join(f"{h:>{col_w}}" for h in heads))
-    lines.append("-" * (label_w + col_w * len(heads)))
-    for label, name, fmt in ROWS:
-        values = [float(getattr(r, name)) for r in results]
-        cells = [fmt.format(v) for v in values] + [fmt.format(statistics.median(values))]
-        lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{col_w}}" for c in cells))
+    load = (
+        f"one simulated device flooding telemetry at {args.baudrate} baud (8N1), {args.runs} run(s) of "
+        f"{args.seconds:g} s after {WARMUP_S:g} s of warm-up, a fresh simulator and bus each"
+    )
+    lines = report.header("gatewayd serial receive-path benchmark", machine, load) + report.runs_table(ROWS, results)
     lines += ["", NOTES, ""]
     lines.append("RESULT: PASS" if not problems(results) else "RESULT: FAIL\n  " + "\n  ".join(problems(results)))
     return "\n".join(lines)
@@ -258,7 +244,7 @@ async def bench(args: argparse.Namespace) -> list[RunResult]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure("warning")  # the bus logs every telemetry frame at info: not what is measured
-    machine = machine_info()
+    machine = report.machine_info()
     try:
         results = asyncio.run(bench(args))
     except BenchError as err:

@@ -1,0 +1,70 @@
+"""What every benchmark prints the same way: the machine it ran on, the command, and a table of runs with their
+median. Imported by the scripts in this directory (their own directory is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Row = tuple[str, str, str]  # label, attribute of a run result, format
+
+
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it; a Raspberry Pi's ARM kernel has ``Model`` instead of ``model name``."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or "unknown"
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields and value.strip():
+            fields[key.strip()] = value.strip()
+    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
+        if key in fields:
+            return fields[key]
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": f"{platform.python_version()} ({platform.python_implementation()})",
+    }
+
+
+def header(title: str, machine: dict[str, Any], load: str) -> list[str]:
+    return [
+        title,
+        f"machine : {machine['platform']}",
+        f"cpu     : {machine['cpu']} ({machine['cpu_count']} logical CPUs)",
+        f"python  : {machine['python']}",
+        f"command : {shlex.join(sys.orig_argv)}",
+        f"load    : {load}",
+        "",
+    ]
+
+
+def medians(rows: Sequence[Row], results: Sequence[Any]) -> dict[str, float]:
+    return {name: statistics.median(float(getattr(r, name)) for r in results) for _, name, _ in rows}
+
+
+def runs_table(rows: Sequence[Row], results: Sequence[Any]) -> list[str]:
+    """One column per run (``result.run``) and a median column, one line per row."""
+    label_w = max(len(label) for label, _, _ in rows)
+    heads = [f"run {r.run}" for r in results] + ["median"]
+    col_w = max(10, *(len(h) for h in heads))
+    lines = [f"{'':<{label_w}}" + "".join(f"{h:>{col_w}}" for h in heads), "-" * (label_w + col_w * len(heads))]
+    mid = medians(rows, results)
+    for label, name, fmt in rows:
+        cells = [fmt.format(float(getattr(r, name))) for r in results] + [fmt.format(mid[name])]
+        lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{col_w}}" for c in cells))
+    return lines
