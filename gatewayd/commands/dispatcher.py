@@ -80,34 +80,14 @@ class Dispatcher:
         self._tasks = TaskOwner("dispatcher")
         self.executed = 0
         self._rclock = rclock
-        r = retry or RetrySettings()
+        # The settings' field names are the tools' own parameter names.
         self._retry = RetryPolicy(
-            max_attempts=r.max_attempts,
-            base_s=r.base_s,
-            multiplier=r.multiplier,
-            cap_s=r.cap_s,
-            jitter=r.jitter,
-            name="device",
-            clock=rclock,
-            classifier=_device_verdict,
+            **(retry or RetrySettings()).model_dump(), name="device", clock=rclock, classifier=_device_verdict
         )
-        b = breaker or BreakerSettings()
+        breaker_settings = (breaker or BreakerSettings()).model_dump()
         # Made here, not on entry, so the supervisor can restore their saved states before any command runs.
         self.breakers = {
-            name: CircuitBreaker(
-                f"device:{name}",
-                window=b.window,
-                window_size=b.window_size,
-                window_s=b.window_s,
-                failure_rate=b.failure_rate,
-                minimum_calls=b.minimum_calls,
-                slow_call_s=b.slow_call_s,
-                open_s=b.open_s,
-                half_open_max_calls=b.half_open_max_calls,
-                half_open_successes=b.half_open_successes,
-                is_ignored=_breaker_ignores,
-                clock=rclock,
-            )
+            name: CircuitBreaker(f"device:{name}", **breaker_settings, is_ignored=_breaker_ignores, clock=rclock)
             for name in devices
         }
         self.safety = {name: SafetyGate(name, device.profile, rclock) for name, device in devices.items()}

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
+
 from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
 from gatewayd.resilience.errors import RateLimited, remaining_header, retry_after_header
@@ -84,7 +86,48 @@ def check_n(n: float) -> None:
         raise ValueError("a request takes a positive number of tokens")
 
 
-class TokenBucket:
+class Limiter:
+    """What the token bucket and the sliding window share: the decision counters, ``try_acquire`` and the waiting
+    ``acquire``. A subclass provides ``_take`` (decide, and take what is allowed) and ``peek``."""
+
+    name: str
+    _clock: Clock
+    _outcomes: dict[str, Counter]
+
+    def _init_limiter(self, name: str, clock: Clock) -> None:
+        self.name = name
+        self._clock = clock
+        self._outcomes = {o: counter(RATE_LIMIT_DECISIONS, name, o) for o in ("allowed", "limited", "bypassed")}
+
+    def _take(self, n: float, priority: int) -> tuple[Decision, str]:
+        raise NotImplementedError
+
+    def try_acquire(self, n: float = 1.0, *, priority: int = NORMAL) -> Decision:
+        """Take ``n`` units if they are there (or if ``priority`` bypasses the limit); never waits."""
+        decision, outcome = self._take(n, priority)
+        self._outcomes[outcome].inc()
+        return decision
+
+    async def acquire(self, n: float = 1.0, *, deadline: float | None = None, priority: int = NORMAL) -> Decision:
+        """Take ``n`` units, sleeping on the clock until they are there.
+
+        Raises :class:`RateLimited` (with ``retry_after_s``) at once when they cannot be there by ``deadline``
+        (absolute, monotonic) or ever. Waiters are not queued: after a sleep each one tries again.
+        """
+        while True:
+            decision, outcome = self._take(n, priority)
+            if decision.allowed:
+                self._outcomes[outcome].inc()
+                return decision
+            if math.isinf(decision.wait_s) or (
+                deadline is not None and self._clock.monotonic() + decision.wait_s > deadline
+            ):
+                self._outcomes["limited"].inc()
+                raise decision.refusal(self.name)
+            await self._clock.sleep(decision.wait_s)
+
+
+class TokenBucket(Limiter):
     kind = "token_bucket"
 
     def __init__(
@@ -98,14 +141,12 @@ class TokenBucket:
         bypass_priority: int = CRITICAL,
     ):
         spec = BucketSpec(capacity, rate)  # validates
-        self.name = name
-        self._clock = clock
+        self._init_limiter(name, clock)
         self._capacity = spec.capacity
         self._rate = spec.rate
         self._tokens = spec.capacity if tokens is None else min(spec.capacity, max(0.0, tokens))
         self._updated = clock.monotonic()
         self.bypass_priority = bypass_priority
-        self._outcomes = {o: counter(RATE_LIMIT_DECISIONS, name, o) for o in ("allowed", "limited", "bypassed")}
 
     @property
     def capacity(self) -> float:
@@ -181,36 +222,12 @@ class TokenBucket:
         self._tokens = max(0.0, self._tokens - n)
         return self._decision(True, n), outcome
 
-    def try_acquire(self, n: float = 1.0, *, priority: int = NORMAL) -> Decision:
-        """Take ``n`` tokens if they are there (or if ``priority`` bypasses the limit); never waits."""
-        decision, outcome = self._take(n, priority)
-        self._outcomes[outcome].inc()
-        return decision
-
     def peek(self, n: float = 1.0) -> Decision:
         """What ``try_acquire(n)`` would answer now, without taking anything: for status headers and pages."""
         check_n(n)
         now = self._clock.monotonic()
         self._refill(now)
         return self._decision(self._has(n, now), n)
-
-    async def acquire(self, n: float = 1.0, *, deadline: float | None = None, priority: int = NORMAL) -> Decision:
-        """Take ``n`` tokens, sleeping on the clock until they are there.
-
-        Raises :class:`RateLimited` (with ``retry_after_s``) at once when they cannot be there by ``deadline``
-        (absolute, monotonic) or ever. Waiters are not queued: after a sleep each one tries again.
-        """
-        while True:
-            decision, outcome = self._take(n, priority)
-            if decision.allowed:
-                self._outcomes[outcome].inc()
-                return decision
-            if math.isinf(decision.wait_s) or (
-                deadline is not None and self._clock.monotonic() + decision.wait_s > deadline
-            ):
-                self._outcomes["limited"].inc()
-                raise decision.refusal(self.name)
-            await self._clock.sleep(decision.wait_s)
 
     # --- persistence -------------------------------------------------------------------------------------------
 

@@ -16,12 +16,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
-from gatewayd.resilience.bucket import CRITICAL, EPS, NORMAL, Decision, check_n, clock_slack, finite_number
+from gatewayd.resilience.bucket import CRITICAL, EPS, Decision, Limiter, check_n, clock_slack, finite_number
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
 
 
-class SlidingWindowLimiter:
+class SlidingWindowLimiter(Limiter):
     kind = "sliding_window"
 
     def __init__(
@@ -37,14 +36,12 @@ class SlidingWindowLimiter:
             raise ValueError("limit must be at least 1")
         if not (window_s > 0 and math.isfinite(window_s)):
             raise ValueError("window_s must be a positive number")
-        self.name = name
+        self._init_limiter(name, clock)
         self.limit = limit
         self.window_s = window_s
         self.bypass_priority = bypass_priority
-        self._clock = clock
         self._log: deque[tuple[float, float]] = deque()  # (admitted at, units), oldest first
         self._used = 0.0
-        self._outcomes = {o: counter(RATE_LIMIT_DECISIONS, name, o) for o in ("allowed", "limited", "bypassed")}
 
     def _expire(self, now: float) -> None:
         # The same sum as the advertised wait (at + window_s - now), so a caller that slept exactly that wait finds
@@ -91,30 +88,11 @@ class SlidingWindowLimiter:
             return self._decision(True, n, now), "bypassed"
         return self._decision(False, n, now), "limited"
 
-    def try_acquire(self, n: float = 1.0, *, priority: int = NORMAL) -> Decision:
-        decision, outcome = self._take(n, priority)
-        self._outcomes[outcome].inc()
-        return decision
-
     def peek(self, n: float = 1.0) -> Decision:
         check_n(n)
         now = self._clock.monotonic()
         self._expire(now)
         return self._decision(self._used + n <= self.limit + EPS, n, now)
-
-    async def acquire(self, n: float = 1.0, *, deadline: float | None = None, priority: int = NORMAL) -> Decision:
-        """As :meth:`TokenBucket.acquire`: sleep until admitted, or raise RateLimited if not by ``deadline``."""
-        while True:
-            decision, outcome = self._take(n, priority)
-            if decision.allowed:
-                self._outcomes[outcome].inc()
-                return decision
-            if math.isinf(decision.wait_s) or (
-                deadline is not None and self._clock.monotonic() + decision.wait_s > deadline
-            ):
-                self._outcomes["limited"].inc()
-                raise decision.refusal(self.name)
-            await self._clock.sleep(decision.wait_s)
 
     # --- persistence -------------------------------------------------------------------------------------------
 
