@@ -93,6 +93,26 @@ class SafetySpec(Strict):
     off_action: Name | None = None  # sent automatically (critical, source "safety") after max_on_s
 
 
+class TelemetryPoint(Strict):
+    """One value a device reports on its own (a measurement or a state), as it is recorded in the outbox."""
+
+    type: Literal["int", "float", "bool", "str"] = "float"
+    description: str = ""
+    unit: str | None = None
+    # The plausible range: a reading outside it is still recorded, flagged ``out_of_range`` (a broken sensor
+    # reads -127 °C; dropping that would hide the fault).
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> TelemetryPoint:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
+            raise ValueError("'min'/'max' are only for int and float points")
+        return self
+
+
 GPIO_KINDS = ("gpio_output", "gpio_pwm", "gpio_input")
 _GPIO_ACTIONS = {"gpio_output": {"on", "off"}, "gpio_pwm": {"on", "off", "set"}, "gpio_input": {"read"}}
 
@@ -118,6 +138,8 @@ class Profile(Strict):
     safety: SafetySpec = SafetySpec()
     input: InputSpec = InputSpec()  # gpio_input only
     pwm_frequency_hz: float = Field(default=100.0, gt=0, le=100_000)  # gpio_pwm only
+    # What the device reports on its own (line-protocol T frames, polled registers): name -> point.
+    telemetry: dict[Name, TelemetryPoint] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _has_actions(self) -> Profile:
