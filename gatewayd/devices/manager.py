@@ -18,13 +18,15 @@ from gatewayd.devices.base import Device
 from gatewayd.devices.gpio import GpioController, GpioInput, GpioOutput, GpioPwm
 from gatewayd.devices.serial_bus import SerialBus, SerialDevice
 from gatewayd.devices.simulator import PtySimulator, SimulatedDevice
+from gatewayd.telemetry import MemorySink, TelemetrySink
 
 log = structlog.get_logger("gatewayd.devices")
 
 
 class DeviceManager:
-    def __init__(self, loaded: LoadedConfig):
+    def __init__(self, loaded: LoadedConfig, sink: TelemetrySink | None = None):
         self._loaded = loaded
+        self.sink: TelemetrySink = sink if sink is not None else MemorySink()  # telemetry and events
         self.devices: dict[str, Device] = {}
         self.buses: dict[str, SerialBus] = {}
         self.simulators: dict[str, PtySimulator] = {}
