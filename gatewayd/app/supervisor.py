@@ -34,6 +34,7 @@ from gatewayd.observability import logging as gwlog
 from gatewayd.resilience import ResilienceState
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner
+from gatewayd.telemetry.recorder import Recorder
 from gatewayd.web.server import WebContext, WebServer
 
 log = structlog.get_logger("gatewayd.supervisor")
@@ -55,6 +56,7 @@ class Supervisor:
         self._forced = False
         self.store: Store | None = None
         self.devices: DeviceManager | None = None
+        self.recorder: Recorder | None = None
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.web: WebServer | None = None
@@ -127,7 +129,11 @@ class Supervisor:
             self.store = await stack.enter_async_context(
                 Store(cfg.db_path, synchronous=cfg.store.synchronous, max_batch=cfg.store.max_batch)
             )
-            self.devices = await stack.enter_async_context(DeviceManager(self.loaded))
+            self.recorder = await stack.enter_async_context(
+                Recorder(self.store, cfg.outbox, cfg.telemetry, cfg.gateway.data_dir, boot_id=self.clock.boot_id)
+            )
+            self.devices = await stack.enter_async_context(DeviceManager(self.loaded, sink=self.recorder))
+            self.recorder.attach(self.devices.profiles)
             self.service = CommandService(self.store, self.devices, cfg.commands, self.clock)
             dispatcher = Dispatcher(
                 self.store,
@@ -142,7 +148,12 @@ class Supervisor:
             await self.resilience.load(self.store)  # before any command runs: an open breaker stays open
             self.dispatcher = await stack.enter_async_context(dispatcher)
             ctx = WebContext(
-                self.service, self.devices, self.status, cfg.commands.max_wait_s, self.dispatcher.breaker_state
+                self.service,
+                self.devices,
+                self.status,
+                cfg.commands.max_wait_s,
+                self.dispatcher.breaker_state,
+                recorder=self.recorder,
             )
             self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
             tasks = TaskOwner("supervisor")
@@ -275,4 +286,16 @@ class Supervisor:
                 "commits": store.commits if store else 0,
                 "stalled_s": round(store.stalled_for, 3) if store else 0.0,
             },
+            "outbox": self._outbox_status(),
+            "clock": {"synchronised": self.recorder.stamper.synced if self.recorder else None},
         }
+
+    def _outbox_status(self) -> dict[str, Any] | None:
+        recorder = self.recorder
+        if recorder is None or recorder.stats is None:
+            return None
+        out = recorder.stats.to_api(recorder.stamper.now())
+        del out["by_kind"]  # counted by a scan: only on request (GET /api/v1/outbox)
+        out["pending"] = recorder.pending
+        out["dropped_pending"] = recorder.dropped_pending
+        return out

@@ -19,7 +19,7 @@ from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.errors import ConfigError, ConfigProblem
 
 ENV_PREFIX = "GATEWAYD_"
-KNOWN_SIMULATORS = frozenset({"pump"})
+KNOWN_SIMULATORS = frozenset({"pump", "sensor_node"})
 
 
 @dataclass(frozen=True)

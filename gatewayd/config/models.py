@@ -59,6 +59,14 @@ class StoreSection(Section):
     max_batch: int = Field(default=512, ge=1, le=100_000)
 
 
+class BusSimulatorConfig(Section):
+    """How a simulated bus's line behaves in mock mode (faults of the line itself, for every device on it)."""
+
+    byte_at_a_time: bool = False  # every byte a write of its own, as a slow USB adapter delivers them
+    byte_pause_s: float = Field(default=0.0, ge=0, le=1)
+    baudrate: int | None = Field(default=None, ge=50, le=10_000_000)  # pace the output to a UART's rate
+
+
 class SerialBusConfig(Section):
     port: str
     baudrate: int = Field(default=115200, ge=300, le=4_000_000)
@@ -75,6 +83,7 @@ class SerialBusConfig(Section):
     # RS-485 turnaround: the pause after a transaction ends (reply or timeout) before the next request goes out,
     # so a device's transceiver has released the line.
     turnaround_s: float = Field(default=0.0, ge=0, le=1)
+    simulator: BusSimulatorConfig = BusSimulatorConfig()  # mock mode only
 
     @model_validator(mode="after")
     def _reconnect_cap_not_below_base(self) -> SerialBusConfig:
@@ -89,6 +98,13 @@ class SimulatorConfig(Section):
     mute: bool = False
     # A device that answers NAK "busy" to the first N requests of each command (the gateway retries those).
     busy_replies: int = Field(default=0, ge=0, le=100)
+    # Faults on the wire, drawn per reply from the device's own seeded generator (see simulator.Faults).
+    garbage: float = Field(default=0.0, ge=0, le=1)  # noise bytes before a reply
+    partial: float = Field(default=0.0, ge=0, le=1)  # a reply cut short
+    drop: float = Field(default=0.0, ge=0, le=1)  # a reply lost
+    corrupt: float = Field(default=0.0, ge=0, le=1)  # a reply with a wrong CRC
+    telemetry_hz: float | None = Field(default=None, ge=0, le=10_000)  # unsolicited T frames/s (None: the model's)
+    seed: int = 0
 
 
 class DeviceConfig(Section):
@@ -132,6 +148,25 @@ class BreakerSettings(Section):
         return self
 
 
+class OutboxSection(Section):
+    """The durable outbox (results, events, telemetry waiting for the uplink) and its limits on the SD card."""
+
+    # When the outbox holds more than max_bytes of payload, or the data directory's filesystem has less than
+    # min_free_bytes free, the oldest telemetry is dropped (and counted); results and events never are.
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=16 * 1024, le=64 * 1024**3)
+    min_free_bytes: int = Field(default=100 * 1024 * 1024, ge=0, le=1024**4)
+    flush_interval_s: float = Field(default=0.5, gt=0, le=60)  # telemetry is written in batches this often
+    max_pending: int = Field(default=10_000, ge=10, le=1_000_000)  # records held in memory between flushes
+
+
+class TelemetrySection(Section):
+    # Is the wall clock trustworthy? "kernel": ask the kernel (adjtimex: chrony, ntpd and systemd-timesyncd keep
+    # it), "synced"/"unsynced": fixed answers (hardware with an RTC; tests).
+    clock_sync: Literal["kernel", "synced", "unsynced"] = "kernel"
+    sync_check_s: float = Field(default=10.0, gt=0, le=3600)
+    recent_per_device: int = Field(default=120, ge=1, le=10_000)  # readings kept in memory for the status page
+
+
 class ResilienceSection(Section):
     save_interval_s: float = Field(default=30.0, gt=0, le=3600)  # breaker states to the store, also on shutdown
     device_retry: RetrySettings = RetrySettings()
@@ -147,6 +182,8 @@ class Config(Section):
     commands: CommandsSection = CommandsSection()
     store: StoreSection = StoreSection()
     resilience: ResilienceSection = ResilienceSection()
+    outbox: OutboxSection = OutboxSection()
+    telemetry: TelemetrySection = TelemetrySection()
     serial: dict[Name, SerialBusConfig] = Field(default_factory=dict)
     devices: dict[Name, DeviceConfig] = Field(default_factory=dict)
 

@@ -17,8 +17,8 @@ from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.devices.base import Device
 from gatewayd.devices.gpio import GpioController, GpioInput, GpioOutput, GpioPwm
 from gatewayd.devices.serial_bus import SerialBus, SerialDevice
-from gatewayd.devices.simulator import PtySimulator, SimulatedDevice
-from gatewayd.telemetry import MemorySink, TelemetrySink
+from gatewayd.devices.simulator import Faults, PtySimulator, SimulatedDevice
+from gatewayd.telemetry import MemorySink, Record, TelemetrySink
 
 log = structlog.get_logger("gatewayd.devices")
 
@@ -55,21 +55,44 @@ class DeviceManager:
                 for name, dev in on_bus.items():
                     model = profiles[dev.profile].simulator
                     assert model is not None and dev.address is not None  # checked by the config loader
+                    sim_cfg = dev.simulator
                     sims[dev.address] = SimulatedDevice(
                         name,
                         model,
                         self.sim_dir / f"{name}.jsonl",
-                        latency_s=dev.simulator.latency_s,
-                        mute=dev.simulator.mute,
-                        busy_replies=dev.simulator.busy_replies,
+                        latency_s=sim_cfg.latency_s,
+                        mute=sim_cfg.mute,
+                        busy_replies=sim_cfg.busy_replies,
+                        faults=Faults(
+                            garbage=sim_cfg.garbage,
+                            partial=sim_cfg.partial,
+                            drop=sim_cfg.drop,
+                            corrupt=sim_cfg.corrupt,
+                            telemetry_hz=sim_cfg.telemetry_hz or 0.0,
+                            seed=sim_cfg.seed,
+                        ),
                     )
                 # The bus opens a stable link, not the pty itself, as it would open /dev/serial/by-id/...: the
                 # simulator can then be unplugged and plugged back in (a new pty) under the same name.
                 link = self.sim_dir / f"{bus_name}.tty"
-                sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims, link=link))
+                line = bus_cfg.simulator
+                sim = await self._stack.enter_async_context(
+                    PtySimulator(
+                        bus_name,
+                        sims,
+                        link=link,
+                        byte_at_a_time=line.byte_at_a_time,
+                        byte_pause_s=line.byte_pause_s,
+                        baudrate=line.baudrate,
+                    )
+                )
                 self.simulators[bus_name] = sim
                 port = str(link)
-            bus = await self._stack.enter_async_context(SerialBus(bus_name, bus_cfg, port))
+            bus = SerialBus(bus_name, bus_cfg, port, sink=self.sink)
+            for name, dev in on_bus.items():
+                assert dev.address is not None
+                bus.names[dev.address] = name
+            bus = await self._stack.enter_async_context(bus)
             self.buses[bus_name] = bus
             for name, dev in on_bus.items():
                 assert dev.address is not None
@@ -84,6 +107,7 @@ class DeviceManager:
                 gpio: GpioOutput | GpioPwm | GpioInput
                 if profile.kind == "gpio_input":
                     gpio = GpioInput(name, profile, dev, controller)
+                    gpio.listeners.append(self._edge_records)
                 elif profile.kind == "gpio_pwm":
                     gpio = GpioPwm(name, profile, dev, controller)
                 else:
@@ -93,6 +117,13 @@ class DeviceManager:
                 self.devices[name] = gpio
         # Keep the configuration's order for listings.
         self.devices = {name: self.devices[name] for name in cfg.devices if name in self.devices}
+
+    def _edge_records(self, edge: dict[str, Any]) -> None:
+        """A GPIO input's edge is an event (pressed, released, ...) and a telemetry reading of the level."""
+        device, mono = edge["device"], edge["mono"]
+        data = {"active": edge["active"], "edges": edge["edges"]}
+        self.sink.put(Record.of_event(device, edge["event"], data, mono=mono))
+        self.sink.put(Record.telemetry(device, data, mono=mono))
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

@@ -10,9 +10,10 @@ fully jittered backoff, for as long as it takes). Availability is state: it goes
 when the port is lost, and up once when it is back; transactions in flight fail with ``DeviceUnavailable``.
 
 What a device sends on its own (``T`` telemetry, ``E`` events) goes through a per-address token bucket
-(``inbound_frames_per_s``, ``inbound_burst``), so one chattering device cannot flood the logs or starve the
+(``inbound_frames_per_s``, ``inbound_burst``), so one chattering device cannot flood the outbox or starve the
 loop; frames over it are dropped and counted, and the throttling is logged once when it starts and once when it
-ends. Replies to our requests never go through it.
+ends. Replies to our requests never go through it. Admitted frames become records in the telemetry sink (the
+outbox), stamped with the monotonic time they arrived.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from gatewayd.resilience.errors import RetryExhausted
 from gatewayd.resilience.keyed import KeyedLimiter
 from gatewayd.resilience.retry import RetryPolicy
 from gatewayd.tasks import TaskOwner
+from gatewayd.telemetry import MemorySink, Record, TelemetrySink
 
 log = structlog.get_logger("gatewayd.serial")
 
@@ -59,10 +61,20 @@ def port_verdict(err: BaseException) -> Verdict:
 
 
 class SerialBus:
-    def __init__(self, name: str, cfg: SerialBusConfig, port: str, *, clock: Clock = REAL_CLOCK):
+    def __init__(
+        self,
+        name: str,
+        cfg: SerialBusConfig,
+        port: str,
+        *,
+        clock: Clock = REAL_CLOCK,
+        sink: TelemetrySink | None = None,
+    ):
         self.name = name
         self.cfg = cfg
         self.port = port
+        self.sink: TelemetrySink = sink if sink is not None else MemorySink()
+        self.names: dict[int, str] = {}  # address -> device name, for the records of unsolicited frames
         self.availability = Availability(f"bus:{name}", since=0)
         self.decoder = Decoder()
         self.transactions = 0
@@ -176,15 +188,31 @@ class SerialBus:
                 log.debug("serial_unmatched_reply", bus=self.name, address=frame.address, seq=frame.seq)
         elif self._admit(frame.address):
             self.unsolicited[frame.address] += 1
-            log.info(
-                "serial_unsolicited",
-                bus=self.name,
-                address=frame.address,
-                kind=frame.kind.name.lower(),
-                payload=frame.payload,
-            )
+            self._record(frame)
         if self._throttled:
             self._end_throttling()
+
+    def _record(self, frame: Frame) -> None:
+        device = self.names.get(frame.address)
+        if device is None:  # a device the configuration does not know: kept out of the outbox
+            log.debug("serial_unknown_address", bus=self.name, address=frame.address, kind=frame.kind.name.lower())
+            return
+        mono = self._clock.monotonic()
+        if frame.kind is Kind.TELEMETRY:
+            self.sink.put(Record.telemetry(device, frame.payload, mono=mono))
+            return
+        data = dict(frame.payload)
+        name = data.pop("event", None)
+        severity = data.pop("severity", "info")
+        self.sink.put(
+            Record.of_event(
+                device,
+                name if isinstance(name, str) and name else "event",
+                data,
+                severity=severity if severity in ("info", "warning", "critical") else "info",
+                mono=mono,
+            )
+        )
 
     def _admit(self, address: int) -> bool:
         """The inbound rate limit of one address: False (and counted) for a frame over it."""

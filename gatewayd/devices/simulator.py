@@ -85,7 +85,9 @@ class Refused(Exception):
 
 
 class PumpModel:
-    """A pump controller: start, stop, set_speed(percent, ramp_s), read."""
+    """A pump controller: start, stop, set_speed(percent, ramp_s), read. Sends no telemetry of its own."""
+
+    report_hz = 0.0
 
     def __init__(self, rng: random.Random | None = None):
         self.running = False
@@ -114,7 +116,78 @@ class PumpModel:
         }
 
 
-MODELS = {"pump": PumpModel}
+class SensorNodeModel:
+    """A microcontroller sensor node (an ESP32 or RP2040 with a BME280 and a Li-ion cell): reports temperature,
+    humidity, pressure and battery voltage every ``interval_s`` as T frames, and an E frame when the temperature
+    crosses the alarm threshold (either way). Actions: read, set_interval(seconds), set_alarm(above_c),
+    identify(seconds)."""
+
+    def __init__(self, rng: random.Random | None = None):
+        self._rng = rng or random.Random(1)
+        self.report_hz = 1.0
+        self.alarm_above_c: float | None = None
+        self._alarmed = False
+        self.temperature_c = 21.0
+        self.humidity_pct = 45.0
+        self.pressure_hpa = 1013.0
+        self.battery_v = 4.1
+        self.identify_until = 0.0
+        self._pending_events: list[dict[str, Any]] = []
+
+    def execute(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
+        if action == "set_interval":
+            seconds = params.get("seconds")
+            if not isinstance(seconds, int | float) or not 0.01 <= seconds <= 3600:
+                raise Refused("bad_param", "seconds must be 0.01-3600")
+            self.report_hz = 1.0 / seconds
+            return {"interval_s": seconds}
+        if action == "set_alarm":
+            above = params.get("above_c")
+            if not isinstance(above, int | float):
+                raise Refused("bad_param", "above_c must be a number")
+            self.alarm_above_c, self._alarmed = float(above), False
+            return {"alarm_above_c": self.alarm_above_c}
+        if action == "identify":
+            seconds = params.get("seconds", 5)
+            self.identify_until = time.monotonic() + float(seconds)
+            return {"identifying_s": seconds}
+        if action != "read":
+            raise Refused("unknown_action", f"no action {action!r}")
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """A new reading: a slow random walk, as room air drifts; the cell discharges a little each time."""
+        rng = self._rng
+        self.temperature_c = min(60.0, max(-10.0, self.temperature_c + rng.gauss(0, 0.05)))
+        self.humidity_pct = min(100.0, max(0.0, self.humidity_pct + rng.gauss(0, 0.2)))
+        self.pressure_hpa += rng.gauss(0, 0.05)
+        self.battery_v = max(3.0, self.battery_v - 0.00001)
+        reading = {
+            "temperature_c": round(self.temperature_c, 2),
+            "humidity_pct": round(self.humidity_pct, 1),
+            "pressure_hpa": round(self.pressure_hpa, 1),
+            "battery_v": round(self.battery_v, 3),
+        }
+        if self.alarm_above_c is not None:
+            above = self.temperature_c > self.alarm_above_c
+            if above != self._alarmed:
+                self._alarmed = above
+                self._pending_events.append(
+                    {
+                        "event": "temperature_alarm" if above else "temperature_normal",
+                        "severity": "warning" if above else "info",
+                        "temperature_c": reading["temperature_c"],
+                        "above_c": self.alarm_above_c,
+                    }
+                )
+        return reading
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self._pending_events = self._pending_events, []
+        return events
+
+
+MODELS: dict[str, type[PumpModel] | type[SensorNodeModel]] = {"pump": PumpModel, "sensor_node": SensorNodeModel}
 
 
 class ExecutionLog:
@@ -164,7 +237,7 @@ class SimulatedDevice:
         faults: Faults = NO_FAULTS,
     ):
         self.name = name
-        self.model = MODELS[model]()
+        self.model = MODELS[model](random.Random(faults.seed))
         self.log = ExecutionLog(log_path)
         self.latency_s = latency_s
         self.mute = mute
@@ -194,10 +267,22 @@ class SimulatedDevice:
         self.log.record(command_id, action, params, result)
         return Kind.REPLY, {"id": command_id, "result": result}
 
+    @property
+    def report_hz(self) -> float:
+        """Unsolicited T frames per second: a flood fault's rate if one is set, else the model's own."""
+        return self.faults.telemetry_hz or self.model.report_hz
+
     def telemetry(self, address: int) -> Frame:
         seq = self.telemetry_sent % 256
         self.telemetry_sent += 1
         return Frame(address, seq, Kind.TELEMETRY, {"n": self.telemetry_sent, **self.model.snapshot()})
+
+    def unsolicited(self, address: int) -> list[Frame]:
+        """One report: a T frame, and an E frame for each event the reading raised."""
+        frames = [self.telemetry(address)]
+        if isinstance(self.model, SensorNodeModel):
+            frames += [Frame(address, 0, Kind.EVENT, event) for event in self.model.take_events()]
+        return frames
 
     def on_wire(self, reply: Frame) -> bytes:
         """The bytes that reach the line for ``reply``, after this device's faults (maybe none at all)."""
@@ -290,8 +375,8 @@ class PtySimulator:
             self._tasks.spawn("serve", self._serve())
             self._tasks.spawn("tx", self._transmit())
             for address, device in self.devices.items():
-                if device.faults.telemetry_hz:
-                    self._tasks.spawn(f"flood:{device.name}", self._flood(address, device))
+                if device.report_hz:
+                    self._tasks.spawn(f"report:{device.name}", self._flood(address, device))
         except BaseException:
             self._close_fds()
             await self._tasks.close()
@@ -405,12 +490,12 @@ class PtySimulator:
             self._write(device.on_wire(Frame(frame.address, frame.seq, kind, payload)))
 
     async def _flood(self, address: int, device: SimulatedDevice) -> None:
-        """Unsolicited telemetry at ``telemetry_hz``, on an absolute schedule so timer jitter does not slow it.
-        Started for the devices that flood when the simulator is entered."""
+        """Unsolicited telemetry at the device's ``report_hz``, on an absolute schedule so timer jitter does not
+        slow it. Started for the devices that report when the simulator is entered."""
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
-            hz = device.faults.telemetry_hz  # a test may turn the flood off and on again (dataclasses.replace)
+            hz = device.report_hz  # a test may turn a flood off and on again (dataclasses.replace), a node its rate
             if not hz:
                 await asyncio.sleep(0.05)
                 next_at = loop.time()
@@ -427,7 +512,7 @@ class PtySimulator:
             if len(self._out) >= TX_BACKLOG:
                 device.telemetry_skipped += 1
                 continue
-            self._write(device.telemetry(address).to_bytes())
+            self._write(b"".join(frame.to_bytes() for frame in device.unsolicited(address)))
 
     def inject(self, data: bytes) -> None:
         """Put raw bytes on the line (noise, a burst of garbage), behind whatever is already queued."""

@@ -138,3 +138,29 @@ SERIAL_INBOUND_DROPPED = Counter(
     ["bus"],
     registry=REGISTRY,
 )
+
+# --- telemetry and the outbox ----------------------------------------------------------------------------------
+
+TELEMETRY_RECORDS = Counter(
+    "gatewayd_telemetry_records",
+    "Telemetry and event records from devices taken into the outbox.",
+    ["kind"],
+    registry=REGISTRY,
+)
+TELEMETRY_DROPPED = Counter(
+    "gatewayd_telemetry_dropped",
+    "Telemetry records dropped, by reason: budget (outbox byte budget or disk-free watermark), "
+    "pending (more arrived between two flushes than may be held in memory), invalid (not an object).",
+    ["reason"],
+    registry=REGISTRY,
+)
+OUTBOX_ROWS = Gauge("gatewayd_outbox_rows", "Records waiting in the outbox.", registry=REGISTRY)
+OUTBOX_BYTES = Gauge("gatewayd_outbox_bytes", "Payload bytes waiting in the outbox.", registry=REGISTRY)
+OUTBOX_OLDEST_AGE = Gauge(
+    "gatewayd_outbox_oldest_age_seconds",
+    "Age of the oldest record waiting in the outbox (0 when empty).",
+    registry=REGISTRY,
+)
+CLOCK_SYNCED = Gauge(
+    "gatewayd_clock_synchronised", "1 when the wall clock is synchronised (NTP), 0 before.", registry=REGISTRY
+)

@@ -20,8 +20,11 @@ from gatewayd.commands.model import State
 from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
+from gatewayd.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
 from gatewayd.observability.metrics import REGISTRY
+from gatewayd.store import outbox as outbox_sql
+from gatewayd.store.outbox import iso
+from gatewayd.telemetry.recorder import Recorder
 from gatewayd.web import page
 
 log = structlog.get_logger("gatewayd.web")
@@ -35,6 +38,7 @@ class WebContext:
     status: Callable[[], dict[str, Any]]  # the supervisor's view: phase, uptime, store, queue
     max_wait_s: float
     breaker_state: Callable[[str], dict[str, Any] | None] = lambda _name: None  # the dispatcher's, per device
+    recorder: Recorder | None = None  # recent telemetry and the outbox
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -134,9 +138,33 @@ async def list_commands(request: web.Request) -> web.Response:
 
 def _devices(ctx: WebContext) -> list[dict[str, Any]]:
     devices = ctx.devices.describe()
+    recorder = ctx.recorder
     for device in devices:
         device["breaker"] = ctx.breaker_state(device["name"])
+        if recorder is not None:
+            ring = recorder.recent.get(device["name"])
+            device["telemetry"] = None if not ring else {"at": iso(ring[-1].ts), "values": ring[-1].values}
+            event = recorder.last_event.get(device["name"])
+            device["last_event"] = None if event is None else {**event, "ts": iso(event["ts"])}
     return devices
+
+
+async def device_telemetry(request: web.Request) -> web.Response:
+    """The device's recent readings, oldest first (what the status page charts)."""
+    ctx = _ctx(request)
+    name = request.match_info["name"]
+    if name not in ctx.devices.devices:
+        raise NotFound(f"no device named {name!r}", details={"device": name}, code="unknown_device")
+    ring = ctx.recorder.recent.get(name, ()) if ctx.recorder is not None else ()
+    return web.json_response({"device": name, "readings": [{"at": iso(r.ts), "values": r.values} for r in ring]})
+
+
+async def outbox(request: web.Request) -> web.Response:
+    recorder = _ctx(request).recorder
+    if recorder is None:
+        raise StoreUnavailable("the outbox is not open")
+    stats = await recorder.store.read(outbox_sql.stats)
+    return web.json_response({**stats.to_api(recorder.stamper.now()), "pending": recorder.pending})
 
 
 async def list_devices(request: web.Request) -> web.Response:
@@ -200,6 +228,8 @@ def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
     app.router.add_get("/api/v1/commands/{id}", get_command)
     app.router.add_get("/api/v1/devices", list_devices)
     app.router.add_get("/api/v1/devices/{name}", get_device)
+    app.router.add_get("/api/v1/devices/{name}/telemetry", device_telemetry)
+    app.router.add_get("/api/v1/outbox", outbox)
     app.router.add_get("/api/v1/queue", queue)
     app.router.add_get("/api/v1/stats", stats)
     return app

@@ -22,3 +22,17 @@ CREATE TABLE outbox_counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+INSERT INTO outbox_counters (name, value) VALUES ('bytes', 0), ('rows', 0), ('telemetry_dropped', 0);
+
+CREATE INDEX outbox_by_kind ON outbox (kind, id);
+
+-- The byte budget is checked on every flush: a running total kept by the database itself is exact across
+-- crashes and costs nothing to read, where SUM(bytes) over a full outbox would scan it.
+CREATE TRIGGER outbox_count_insert AFTER INSERT ON outbox BEGIN
+    UPDATE outbox_counters SET value = value + NEW.bytes WHERE name = 'bytes';
+    UPDATE outbox_counters SET value = value + 1 WHERE name = 'rows';
+END;
+CREATE TRIGGER outbox_count_delete AFTER DELETE ON outbox BEGIN
+    UPDATE outbox_counters SET value = value - OLD.bytes WHERE name = 'bytes';
+    UPDATE outbox_counters SET value = value - 1 WHERE name = 'rows';
+END;
