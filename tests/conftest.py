@@ -54,6 +54,8 @@ class Daemon:
             **os.environ,
             "GATEWAYD_HTTP__PORT": str(self.port),
             "GATEWAYD_GATEWAY__DATA_DIR": str(data_dir),
+            # A port nobody listens on: a broker on this machine must not receive the tests' traffic.
+            "GATEWAYD_MQTT__PORT": str(free_port()),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }

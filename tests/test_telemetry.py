@@ -379,8 +379,13 @@ def test_the_daemon_shows_recent_telemetry_and_the_outbox(daemon: Daemon) -> Non
     device = daemon.get("/api/v1/devices/sensor1")[1]
     assert set(device["telemetry"]["values"]) >= {"temperature_c", "battery_v"}
     assert device["telemetry"]["at"].endswith("Z")
-    status, outbox = daemon.get("/api/v1/outbox")
-    assert status == 200
+    deadline = time.monotonic() + 5  # written in the next batch (flush_interval_s)
+    while time.monotonic() < deadline:
+        status, outbox = daemon.get("/api/v1/outbox")
+        assert status == 200
+        if outbox["by_kind"].get("telemetry", 0) >= 1:
+            break
+        time.sleep(0.1)
     assert outbox["by_kind"].get("telemetry", 0) >= 1 and outbox["bytes"] > 0
     stats = daemon.get("/api/v1/stats")[1]
     assert stats["outbox"]["rows"] >= 1

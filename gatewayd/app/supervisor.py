@@ -35,6 +35,7 @@ from gatewayd.resilience import ResilienceState
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.uplink.mqtt import Uplink
 from gatewayd.web.server import WebContext, WebServer
 
 log = structlog.get_logger("gatewayd.supervisor")
@@ -57,6 +58,7 @@ class Supervisor:
         self.store: Store | None = None
         self.devices: DeviceManager | None = None
         self.recorder: Recorder | None = None
+        self.uplink: Uplink | None = None
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.web: WebServer | None = None
@@ -146,6 +148,8 @@ class Supervisor:
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)
             await self.resilience.load(self.store)  # before any command runs: an open breaker stays open
+            recorder = self.recorder
+            dispatcher.clock_synced = lambda: recorder.stamper.synced
             self.dispatcher = await stack.enter_async_context(dispatcher)
             ctx = WebContext(
                 self.service,
@@ -154,6 +158,9 @@ class Supervisor:
                 cfg.commands.max_wait_s,
                 self.dispatcher.breaker_state,
                 recorder=self.recorder,
+            )
+            self.uplink = await stack.enter_async_context(
+                Uplink(cfg.mqtt, cfg.gateway.id, self.store, self.service, self.recorder, self.devices.profiles)
             )
             self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
             tasks = TaskOwner("supervisor")
@@ -288,6 +295,7 @@ class Supervisor:
             },
             "outbox": self._outbox_status(),
             "clock": {"synchronised": self.recorder.stamper.synced if self.recorder else None},
+            "uplink": self.uplink.status() if self.uplink else None,
         }
 
     def _outbox_status(self) -> dict[str, Any] | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import sqlite3
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -41,7 +43,7 @@ from gatewayd.resilience import (
 )
 from gatewayd.resilience import Clock as ResilienceClock
 from gatewayd.resilience.breaker import local_refusal_is_ignored
-from gatewayd.store import Store
+from gatewayd.store import Store, outbox
 from gatewayd.store import commands as sql
 from gatewayd.tasks import TaskOwner
 
@@ -70,6 +72,7 @@ class Dispatcher:
         self._devices = devices
         self._clock = clock
         self._on_final = on_final
+        self.clock_synced: Callable[[], bool] = lambda: False  # the telemetry clock's, for result timestamps
         self._sweep_interval_s = sweep_interval_s
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, str]]] = {}
         self._queued: dict[str, CommandRecord] = {}  # command id -> record, for everything waiting in a queue
@@ -369,11 +372,20 @@ class Dispatcher:
         message: str | None = None,
     ) -> None:
         t = self._transition(state, message)
+        # The result goes to the outbox in the same transaction as the final state: it reaches the uplink even if
+        # the daemon dies the instant after.
+        final = dataclasses.replace(
+            rec, state=state, result=result, error_code=code, error_message=message, updated_at=t.at
+        )
+        row = outbox.result_row(final, mono=t.mono, boot_id=t.boot_id, synced=self.clock_synced())
+
+        def job(c: sqlite3.Connection) -> None:
+            if sql.transition(c, rec.seq, t, result=result, error_code=code, error_message=message):
+                outbox.insert(c, [row])
+
         while True:
             try:
-                await self._store.write(
-                    lambda c: sql.transition(c, rec.seq, t, result=result, error_code=code, error_message=message)
-                )
+                await self._store.write(job)
                 break
             except StoreUnavailable as err:
                 # The outcome must not be lost while we live; after a crash the device's memory of the id covers it.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -34,6 +35,11 @@ class CommandService:
         self.accepting = False
         self.accepted = 0
         self.replayed = 0
+        self.final_listeners: list[Callable[[CommandRecord], None]] = []  # told when a command finishes
+
+    @property
+    def boot_id(self) -> str:
+        return self._clock.boot_id
 
     def attach(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -160,3 +166,5 @@ class CommandService:
         for fut in self._waiters.pop(rec.id, []):
             if not fut.done():
                 fut.set_result(None)
+        for listener in list(self.final_listeners):
+            listener(rec)

@@ -180,7 +180,12 @@ def _resolve(cfg: Config, base: Path) -> Config:
     data_dir = gw.data_dir if gw.data_dir.is_absolute() else base / gw.data_dir
     profiles_dir = gw.profiles_dir if gw.profiles_dir.is_absolute() else base / gw.profiles_dir
     new_gw = gw.model_copy(update={"data_dir": data_dir, "profiles_dir": profiles_dir})
-    return cfg.model_copy(update={"gateway": new_gw})
+    update: dict[str, Any] = {"gateway": new_gw}
+    tls = cfg.mqtt.tls
+    if tls is not None:
+        files = {k: (v if v is None or v.is_absolute() else base / v) for k, v in tls.model_dump().items()}
+        update["mqtt"] = cfg.mqtt.model_copy(update={"tls": tls.model_copy(update=files)})
+    return cfg.model_copy(update=update)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedConfig:

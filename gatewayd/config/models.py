@@ -167,6 +167,49 @@ class TelemetrySection(Section):
     recent_per_device: int = Field(default=120, ge=1, le=10_000)  # readings kept in memory for the status page
 
 
+class MqttTls(Section):
+    ca_file: Path | None = None  # the broker's CA; None: the system's trust store
+    cert_file: Path | None = None  # client certificate, for brokers that authenticate clients by certificate
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttSection(Section):
+    """The uplink. Offline is a normal state: the daemon starts and works without a broker and catches up."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password_env: str | None = None  # the NAME of the environment variable holding the password, never the password
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")  # default: gatewayd-<gateway.id>
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    tls: MqttTls | None = None  # a [mqtt.tls] table turns TLS on
+    # A PUBACK missing this long means the link is gone (faster than waiting 1.5 keepalives) and it is reopened.
+    puback_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    reconnect_base_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_cap_s: float = Field(default=30.0, gt=0, le=3600)
+    telemetry_qos: Literal[0, 1] = 1
+    # The backlog after an outage is sent at this pace (an upstream token bucket; 0: as fast as the broker acks).
+    drain_messages_per_s: float = Field(default=200.0, ge=0, le=1_000_000)
+    drain_burst: int = Field(default=100, ge=1, le=100_000)
+    max_inflight: int = Field(default=50, ge=1, le=1000)  # publishes awaiting their PUBACK at once
+    max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)  # larger commands are refused
+    ha_discovery: bool = False  # announce devices to Home Assistant (MQTT discovery)
+    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _reconnect_cap_not_below_base(self) -> MqttSection:
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must not be less than reconnect_base_s")
+        return self
+
+
 class ResilienceSection(Section):
     save_interval_s: float = Field(default=30.0, gt=0, le=3600)  # breaker states to the store, also on shutdown
     device_retry: RetrySettings = RetrySettings()
@@ -184,6 +227,7 @@ class Config(Section):
     resilience: ResilienceSection = ResilienceSection()
     outbox: OutboxSection = OutboxSection()
     telemetry: TelemetrySection = TelemetrySection()
+    mqtt: MqttSection = MqttSection()
     serial: dict[Name, SerialBusConfig] = Field(default_factory=dict)
     devices: dict[Name, DeviceConfig] = Field(default_factory=dict)
 

@@ -164,3 +164,19 @@ OUTBOX_OLDEST_AGE = Gauge(
 CLOCK_SYNCED = Gauge(
     "gatewayd_clock_synchronised", "1 when the wall clock is synchronised (NTP), 0 before.", registry=REGISTRY
 )
+
+# --- MQTT uplink -----------------------------------------------------------------------------------------------
+
+UPLINK_CONNECTED = Gauge("gatewayd_uplink_connected", "1 while connected to the MQTT broker.", registry=REGISTRY)
+UPLINK_PUBLISHED = Counter(
+    "gatewayd_uplink_published",
+    "Outbox records the broker acknowledged (and that were then deleted), by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+UPLINK_COMMANDS = Counter(
+    "gatewayd_uplink_commands",
+    "Commands received over MQTT, by outcome: accepted, duplicate, rejected, redeliver (not committed, not acked).",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -60,8 +60,8 @@ def transition(
     result: dict[str, object] | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
-) -> None:
-    """Move a command to a new state. A command in a final state never moves again."""
+) -> bool:
+    """Move a command to a new state. A command in a final state never moves again (False)."""
     cur = conn.execute(
         "UPDATE commands SET state = ?, updated_at = ?, result = coalesce(?, result), "
         "error_code = coalesce(?, error_code), error_message = coalesce(?, error_message) "
@@ -78,6 +78,8 @@ def transition(
     )
     if cur.rowcount == 1:
         _add_transitions(conn, seq, [t])
+        return True
+    return False
 
 
 def _final_values() -> list[str]:

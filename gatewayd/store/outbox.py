@@ -14,7 +14,10 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from gatewayd.commands.model import CommandRecord
 
 Kind = Literal["result", "event", "telemetry"]
 
@@ -59,6 +62,14 @@ def iso(ts: float) -> str:
     if not math.isfinite(ts):
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def result_row(rec: CommandRecord, *, mono: float, boot_id: str, synced: bool) -> NewRow:
+    """A command's final record, for ``result/{id}``: sent ahead of events and telemetry."""
+    payload = json.dumps(rec.to_api(transitions=False), separators=(",", ":"), default=str)
+    return NewRow(
+        "result", PRIORITY_URGENT, rec.device, f"result/{rec.id}", payload, rec.updated_at, mono, boot_id, synced
+    )
 
 
 def insert(conn: sqlite3.Connection, rows: Iterable[NewRow]) -> int:

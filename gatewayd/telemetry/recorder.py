@@ -280,6 +280,11 @@ class Recorder:
             counter(TELEMETRY_DROPPED, "pending").inc(lost)
         self._telemetry.extendleft(reversed(telemetry[lost:]))
 
+    def update_stats(self, stats: sql.OutboxStats) -> None:
+        """The uplink deleted what the broker acknowledged: the depth, bytes and oldest age change."""
+        self.stats = stats
+        self._publish_stats()
+
     def _publish_stats(self) -> None:
         stats = self.stats
         if stats is None:

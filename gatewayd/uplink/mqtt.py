@@ -1,0 +1,347 @@
+"""The MQTT uplink (aiomqtt) and store-and-forward.
+
+One supervised task, ``link``, connects, serves the session, and reconnects with capped, jittered backoff for as
+long as the broker stays away; the daemon starts and works without one. A session runs two tasks:
+
+- ``receive``: commands from ``gatewayd/{id}/cmd`` (QoS 1). A command is acknowledged to the broker (PUBACK) only
+  after it is committed to the store: the client is told "accepted" exactly when the durability contract
+  holds. Invalid payloads are rejected with an error on ``events`` and acknowledged (they will never become
+  valid); a command that could not be committed (the store failing, the daemon stopping) is not acknowledged,
+  so the broker delivers it again on the next session (the session is persistent: ``clean_session = false``).
+  A redelivered command with an id we already have is not run again; if it finished, its result is sent again.
+- ``drain``: the outbox, in (priority, arrival) order, at a pace set by an upstream token bucket. A row is
+  deleted only after the broker's PUBACK. A PUBACK missing ``puback_timeout_s`` ends the session: a link that
+  stopped carrying data is detected in seconds, not after 1.5 keepalives.
+
+The retained ``status`` topic says ``online`` while connected; the broker publishes the last will ``offline``
+when the connection drops, and we publish it ourselves on a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from gatewayd.commands.model import CommandRecord
+from gatewayd.commands.service import CommandService
+from gatewayd.config.models import MqttSection
+from gatewayd.config.profiles import Profile
+from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StoreUnavailable
+from gatewayd.observability.metrics import UPLINK_COMMANDS, UPLINK_CONNECTED, UPLINK_PUBLISHED, counter
+from gatewayd.resilience.bucket import TokenBucket
+from gatewayd.resilience.classify import Verdict
+from gatewayd.resilience.errors import RetryExhausted
+from gatewayd.resilience.retry import RetryPolicy
+from gatewayd.store import Store, outbox
+from gatewayd.tasks import TaskOwner
+from gatewayd.telemetry.recorder import Recorder
+from gatewayd.telemetry.sink import Record
+from gatewayd.uplink.discovery import discovery_messages
+
+log = structlog.get_logger("gatewayd.uplink")
+
+_RECONNECT_ATTEMPTS = 2**31  # a broker may stay away for weeks: the schedule never gives up
+_IDLE_POLL_S = 1.0  # the outbox is also looked at this often when nothing woke the drain
+
+
+class _LinkLost(Exception):
+    """The session cannot go on (a PUBACK did not come, the store failed under a command): reconnect."""
+
+
+def _broker_verdict(err: BaseException) -> Verdict:
+    """Connecting: refused, unreachable, timed out, even bad credentials (fixed on the broker while we wait) may
+    clear; the schedule keeps trying and the outage is logged once."""
+    return Verdict(True, None, "mqtt_connect")
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: MqttSection,
+        gateway_id: str,
+        store: Store,
+        service: CommandService,
+        recorder: Recorder,
+        devices: Callable[[], Mapping[str, Profile]],
+        *,
+        environ: Mapping[str, str] | None = None,
+    ):
+        self.cfg = cfg
+        self.gateway_id = gateway_id
+        self.base = f"gatewayd/{gateway_id}"
+        self.client_id = cfg.client_id or f"gatewayd-{gateway_id}"
+        self._store = store
+        self._service = service
+        self._recorder = recorder
+        self._devices = devices
+        self._environ = os.environ if environ is None else environ
+        self._tasks = TaskOwner("uplink")
+        self._wake = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._bucket = (
+            TokenBucket(cfg.drain_burst, cfg.drain_messages_per_s, name="uplink.drain")
+            if cfg.drain_messages_per_s
+            else None
+        )
+        self._reconnect = RetryPolicy(
+            max_attempts=_RECONNECT_ATTEMPTS,
+            base_s=cfg.reconnect_base_s,
+            cap_s=cfg.reconnect_cap_s,
+            jitter="full",
+            name="mqtt",
+            classifier=_broker_verdict,
+            quiet=True,
+        )
+        self.connected = False
+        self.since = time.time()
+        self.last_error: str | None = None
+        self.connects = 0
+        self.published = 0
+        self.commands_received = 0
+        recorder.listeners.append(self.wake)
+        service.final_listeners.append(lambda _rec: self.wake())
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": self.cfg.enabled,
+            "broker": f"{self.cfg.host}:{self.cfg.port}",
+            "connected": self.connected,
+            "since": self.since,
+            "last_error": self.last_error,
+            "connects": self.connects,
+            "published": self.published,
+            "commands_received": self.commands_received,
+        }
+
+    async def __aenter__(self) -> Uplink:
+        UPLINK_CONNECTED.set(0)
+        await self._tasks.open()
+        if self.cfg.enabled:
+            self._tasks.spawn("link", self._link())
+        else:
+            log.info("mqtt_disabled")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._tasks.close()
+
+    # --- connection ------------------------------------------------------------------------------------------
+
+    def _new_client(self) -> aiomqtt.Client:
+        password = None
+        if self.cfg.password_env:
+            password = self._environ.get(self.cfg.password_env)
+            if password is None:
+                log.warning("mqtt_password_missing", variable=self.cfg.password_env)
+        tls_context = None
+        tls = self.cfg.tls
+        if tls is not None:
+            tls_context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+            if tls.cert_file is not None and tls.key_file is not None:
+                tls_context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        client = aiomqtt.Client(
+            self.cfg.host,
+            self.cfg.port,
+            identifier=self.client_id,
+            username=self.cfg.username,
+            password=password,
+            keepalive=self.cfg.keepalive_s,
+            clean_session=False,  # the broker keeps our subscription and queues commands while we are away
+            will=aiomqtt.Will(f"{self.base}/status", b"offline", qos=1, retain=True),
+            tls_context=tls_context,
+            timeout=self.cfg.puback_timeout_s,
+            max_inflight_messages=self.cfg.max_inflight,
+        )
+        # Acknowledge commands ourselves, after the commit. aiomqtt does not expose paho's manual acks; the paho
+        # client underneath does (paho-mqtt >= 2.0: manual_ack_set and ack).
+        client._client.manual_ack_set(True)
+        return client
+
+    async def _connect(self) -> aiomqtt.Client:
+        client = self._new_client()
+        try:
+            await client.__aenter__()
+        except (aiomqtt.MqttError, OSError) as err:
+            self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}")
+            raise
+        return client
+
+    def _down(self, reason: str) -> None:
+        if self.connected or self.last_error is None:
+            log.warning("mqtt_disconnected" if self.connected else "mqtt_unavailable", reason=reason)
+            self.since = time.time()
+        self.connected = False
+        self.last_error = reason
+        UPLINK_CONNECTED.set(0)
+
+    async def _link(self) -> None:
+        while True:
+            try:
+                client = await self._reconnect.call(self._connect)
+            except RetryExhausted:
+                continue
+            self._client = client
+            self.connects += 1
+            self.connected, self.since = True, time.time()
+            UPLINK_CONNECTED.set(1)
+            log.info("mqtt_connected", broker=f"{self.cfg.host}:{self.cfg.port}", client_id=self.client_id)
+            reason = "session ended"
+            try:
+                try:
+                    await self._session(client)
+                except* (aiomqtt.MqttError, _LinkLost, OSError, GatewayError) as group:
+                    reason = "; ".join(str(e) for e in group.exceptions)
+            except asyncio.CancelledError:
+                await self._goodbye(client)
+                raise
+            finally:
+                self._client = None
+            self._down(reason)
+            with contextlib.suppress(Exception):  # the connection is already broken; closing is best effort
+                await client.__aexit__(None, None, None)
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        """A clean stop: say offline ourselves (the will only fires on a broken connection), then disconnect."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.publish(f"{self.base}/status", b"offline", qos=1, retain=True), 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.__aexit__(None, None, None), 2)
+        self.connected = False
+        UPLINK_CONNECTED.set(0)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.publish(f"{self.base}/status", b"online", qos=1, retain=True)
+        await client.subscribe(f"{self.base}/cmd", qos=1)
+        if self.cfg.ha_discovery:
+            for topic, payload in discovery_messages(
+                self.gateway_id, self.base, self.cfg.discovery_prefix, self._devices()
+            ):
+                await client.publish(topic, payload, qos=1, retain=True)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._receive(client), name="gatewayd[uplink].receive")
+            tg.create_task(self._drain(client), name="gatewayd[uplink].drain")
+
+    # --- commands in -----------------------------------------------------------------------------------------
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            await self._on_command(client, message)
+
+    async def _on_command(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        self.commands_received += 1
+        command_id: str | None = None
+        device = "gateway"
+        try:
+            body = _parse(message.payload, self.cfg.max_payload_bytes)
+            if isinstance(body.get("id"), str):
+                command_id = body["id"]
+            if isinstance(body.get("device"), str):
+                device = body["device"]
+            rec, created = await self._service.submit(body, source="mqtt")
+        except (ShuttingDown, StoreUnavailable) as err:
+            # Not committed, and not for anything the sender did: no PUBACK, so the broker delivers it again.
+            counter(UPLINK_COMMANDS, "redeliver").inc()
+            log.warning("mqtt_command_not_committed", command_id=command_id, error=err.message)
+            raise _LinkLost(f"command not committed: {err.message}") from err
+        except GatewayError as err:
+            counter(UPLINK_COMMANDS, "rejected").inc()
+            log.warning("mqtt_command_rejected", command_id=command_id, code=err.code, error=err.message)
+            data = {"id": command_id, **err.to_dict()}
+            self._recorder.put(Record.of_event(device[:64], "command_rejected", data, severity="warning"))
+        else:
+            if created:
+                counter(UPLINK_COMMANDS, "accepted").inc()
+            else:
+                counter(UPLINK_COMMANDS, "duplicate").inc()
+                log.info("mqtt_command_duplicate", command_id=rec.id, state=rec.state.value)
+                if rec.state.final:
+                    await self._republish(rec)
+        _ack(client, message)
+
+    async def _republish(self, rec: CommandRecord) -> None:
+        row = outbox.result_row(
+            rec, mono=time.monotonic(), boot_id=self._service.boot_id, synced=self._recorder.stamper.synced
+        )
+        await self._store.write(lambda c: outbox.insert(c, [row]))
+        self.wake()
+
+    # --- outbox out ------------------------------------------------------------------------------------------
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            self._wake.clear()  # before looking: a row committed after the look wakes the next wait
+            rows = await self._store.read(lambda c: outbox.fetch(c, self.cfg.max_inflight))
+            if not rows:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _IDLE_POLL_S)
+                continue
+            acked, failures = await self._publish(client, rows)
+            if acked:
+                await self._store.write(functools.partial(outbox.delete, ids=acked))
+                self.published += len(acked)
+                self._recorder.update_stats(await self._store.read(lambda c: outbox.stats(c, by_kind=False)))
+            if failures:
+                raise _LinkLost(f"publish failed: {failures[0]}")
+
+    async def _publish(
+        self, client: aiomqtt.Client, rows: list[outbox.OutboxRow]
+    ) -> tuple[list[int], list[BaseException]]:
+        """Publish rows and wait for their PUBACKs: the ids acknowledged and the errors of the others. Messages
+        go out in order (each task hands its message to paho when it first runs, in creation order) and are
+        acknowledged concurrently, up to max_inflight at a time."""
+        acked: list[int] = []
+        failures: list[BaseException] = []
+
+        async def one(row: outbox.OutboxRow) -> None:
+            qos = self.cfg.telemetry_qos if row.kind == "telemetry" else 1
+            try:
+                await client.publish(f"{self.base}/{row.topic}", row.message(), qos=qos)
+            except (aiomqtt.MqttError, OSError) as err:
+                failures.append(err)
+                return
+            acked.append(row.id)
+            counter(UPLINK_PUBLISHED, row.kind).inc()
+
+        async with asyncio.TaskGroup() as tg:
+            for row in rows:
+                if self._bucket is not None:
+                    await self._bucket.acquire()
+                tg.create_task(one(row))
+        return acked, failures
+
+
+def _parse(payload: Any, limit: int) -> dict[str, Any]:
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if not isinstance(payload, bytes | bytearray):
+        raise BadRequest("the command payload is empty")
+    if len(payload) > limit:
+        raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {limit}", details={"limit": limit})
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the command is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the command must be a JSON object")
+    return body
+
+
+def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)

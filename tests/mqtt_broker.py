@@ -1,0 +1,149 @@
+"""A real Mosquitto broker for tests, on a free loopback port, and a subscriber that records what it receives.
+
+The broker keeps its state in a file (persistence on), so a broker stopped with SIGTERM and started again still
+has the persistent sessions and their queued QoS 1 messages, as a production broker would; ``kill9`` loses what
+it had not saved, as a crash does.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from tests.conftest import free_port
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if found is None:
+        raise RuntimeError("mosquitto is not installed: ./scripts/test installs it (apt-get install mosquitto)")
+    return found
+
+
+class Broker:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            # Started as root, mosquitto would switch to its own user and could not write in a test's directory.
+            f"user {getpass.getuser()}\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.dir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 100000\n"
+            f"log_dest file {self.dir}/mosquitto.log\n",
+            encoding="utf-8",
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stderr=subprocess.DEVNULL)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}") from None
+                time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the TCP connection stays open, nothing is acknowledged (a link that silently stopped)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+class Subscriber:
+    """A persistent-session paho client that records every message on ``topic`` (QoS 1)."""
+
+    def __init__(self, broker: Broker, topic: str, client_id: str = "test-subscriber"):
+        self.broker = broker
+        self.topic = topic
+        self.messages: list[tuple[str, bytes, bool]] = []  # topic, payload, retained
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.reconnect_delay_set(0.05, 0.5)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+    def __enter__(self) -> Subscriber:
+        self.client.connect("127.0.0.1", self.broker.port, keepalive=5)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError("subscription not confirmed")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def snapshot(self) -> list[tuple[str, bytes, bool]]:
+        with self._lock:
+            return list(self.messages)
+
+    def json(self, suffix: str = "") -> list[dict[str, Any]]:
+        return [json.loads(p) for t, p, _ in self.snapshot() if t.endswith(suffix) and p.startswith(b"{")]
+
+    def wait_for(self, predicate: Any, timeout: float = 15.0) -> list[tuple[str, bytes, bool]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            messages = self.snapshot()
+            if predicate(messages):
+                return messages
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; {len(self.snapshot())} messages: {self.snapshot()[-5:]}")
+
+
+def publish(broker: Broker, topic: str, payload: bytes | str, qos: int = 1, client_id: str = "test-publisher") -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.connect("127.0.0.1", broker.port, keepalive=5)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(timeout=10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
