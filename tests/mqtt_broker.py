@@ -31,14 +31,41 @@ def mosquitto_binary() -> str:
     return found
 
 
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl CLI."""
+    d = directory
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=gatewayd test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n", encoding="ascii")
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=gatewayd-gw-dev")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        extra = ["-extfile", "san.ext"] if name == "server" else []
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.pem", *extra)  # fmt: skip
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
 class Broker:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, tls: bool = False):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = self.dir / "mosquitto.conf"
+        self.certs = make_certificates(self.dir / "certs") if tls else {}
+        tls_conf = (
+            f"cafile {self.certs['ca.pem']}\ncertfile {self.certs['server.pem']}\nkeyfile {self.certs['server.key']}\n"
+            "require_certificate true\n"
+            if tls
+            else ""
+        )
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            f"{tls_conf}"
             # Started as root, mosquitto would switch to its own user and could not write in a test's directory.
             f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
@@ -101,6 +128,12 @@ class Subscriber:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.reconnect_delay_set(0.05, 0.5)
+        if broker.certs:
+            self.client.tls_set(
+                ca_certs=str(broker.certs["ca.pem"]),
+                certfile=str(broker.certs["client.pem"]),
+                keyfile=str(broker.certs["client.key"]),
+            )
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         client.subscribe(self.topic, qos=1)

@@ -215,6 +215,10 @@ def test_with_a_small_byte_budget_an_outage_drops_only_old_telemetry_and_counts_
         assert events and events[0]["severity"] == "warning"
         telemetry = sub.json("/telemetry/sensor1")
         assert telemetry  # the newest survived and went out
+        # The backlog went out results first: every result before the first telemetry reading.
+        topics = [t for t, _, _ in sub.snapshot()]
+        last_result = max(i for i, t in enumerate(topics) if "/result/" in t)
+        assert last_result < topics.index(f"{GW}/telemetry/sensor1")
         numbers = [t["values"]["n"] for t in telemetry]
         assert numbers == sorted(numbers)
 
@@ -346,3 +350,33 @@ def test_a_command_queued_by_the_broker_while_the_daemon_was_down_runs_when_it_s
     d.start()
     _wait(lambda: d.get("/api/v1/commands/while-down")[0] == 200, what="queued command received")
     assert d.wait_final("while-down")["state"] == "succeeded"
+
+
+def test_tls_with_a_client_certificate_connects_and_without_one_is_refused(tmp_path: Path, make_daemon: Any) -> None:
+    broker = Broker(tmp_path / "tls-broker", tls=True)
+    broker.start()
+    try:
+        certs = broker.certs
+        tls = {
+            "GATEWAYD_MQTT__TLS__CA_FILE": str(certs["ca.pem"]),
+            "GATEWAYD_MQTT__TLS__CERT_FILE": str(certs["client.pem"]),
+            "GATEWAYD_MQTT__TLS__KEY_FILE": str(certs["client.key"]),
+        }
+        with Subscriber(broker, f"{GW}/result/#") as sub:
+            d: Daemon = make_daemon(_env(broker, **tls))
+            d.start()
+            _wait(lambda: _uplink(d)["connected"], what="connected over TLS")
+            status, body, _ = d.post({"device": "pump1", "action": "start"}, wait=5)
+            assert status == 200
+            sub.wait_for(lambda _m: body["id"] in _results(sub))
+            assert d.stop() == 0
+        # The broker requires a client certificate: with the CA alone the daemon is refused, and says so.
+        no_cert = make_daemon(_env(broker, GATEWAYD_MQTT__TLS__CA_FILE=str(certs["ca.pem"])), name="nocert")
+        no_cert.start()
+        time.sleep(1.5)
+        uplink = _uplink(no_cert)
+        assert uplink["connected"] is False and uplink["connects"] == 0
+        assert uplink["last_error"]
+        assert no_cert.post({"device": "pump1", "action": "stop"}, wait=5)[0] == 200  # works offline meanwhile
+    finally:
+        broker.kill9()
