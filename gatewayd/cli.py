@@ -13,6 +13,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,9 @@ def request(url: str, method: str = "GET", body: Any = None, timeout: float = 10
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Accept", "application/json")
     req.add_header("X-Gatewayd-Client", "cli")
+    token = os.environ.get("GATEWAYD_TOKEN")
+    if token:  # operator and admin commands need a token when the daemon's access control is on
+        req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -217,6 +221,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _operator(path: str, method: str = "GET", timeout: float = 10.0) -> Callable[[argparse.Namespace], int]:
+    """``stats``, ``health``, ``config``, ``reset``, ``test``: the API's answer, as JSON."""
+
+    def run(args: argparse.Namespace) -> int:
+        url = base_url(args)
+        target = path
+        if "{scenario}" in target:
+            target = target.format(scenario=args.scenario) + f"?duration_s={args.duration}"
+        wait = args.duration + 60 if "{scenario}" in path else timeout
+        try:
+            _, body = request(f"{url}{target}", method=method, body={} if method == "POST" else None, timeout=wait)
+        except Unreachable as err:
+            return _unreachable(err)
+        except ApiError as err:
+            if path == "/healthz" and err.status == 503:  # unhealthy is an answer, not a failure to ask
+                print(json.dumps(err.body, indent=2))
+                return EXIT_NOT_DONE
+            return _api_error(err)
+        print(json.dumps(body, indent=2))
+        if "{scenario}" in path:
+            return EXIT_OK if body.get("recovered", True) and body.get("healthy_after", True) else EXIT_NOT_DONE
+        return EXIT_OK
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayd", description="Edge gateway daemon: devices, commands, status.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     client(status)
     status.set_defaults(func=cmd_status)
+
+    for name, path, method, text in (
+        ("stats", "/api/v1/stats", "GET", "counters: queue, commands per state, outbox, uplink, store"),
+        ("health", "/healthz", "GET", "is the daemon healthy (exit 1 if not)"),
+        ("config", "/api/v1/admin/config", "GET", "the effective configuration, secrets redacted (admin)"),
+        ("reset", "/api/v1/admin/reset", "POST", "close breakers, refill limiters, zero counters (admin)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        client(p)
+        p.set_defaults(func=_operator(path, method))
+    test = sub.add_parser("test", help="inject a fault scenario for a bounded time and report how it went (admin)")
+    test.add_argument("scenario", help="serial_unplug, serial_garbage, broker_down, slow_disk, provider_timeout, ...")
+    test.add_argument("--duration", type=float, default=5.0, help="seconds the fault lasts (default 5)")
+    client(test)
+    test.set_defaults(func=_operator("/api/v1/admin/test/{scenario}", "POST"))
     return parser
 
 

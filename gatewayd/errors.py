@@ -92,6 +92,16 @@ class PayloadTooLarge(PermanentError):
     status = 413
 
 
+class Unauthorized(PermanentError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(PermanentError):
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(PermanentError):
     code = "not_found"
     status = 404

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from gatewayd import __version__
+from gatewayd.app.operator import Operator
 from gatewayd.app.systemd import Notifier
 from gatewayd.commands.dispatcher import Dispatcher
 from gatewayd.commands.model import Clock
@@ -59,6 +60,7 @@ class Supervisor:
         self.devices: DeviceManager | None = None
         self.recorder: Recorder | None = None
         self.uplink: Uplink | None = None
+        self.operator = Operator(self)
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.web: WebServer | None = None
@@ -158,6 +160,7 @@ class Supervisor:
                 cfg.commands.max_wait_s,
                 self.dispatcher.breaker_state,
                 recorder=self.recorder,
+                operator=self.operator,
             )
             self.uplink = await stack.enter_async_context(
                 Uplink(cfg.mqtt, cfg.gateway.id, self.store, self.service, self.recorder, self.devices.profiles)

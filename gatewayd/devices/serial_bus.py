@@ -241,6 +241,15 @@ class SerialBus:
                 del self._throttled[address]
                 log.info("serial_inbound_unthrottled", bus=self.name, address=address, dropped=dropped)
 
+    def reset_counters(self) -> int:
+        """An operator's reset: the inbound limits start full again and the counters from zero."""
+        cleared = self._inbound.clear()
+        self._throttled.clear()
+        self.unsolicited.clear()
+        self.inbound_dropped.clear()
+        self.transactions = self.timeouts = 0
+        return cleared
+
     def _fail_pending(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
         for fut in pending.values():

@@ -124,6 +124,12 @@ class KeyedLimiter:
         self._buckets.popitem(last=False)
         self._evicted_lru.inc()
 
+    def clear(self) -> int:
+        """Forget every key (an operator's reset): each starts again with a full bucket. Returns how many."""
+        n = len(self._buckets)
+        self._buckets.clear()
+        return n
+
     def sweep(self) -> int:
         """Drop every idle key; O(keys). For an owner to call now and then, not on the request path."""
         now = self._clock.monotonic()

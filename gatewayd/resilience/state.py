@@ -79,6 +79,9 @@ class ResilienceState:
     def unregister(self, key: str) -> None:
         self._tools.pop(key, None)
 
+    def tools(self) -> dict[str, Persistent]:
+        return dict(self._tools)
+
     def __contains__(self, key: str) -> bool:
         return key in self._tools
 

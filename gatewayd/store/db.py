@@ -136,6 +136,8 @@ class Store:
         self.jobs_committed = 0
         self.last_commit_s = 0.0
         self._busy_since: float | None = None
+        # An operator's slow-disk test: each batch waits this long before it commits, as a failing SD card does.
+        self.write_delay_s = 0.0
 
     async def __aenter__(self) -> Store:
         conn = await asyncio.to_thread(open_database, self.path, self._synchronous)
@@ -233,6 +235,8 @@ class Store:
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         started = time.monotonic()
+        if self.write_delay_s:
+            time.sleep(self.write_delay_s)  # the writer thread, never the event loop
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job, _fut, _loop in batch:

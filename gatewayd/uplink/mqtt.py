@@ -103,6 +103,8 @@ class Uplink:
             classifier=_broker_verdict,
             quiet=True,
         )
+        self._drop = asyncio.Event()  # set by outage(): the session ends at once
+        self._held_until = 0.0
         self.connected = False
         self.since = time.time()
         self.last_error: str | None = None
@@ -114,6 +116,12 @@ class Uplink:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def outage(self, seconds: float) -> None:
+        """An operator's broker_down test: drop the connection now and stay away for ``seconds``."""
+        self._held_until = time.monotonic() + seconds
+        self._drop.set()
+        await asyncio.sleep(seconds)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -192,6 +200,10 @@ class Uplink:
 
     async def _link(self) -> None:
         while True:
+            held = self._held_until - time.monotonic()
+            if held > 0:
+                await asyncio.sleep(held)
+            self._drop.clear()
             try:
                 client = await self._reconnect.call(self._connect)
             except RetryExhausted:
@@ -236,6 +248,11 @@ class Uplink:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._receive(client), name="gatewayd[uplink].receive")
             tg.create_task(self._drain(client), name="gatewayd[uplink].drain")
+            tg.create_task(self._dropped(), name="gatewayd[uplink].outage")
+
+    async def _dropped(self) -> None:
+        await self._drop.wait()
+        raise _LinkLost("operator test: broker_down")
 
     # --- commands in -----------------------------------------------------------------------------------------
 

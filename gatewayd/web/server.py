@@ -10,7 +10,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -20,11 +20,14 @@ from gatewayd.commands.model import State
 from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
+from gatewayd.errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
+
+if TYPE_CHECKING:
+    from gatewayd.app.operator import Operator
 from gatewayd.web import page
 
 log = structlog.get_logger("gatewayd.web")
@@ -39,6 +42,7 @@ class WebContext:
     max_wait_s: float
     breaker_state: Callable[[str], dict[str, Any] | None] = lambda _name: None  # the dispatcher's, per device
     recorder: Recorder | None = None  # recent telemetry and the outbox
+    operator: Operator | None = None  # config, reset, fault scenarios
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -179,6 +183,41 @@ async def get_device(request: web.Request) -> web.Response:
     raise NotFound(f"no device named {name!r}", details={"device": name}, code="unknown_device")
 
 
+_ROLES = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+def require_role(request: web.Request, role: str) -> None:
+    """Refuse a request whose principal (set by the access-control middleware) lacks ``role``. Without access
+    control (no principal on the request) the daemon listens on loopback only and everything is allowed."""
+    principal = request.get("principal")
+    if principal is None:
+        return
+    if _ROLES.get(getattr(principal, "role", ""), -1) < _ROLES[role]:
+        raise Forbidden(f"this needs the {role} role", details={"role": role})
+
+
+def _operator(request: web.Request) -> Operator:
+    operator = _ctx(request).operator
+    if operator is None:
+        raise StoreUnavailable("operator commands are not available yet")
+    require_role(request, "admin")
+    return operator
+
+
+async def admin_config(request: web.Request) -> web.Response:
+    return web.json_response(_operator(request).config())
+
+
+async def admin_reset(request: web.Request) -> web.Response:
+    return web.json_response(_operator(request).reset())
+
+
+async def admin_test(request: web.Request) -> web.Response:
+    operator = _operator(request)
+    duration = _query_float(request, "duration_s", 0.1, 120) or 5.0
+    return web.json_response(await operator.run(request.match_info["scenario"], duration))
+
+
 async def queue(request: web.Request) -> web.Response:
     return web.json_response(_ctx(request).status()["queue"])
 
@@ -232,6 +271,9 @@ def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
     app.router.add_get("/api/v1/outbox", outbox)
     app.router.add_get("/api/v1/queue", queue)
     app.router.add_get("/api/v1/stats", stats)
+    app.router.add_get("/api/v1/admin/config", admin_config)
+    app.router.add_post("/api/v1/admin/reset", admin_reset)
+    app.router.add_post("/api/v1/admin/test/{scenario}", admin_test)
     return app
 
 
