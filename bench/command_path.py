@@ -125,6 +125,10 @@ class Daemon:
                 "GATEWAYD_HTTP__HOST": "127.0.0.1",
                 "GATEWAYD_HTTP__PORT": str(self.port),
                 "GATEWAYD_GATEWAY__DATA_DIR": str(self.data_dir),
+                # One client sending 2,000 commands as fast as it can: the per-client HTTP limit would measure
+                # itself, not the command path.
+                "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
+                "GATEWAYD_MQTT__ENABLED": "false",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
             }
         )

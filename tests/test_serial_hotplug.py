@@ -73,7 +73,7 @@ async def test_bus_reconnects_when_the_pty_under_it_closes(tmp_path: Path) -> No
             assert bus.availability.last_error  # the latest reason: the loss, then each failed reopen
             with pytest.raises(DeviceUnavailable):
                 await bus.transact(1, {"id": "c", "action": "read", "params": {}})
-            await asyncio.sleep(0.3)  # several reopen attempts fail meanwhile: the link is dangling
+            await asyncio.sleep(0.3)  # several reopen attempts fail meanwhile: the link is gone
             assert not bus.availability.available
 
             sims[1].latency_s = 0.0

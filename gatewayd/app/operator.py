@@ -182,12 +182,19 @@ class Operator:
                 continue
             for action, spec in device.profile.actions.items():
                 if not spec.actuates and not any(p.required for p in spec.params.values()):
-                    started = time.monotonic()
-                    try:
-                        await device.execute(f"operator-probe-{time.time_ns()}", action, {})
-                    except GatewayError as err:
-                        return {"ok": False, "device": device.name, "error": err.message}
-                    return {"ok": True, "device": device.name, "action": action, "ms": _ms(started)}
+                    # Noise still in flight may swallow one reply (a run of garbage with no line feed is
+                    # discarded up to the next one, the reply's): a real command would be retried, so is this.
+                    errors = []
+                    for _ in range(3):
+                        started = time.monotonic()
+                        try:
+                            await device.execute(f"operator-probe-{time.time_ns()}", action, {})
+                        except GatewayError as err:
+                            errors.append(err.message)
+                            continue
+                        return {"ok": True, "device": device.name, "action": action, "ms": _ms(started),
+                                "failed_attempts": errors}  # fmt: skip
+                    return {"ok": False, "device": device.name, "errors": errors}
         return {"ok": bus.availability.available, "device": None}
 
     async def _broker_down(self, duration_s: float) -> dict[str, Any]:
@@ -232,6 +239,8 @@ class Operator:
                 latencies.append(_ms(started))
         finally:
             store.write_delay_s = 0.0
+        # A batch that began before the delay was lifted (a telemetry flush) may still be sleeping: let it go.
+        await store.write(lambda c: None)
         started = time.monotonic()
         await store.write(lambda c: c.execute("SELECT 1").fetchone())
         after = _ms(started)

@@ -32,6 +32,8 @@ from gatewayd.config.loader import LoadedConfig, load_config
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt, StoreUnavailable
 from gatewayd.observability import logging as gwlog
+from gatewayd.observability.collector import GatewayCollector
+from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import ResilienceState
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner
@@ -165,6 +167,9 @@ class Supervisor:
             self.uplink = await stack.enter_async_context(
                 Uplink(cfg.mqtt, cfg.gateway.id, self.store, self.service, self.recorder, self.devices.profiles)
             )
+            collector = GatewayCollector(self)
+            REGISTRY.register(collector)
+            stack.callback(REGISTRY.unregister, collector)
             self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
             tasks = TaskOwner("supervisor")
             await tasks.open()

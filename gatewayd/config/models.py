@@ -25,10 +25,22 @@ class LogSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class HttpLimits(Section):
+    """Token buckets per client (user, else address) and endpoint: reads and writes have their own allowance."""
+
+    enabled: bool = True
+    read_per_s: float = Field(default=100.0, gt=0, le=100_000)
+    read_burst: int = Field(default=200, ge=1, le=100_000)
+    write_per_s: float = Field(default=50.0, gt=0, le=100_000)
+    write_burst: int = Field(default=100, ge=1, le=100_000)
+    max_clients: int = Field(default=1000, ge=1, le=100_000)
+
+
 class HttpSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    limits: HttpLimits = HttpLimits()
 
 
 class GpioSection(Section):

@@ -421,10 +421,12 @@ class PtySimulator:
         )
 
     def unplug(self) -> None:
-        """Close the pty (the device disappears). The link is left dangling, as a by-id link is until udev
-        removes it; what the devices remember (their execution logs) stays."""
+        """Close the pty (the device disappears) and remove the link, as udev removes a by-id link when the
+        adapter goes. A link left dangling could, once the pty's number is reused by another program, lead
+        the gateway into someone else's terminal. What the devices remember (their execution logs) stays."""
         if not self.plugged:
             return
+        self._unpublish()
         self._close_fds()
         log.info("simulator_unplugged", bus=self.bus, port=self.port)
 

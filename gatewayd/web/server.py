@@ -28,7 +28,9 @@ from gatewayd.telemetry.recorder import Recorder
 
 if TYPE_CHECKING:
     from gatewayd.app.operator import Operator
-from gatewayd.web import page
+from gatewayd.resilience.errors import RateLimited
+from gatewayd.web import openapi, page
+from gatewayd.web.limits import RateLimits, metrics_middleware
 
 log = structlog.get_logger("gatewayd.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,7 +61,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as err:
         if err.status >= 500:
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
-        return error_response(err)
+        return error_response(err, err.headers() if isinstance(err, RateLimited) else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -254,14 +256,22 @@ async def status_page(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
-def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+def build_app(ctx: WebContext, max_body_bytes: int, limits: RateLimits | None = None) -> web.Application:
+    middlewares = [metrics_middleware, errors_middleware]
+    if limits is not None:
+        middlewares.append(limits.middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[CTX] = ctx
     app[MAX_BODY] = max_body_bytes
     app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/openapi.json", openapi_json)
     app.router.add_post("/api/v1/commands", post_command)
     app.router.add_get("/api/v1/commands", list_commands)
     app.router.add_get("/api/v1/commands/{id}", get_command)
@@ -285,7 +295,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> WebServer:
-        app = build_app(self.ctx, self.cfg.max_body_bytes)
+        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)

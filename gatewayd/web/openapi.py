@@ -1,0 +1,178 @@
+"""The OpenAPI 3.1 document of the JSON API, served at ``/api/v1/openapi.json``.
+
+Written out here rather than inferred, so it says what clients may rely on: every route, its parameters, and
+every status code it can answer with. ``tests/test_openapi.py`` checks it against the router (no route missing,
+none invented) and fuzzes the running daemon with schemathesis for undocumented codes and server errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gatewayd import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_JSON_OBJECT = {"type": "object"}
+
+_DESCRIPTIONS = {
+    200: "OK",
+    202: "Accepted: committed to the store",
+    400: "The request is malformed (not JSON, wrong types, bad query parameter)",
+    401: "No valid credentials (access control on)",
+    403: "The credentials lack the role this needs, or the CSRF token is missing",
+    404: "No such command, device, route or scenario",
+    409: "Conflicts with the current state",
+    413: "The body is larger than http.max_body_bytes",
+    422: "Valid JSON that the device's profile does not accept",
+    429: "Rate limited; see Retry-After and X-RateLimit-*",
+    503: "Not now: starting, stopping, queue full, store unavailable",
+    504: "?wait ran out before the command finished",
+}
+_RATE_HEADERS = {
+    name: {"schema": {"type": "string"}}
+    for name in ("Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+}
+# Every API route may be refused for these, whatever it does.
+_ALWAYS = (401, 403, 429, 503)
+
+
+def _responses(ok: int, *errors: int, content: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        str(ok): {
+            "description": _DESCRIPTIONS[ok],
+            "content": content or {"application/json": {"schema": _JSON_OBJECT}},
+        }
+    }
+    for code in sorted({*errors, *_ALWAYS}):
+        response: dict[str, Any] = {
+            "description": _DESCRIPTIONS[code],
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+        if code == 429:
+            response["headers"] = _RATE_HEADERS
+        out[str(code)] = response
+    return out
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+_COMMAND_REQUEST = {
+    "type": "object",
+    "description": "A structured command; validated against the device's profile.",
+    "properties": {
+        "device": {"type": "string", "minLength": 1, "maxLength": 64},
+        "action": {"type": "string", "minLength": 1, "maxLength": 64},
+        "params": {"type": "object"},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": "idempotency key"},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
+        "confirm": {"type": "boolean"},
+    },
+    "required": ["device", "action"],
+    "additionalProperties": False,
+}
+
+
+def document() -> dict[str, Any]:
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {"summary": "Liveness", "responses": _responses(200, content=None)}},
+        "/readyz": {"get": {"summary": "Readiness: accepting commands", "responses": _responses(200)}},
+        "/metrics": {"get": {"summary": "Prometheus text format", "responses": _responses(200, content=text)}},
+        "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": _responses(200)}},
+        "/api/v1/commands": {
+            "post": {
+                "summary": "Submit a command (202 once committed; 200 with ?wait once final)",
+                "parameters": [_query("wait", {"type": "number", "minimum": 0}, "seconds to wait for a final state")],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _COMMAND_REQUEST}}},
+                "responses": {
+                    **_responses(202, 400, 404, 409, 413, 422, 504),
+                    "200": {
+                        "description": "Final (with ?wait), or the existing command for a repeated id",
+                        "content": {"application/json": {"schema": _JSON_OBJECT}},
+                    },
+                },
+            },
+            "get": {
+                "summary": "Recent commands, newest first",
+                "parameters": [
+                    _query("state", {"type": "string"}, "only commands in this state"),
+                    _query("device", {"type": "string"}, "only commands for this device"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "at most this many"),
+                ],
+                "responses": _responses(200, 400),
+            },
+        },
+        "/api/v1/commands/{id}": {
+            "get": {
+                "summary": "One command with its transitions",
+                "parameters": [_path_param("id", "the command's id")],
+                "responses": _responses(200, 404),
+            }
+        },
+        "/api/v1/devices": {"get": {"summary": "Devices with state and actions", "responses": _responses(200)}},
+        "/api/v1/devices/{name}": {
+            "get": {
+                "summary": "One device",
+                "parameters": [_path_param("name", "device name")],
+                "responses": _responses(200, 404),
+            }
+        },
+        "/api/v1/devices/{name}/telemetry": {
+            "get": {
+                "summary": "The device's recent readings, oldest first",
+                "parameters": [_path_param("name", "device name")],
+                "responses": _responses(200, 404),
+            }
+        },
+        "/api/v1/outbox": {"get": {"summary": "Records waiting for the uplink", "responses": _responses(200)}},
+        "/api/v1/queue": {"get": {"summary": "Queued and executing commands", "responses": _responses(200)}},
+        "/api/v1/stats": {"get": {"summary": "Counters and component states", "responses": _responses(200)}},
+        "/api/v1/admin/config": {
+            "get": {"summary": "Effective configuration, secrets redacted (admin)", "responses": _responses(200)}
+        },
+        "/api/v1/admin/reset": {
+            "post": {"summary": "Close breakers, refill limiters (admin)", "responses": _responses(200)}
+        },
+        "/api/v1/admin/test/{scenario}": {
+            "post": {
+                "summary": "Run a fault scenario for a bounded time and report (admin)",
+                "parameters": [
+                    _path_param("scenario", "serial_unplug, serial_garbage, broker_down, slow_disk, provider_*"),
+                    _query("duration_s", {"type": "number", "exclusiveMinimum": 0, "maximum": 120}, "fault length"),
+                ],
+                "responses": _responses(200, 400, 404, 409),
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gatewayd", "version": __version__, "description": "The gateway's local JSON API."},
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message", "details"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "details": {"type": "object"},
+                            },
+                        }
+                    },
+                }
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
