@@ -30,6 +30,7 @@ from gatewayd.commands.service import CommandService
 from gatewayd.config.loader import LoadedConfig, load_config
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt, StoreUnavailable
+from gatewayd.interpret.service import InterpretService
 from gatewayd.observability import logging as gwlog
 from gatewayd.resilience import ResilienceState
 from gatewayd.store import Store
@@ -58,6 +59,7 @@ class Supervisor:
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.web: WebServer | None = None
+        self.interpret: InterpretService | None = None
         self.resilience = ResilienceState()
 
     # --- signals: flags only ---------------------------------------------------------------------------------
@@ -139,10 +141,28 @@ class Supervisor:
             )
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)
+            if cfg.interpret.enabled:
+                self.interpret = InterpretService(
+                    cfg.interpret,
+                    store=self.store,
+                    service=self.service,
+                    profiles=self.devices.profiles,
+                    descriptions={name: dev.description for name, dev in cfg.devices.items()},
+                    environ=self._environ,
+                    command_clock=self.clock,
+                )
+                self.interpret.register(self.resilience)
             await self.resilience.load(self.store)  # before any command runs: an open breaker stays open
             self.dispatcher = await stack.enter_async_context(dispatcher)
+            if self.interpret is not None:
+                await stack.enter_async_context(self.interpret)
             ctx = WebContext(
-                self.service, self.devices, self.status, cfg.commands.max_wait_s, self.dispatcher.breaker_state
+                self.service,
+                self.devices,
+                self.status,
+                cfg.commands.max_wait_s,
+                self.dispatcher.breaker_state,
+                self.interpret,
             )
             self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
             tasks = TaskOwner("supervisor")
@@ -156,6 +176,8 @@ class Supervisor:
 
             self.service.attach(self.dispatcher)
             self.dispatcher.request_off = self._switch_off
+            if self.interpret is not None:
+                await self.interpret.resume()  # ends of on-periods from before the restart, now commands are taken
             self.phase = "running"
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
             log.info(
@@ -218,6 +240,8 @@ class Supervisor:
         changed = self.devices.reload_profiles(
             new.profiles, {name: dev.profile for name, dev in new.config.devices.items()}
         )
+        if self.interpret is not None:
+            await self.interpret.reload()  # the rules file again, and the registry of the new profiles
         later = [
             section
             for section in type(new.config).model_fields

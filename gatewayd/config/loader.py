@@ -180,7 +180,23 @@ def _resolve(cfg: Config, base: Path) -> Config:
     data_dir = gw.data_dir if gw.data_dir.is_absolute() else base / gw.data_dir
     profiles_dir = gw.profiles_dir if gw.profiles_dir.is_absolute() else base / gw.profiles_dir
     new_gw = gw.model_copy(update={"data_dir": data_dir, "profiles_dir": profiles_dir})
-    return cfg.model_copy(update={"gateway": new_gw})
+    update: dict[str, Any] = {"gateway": new_gw}
+    rules = cfg.interpret.rules_file
+    if rules is not None and not rules.is_absolute():
+        update["interpret"] = cfg.interpret.model_copy(update={"rules_file": base / rules})
+    return cfg.model_copy(update=update)
+
+
+def _check_interpret(cfg: Config, profiles: dict[str, Profile]) -> list[ConfigProblem]:
+    """The natural-language rules file, against the devices it names (gatewayd.interpret.rules)."""
+    path = cfg.interpret.rules_file
+    if not cfg.interpret.enabled or path is None:
+        return []
+    from gatewayd.interpret.rules import load_rules  # only configurations that name a rules file load it
+
+    device_profiles = {name: profiles[dev.profile] for name, dev in cfg.devices.items() if dev.profile in profiles}
+    _, found = load_rules(path, device_profiles)
+    return [ConfigProblem(str(path), key, problem) for key, problem in found]
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -204,6 +220,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     cfg = _resolve(cfg, path.parent)
     profiles = load_profiles(cfg.gateway.profiles_dir, problems)
     problems.extend(_cross_check(cfg, profiles, str(path)))
+    problems.extend(_check_interpret(cfg, profiles))
     if problems:
         raise ConfigError(problems)
     dotted = {".".join(p): var for p, (var, _) in overrides.items()}

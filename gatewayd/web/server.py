@@ -10,7 +10,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -21,8 +21,13 @@ from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
+from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import REGISTRY
+from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.web import page
+
+if TYPE_CHECKING:
+    from gatewayd.interpret.service import InterpretService
 
 log = structlog.get_logger("gatewayd.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,6 +40,7 @@ class WebContext:
     status: Callable[[], dict[str, Any]]  # the supervisor's view: phase, uptime, store, queue
     max_wait_s: float
     breaker_state: Callable[[str], dict[str, Any] | None] = lambda _name: None  # the dispatcher's, per device
+    interpret: InterpretService | None = None  # natural-language commands, when [interpret] is enabled
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -51,7 +57,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as err:
         if err.status >= 500:
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
-        return error_response(err)
+        # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
+        return error_response(err, err.headers() if isinstance(err, RateLimited | CircuitOpenError) else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -106,10 +113,16 @@ async def post_command(request: web.Request) -> web.Response:
     wait_s = _query_float(request, "wait", 0, ctx.max_wait_s)
     payload = await _json_body(request)
     source = "cli" if request.headers.get("X-Gatewayd-Client") == "cli" else "http"
-    rec, created = await ctx.service.submit(payload, source=source)
+    headers: dict[str, str] = {}
+    if isinstance(payload, dict) and "text" in payload:  # natural language: interpreted, then submitted
+        if ctx.interpret is None:
+            raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
+        rec, created, headers = await ctx.interpret.submit(payload, source=source, client=request.remote or "")
+    else:
+        rec, created = await ctx.service.submit(payload, source=source)
     if wait_s:
         rec = await ctx.service.wait(rec.id, wait_s)
-    headers = {"Location": f"/api/v1/commands/{rec.id}"}
+    headers["Location"] = f"/api/v1/commands/{rec.id}"
     if not created:
         headers["Idempotent-Replay"] = "true"
     status = 200 if rec.state.final or not created else 202
@@ -149,6 +162,14 @@ async def get_device(request: web.Request) -> web.Response:
         if device["name"] == name:
             return web.json_response(device)
     raise NotFound(f"no device named {name!r}", details={"device": name}, code="unknown_device")
+
+
+async def providers(request: web.Request) -> web.Response:
+    """The natural-language interpreter: providers' health, breakers, limits, spend; cache and local rules."""
+    interpret = _ctx(request).interpret
+    if interpret is None:
+        return web.json_response({"enabled": False, "providers": []})
+    return web.json_response(await interpret.describe())
 
 
 async def queue(request: web.Request) -> web.Response:
@@ -201,6 +222,7 @@ def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
     app.router.add_get("/api/v1/devices", list_devices)
     app.router.add_get("/api/v1/devices/{name}", get_device)
     app.router.add_get("/api/v1/queue", queue)
+    app.router.add_get("/api/v1/providers", providers)
     app.router.add_get("/api/v1/stats", stats)
     return app
 
