@@ -190,8 +190,8 @@ def _resolve(cfg: Config, base: Path) -> Config:
 def _check_interpret(cfg: Config, profiles: dict[str, Profile]) -> list[ConfigProblem]:
     """The natural-language rules file, against the devices it names (gatewayd.interpret.rules)."""
     path = cfg.interpret.rules_file
-    if not cfg.interpret.enabled or path is None:
-        return []
+    if not cfg.interpret.enabled or path is None or not path.exists():
+        return []  # the rules file is optional: without it the local rules come from the profiles alone
     from gatewayd.interpret.rules import load_rules  # only configurations that name a rules file load it
 
     device_profiles = {name: profiles[dev.profile] for name, dev in cfg.devices.items() if dev.profile in profiles}

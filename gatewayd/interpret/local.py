@@ -68,6 +68,7 @@ _STRIP_UNITS = sorted(
     reverse=True,
 )
 _TEMPLATE_SAFE = re.compile(r"^[^\[\]()<>{}|]+$")
+_SLOT_REF = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 # --- numbers ---------------------------------------------------------------------------------------------------
 
@@ -324,7 +325,7 @@ class LocalRules:
                     if rule.device == entry.name and rule.action == action:
                         data.append(
                             {
-                                "sentences": list(rule.templates),
+                                "sentences": [_SLOT_REF.sub(r"{v_\1}", t) for t in rule.templates],
                                 "expansion_rules": rules,
                                 "metadata": {"device": entry.name, "action": action, "params": dict(rule.params)},
                             }
@@ -341,6 +342,17 @@ class LocalRules:
         lists: dict[str, Any] = {name: {"wildcard": True} for name in sorted(wildcards)}
         lists["duration_unit"] = {"values": [{"in": k, "out": v} for k, v in _DURATION_UNITS.items()]}
         built = Intents.from_dict({"language": LANGUAGE, "intents": intents, "lists": lists, "skip_words": SKIP_WORDS})
+        for intent in built.intents.values():
+            # hassil parses templates on first use; parse them now, so a user's sentence it cannot read is dropped
+            # here, with a log line, instead of failing every match later. (The loader checks them too, roughly.)
+            for block in list(intent.data):
+                try:
+                    block.sentences  # noqa: B018 - a cached property: parsing is the point
+                except Exception as err:
+                    intent.data.remove(block)
+                    log.error(
+                        "interpret_rule_dropped", intent=intent.name, templates=block.sentence_texts, error=str(err)
+                    )
         return cls(registry, built, capabilities)
 
     def match(self, text: str) -> LocalMatch | None:

@@ -1,6 +1,8 @@
 """The user's local rules file: other names for devices, other verbs for actions, and whole sentences mapped to a
 command. It extends what the local interpreter derives from the device profiles (see :mod:`.local`), and the
-device names also reach the LLM providers' prompt, so "the irrigation pump" means ``pump1`` on every path.
+device names also reach the LLM providers' prompt, so "the irrigation pump" means ``pump1`` on every path. The
+file is optional: when the one named in the configuration does not exist the rules come from the profiles alone
+(logged at start); a file that exists and is wrong is a configuration error.
 
 ```toml
 [names]

@@ -87,6 +87,24 @@ def parse_text_request(payload: Any, max_chars: int) -> TextRequest:
     return req
 
 
+def build_slots(
+    settings: InterpretSection, environ: Mapping[str, str], *, clock: Clock, wall: Callable[[], float]
+) -> list[Slot]:
+    """One slot per configured provider; a disabled one, or one whose key variable is unset or empty, is
+    inactive: listed, never asked."""
+    slots = []
+    for name, cfg in settings.providers.items():
+        key = environ.get(cfg.api_key_env, "") if cfg.api_key_env else None
+        inactive = None
+        if not cfg.enabled:
+            inactive = "disabled"
+        elif cfg.api_key_env and not key:
+            inactive = f"no API key: environment variable {cfg.api_key_env} is not set"
+        provider = build_provider(name, cfg, key or None)
+        slots.append(Slot(name, cfg, provider, settings, clock=clock, wall=wall, inactive=inactive))
+    return slots
+
+
 class InterpretService:
     def __init__(
         self,
@@ -118,16 +136,7 @@ class InterpretService:
         self._registry_key: tuple[Any, ...] = ()
         self._local: LocalRules | None = None
         self._local_lock = asyncio.Lock()
-        self.slots: list[Slot] = []
-        for name, cfg in settings.providers.items():
-            key = environ.get(cfg.api_key_env, "") if cfg.api_key_env else None
-            inactive = None
-            if not cfg.enabled:
-                inactive = "disabled"
-            elif cfg.api_key_env and not key:
-                inactive = f"no API key: environment variable {cfg.api_key_env} is not set"
-            provider = build_provider(name, cfg, key or None)
-            self.slots.append(Slot(name, cfg, provider, settings, clock=clock, wall=wall, inactive=inactive))
+        self.slots = build_slots(settings, environ, clock=clock, wall=wall)
         self.ledger = SpendLedger(store, budget=settings.daily_budget, wall=wall)
         self.cache = PromptCache(store, ttl_s=settings.cache_ttl_s, max_entries=settings.cache_max_entries, wall=wall)
         self.users = KeyedLimiter(
@@ -206,6 +215,9 @@ class InterpretService:
             await self.followups.resume()
 
     def _read_rules(self) -> RulesFile:
+        if self.rules_path is not None and not self.rules_path.exists():
+            log.warning("interpret_rules_missing", file=str(self.rules_path), using="the device profiles alone")
+            return EMPTY
         rules, problems = load_rules(self.rules_path, self._profiles())
         for key, problem in problems:  # the loader refused these at start; a file edited since is caught here
             log.error("interpret_rules_invalid", file=str(self.rules_path), key=key, problem=problem)
@@ -380,6 +392,7 @@ class InterpretService:
             "local": {
                 "ready": local is not None,
                 "rules_file": str(self.rules_path) if self.rules_path else None,
+                "rules_file_found": self.rules_path is not None and self.rules_path.exists(),
                 "can_do": local.capabilities if local is not None else [],
             },
             "followups": [

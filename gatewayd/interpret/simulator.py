@@ -106,16 +106,20 @@ def naive_answer(text: str, tools: list[dict[str, Any]]) -> dict[str, Any] | Non
         return None
     props = schema.get("parameters", {}).get("properties", {})
     lowered = text.lower()
-    spoken = re.sub(r"(?<=[a-z])(?=[0-9])", " ", lowered)
+
+    def spoken(name: str) -> str:
+        return re.sub(r"(?<=[a-z])(?=[0-9])", " ", name.replace("_", " "))
+
     devices = props.get("device", {}).get("enum", [])
-    device = next((d for d in devices if d in lowered or d in spoken), None)
+    device = next((d for d in devices if d in lowered or spoken(d) in lowered), None)
     actions = props.get("action", {}).get("enum", [])
     words = set(re.findall(r"[a-z_]+", lowered))
     action = next((a for a in actions if a in words or a.replace("_", " ") in lowered), None)
     if device is None or action is None:
         return None
     params: dict[str, Any] = {}
-    number = re.search(r"-?\d+(\.\d+)?", spoken.replace(device, ""))
+    rest = lowered.replace(device, " ").replace(spoken(device), " ")
+    number = re.search(r"-?\d+(\.\d+)?", rest)
     if number is not None and action.startswith("set"):
         params["percent"] = float(number.group())
     return {"device": device, "action": action, "params": params}
@@ -156,6 +160,7 @@ class FakeProvider:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._closing = asyncio.Event()
+        self._arrived = asyncio.Event()
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -203,6 +208,12 @@ class FakeProvider:
             self._closing.set()
             await self._site.stop()
             self._site = None
+            server = self._runner.server if self._runner is not None else None
+            if server is not None:  # and the open keep-alive connections die with the host
+                for handler in server.connections:
+                    handler.force_close()
+                    if handler.transport is not None:
+                        handler.transport.abort()
 
     @property
     def base_url(self) -> str:
@@ -212,6 +223,16 @@ class FakeProvider:
 
     def script(self, *faults: Fault | None) -> None:
         self.faults.extend(faults)
+
+    async def wait_seen(self, path: str, count: int) -> None:
+        """Until ``count`` requests for ``path`` have arrived (bound it with ``asyncio.wait_for``)."""
+        while sum(1 for s in self.seen if s.path == path) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def _record(self, seen: Seen) -> None:
+        self.seen.append(seen)
+        self._arrived.set()
 
     def completions(self) -> list[Seen]:
         return [s for s in self.seen if s.path in ("/v1/chat/completions", "/v1/messages", "/api/chat")]
@@ -293,7 +314,7 @@ class FakeProvider:
             parsed = json.loads(raw) if raw else None
         except ValueError:
             parsed = None
-        self.seen.append(Seen(request.path, dict(request.headers), parsed, time.monotonic(), fault))
+        self._record(Seen(request.path, dict(request.headers), parsed, time.monotonic(), fault))
         problem = self._auth_problem(request)
         if problem is not None:
             return None, fault, problem
@@ -412,7 +433,7 @@ class FakeProvider:
 
     async def _health_prelude(self, request: web.Request) -> web.Response | None:
         fault = self.health_faults.popleft() if self.health_faults else None
-        self.seen.append(Seen(request.path, dict(request.headers), None, time.monotonic(), fault))
+        self._record(Seen(request.path, dict(request.headers), None, time.monotonic(), fault))
         problem = self._auth_problem(request)
         if problem is not None:
             return problem
