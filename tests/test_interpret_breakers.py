@@ -116,9 +116,9 @@ async def test_the_connectivity_breaker_skips_every_cloud_provider_at_once_until
             await a.down()
             await b.down()
             out = await rig.ask("start pump1")
-            # a's two refused attempts are one witness; b's first refusal is the second: the link is down, so b is
-            # not retried, and the provider on the local network answers.
-            assert tried(out) == [("a", "failed", 2), ("b", "failed", 1), ("lan", "answered", 1)]
+            # a gave up after two refused attempts: one witness; b the same: the second. The link is down, and the
+            # provider on the local network answers.
+            assert tried(out) == [("a", "failed", 2), ("b", "failed", 2), ("lan", "answered", 1)]
             assert connectivity.offline
 
             started = time.monotonic()
@@ -185,3 +185,36 @@ async def test_health_checks_run_at_start_right_after_a_breaker_opens_and_probe_
             [info] = described["providers"]
             assert info["health"]["ok"] is True and info["breaker"]["state"] == "closed"
             assert info["health"]["checked_at"].endswith("Z")
+
+
+async def test_a_single_cloud_provider_is_retried_before_the_cloud_counts_as_offline(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as a:
+        cfg = settings({"a": provider(a)}, connectivity_providers=2, connectivity_open_s=30, cache_ttl_s=0)
+        async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
+            assert rig.chain.connectivity.needed == 1  # only one cloud provider to witness
+            await a.down()
+            first = await rig.ask("start pump 1")
+            second = await rig.ask("start pump 1")
+    assert tried(first) == [("a", "failed", 3)] and first.degraded  # a refused connection may be a hiccup
+    assert tried(second) == [("a", "skipped", 0)] and second.tried[0]["reason"] == "offline"
+
+
+async def test_one_provider_failing_request_after_request_is_one_witness(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as a, FakeProvider(
+        "openai", api_key=KEY, default=START_PUMP
+    ) as b:
+        cfg = settings(
+            {"a": provider(a, priority=1), "b": provider(b, priority=2)},
+            breaker={"window_size": 20, "minimum_calls": 20},
+            connectivity_providers=2,
+            cache_ttl_s=0,
+        )
+        async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
+            await a.down()
+            rig.slot("b").breaker.force_open("test")  # b is passed over: no answer from it ends a's streak
+            for _ in range(3):
+                out = await rig.ask("start pump 1")
+                assert tried(out) == [("a", "failed", 3), ("b", "skipped", 0)]
+            assert not rig.chain.connectivity.offline  # three failures of one host are not a network down

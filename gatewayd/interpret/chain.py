@@ -213,10 +213,11 @@ class Slot:
 class Connectivity:
     """Whether the cloud is reachable at all, as one breaker over every cloud provider.
 
-    A connection error counts once per provider per streak (a provider retried three times is one witness, not
-    three), an answer of any kind (an HTTP error is an answer) ends the streak, and the breaker opens when
-    ``needed`` providers in a row could not be reached. Half-open, the next cloud attempt or health check is the
-    probe; its answer closes the breaker.
+    A cloud provider whose retries all ended in connection errors (refused, unreachable, DNS, connect timeout) is
+    one witness, counted once per streak however many requests it fails; an answer of any kind from any cloud
+    provider (an HTTP error is an answer) ends the streak. When ``needed`` providers in a row are witnesses the
+    breaker opens and every cloud provider is skipped. Half-open, the next cloud attempt or health check is the
+    probe: an answer closes the breaker, a connection error opens it again.
     """
 
     def __init__(self, clock: Clock, *, needed: int, open_s: float):
@@ -240,26 +241,29 @@ class Connectivity:
     def permit(self) -> Permit:
         return self.breaker.permit()
 
-    def answered(self, permit: Permit) -> None:
-        self._streak.clear()
-        permit.success()
-
-    def unreachable(self, permit: Permit, provider: str) -> None:
-        if permit.probe or provider not in self._streak:
-            self._streak.add(provider)
+    def settle(self, permit: Permit | None, err: BaseException | None) -> None:
+        """One attempt's outcome. Only a probe's connection error counts here; others wait for the provider's
+        retries to end (:meth:`gave_up`), so one refused connection is not yet a network that is down."""
+        if permit is None:
+            return
+        if err is None or isinstance(err, HttpStatusError | UnusableAnswer):
+            self._streak.clear()
+            permit.success()
+        elif permit.probe and is_unreachable(err):
             permit.failure()
         else:
             permit.ignore()
 
-    def settle(self, permit: Permit | None, provider: str, err: BaseException | None) -> None:
-        if permit is None:
+    def gave_up(self, provider: str, err: BaseException) -> None:
+        """A cloud provider failed a request; a witness if its last attempt could not connect."""
+        if not is_unreachable(err) or provider in self._streak:
             return
-        if err is None or isinstance(err, HttpStatusError | UnusableAnswer):
-            self.answered(permit)
-        elif is_unreachable(err):
-            self.unreachable(permit, provider)
-        else:
-            permit.ignore()  # a hang or a body cut short: the link worked, the provider did not
+        self._streak.add(provider)
+        try:
+            permit = self.breaker.permit()
+        except CircuitOpenError:
+            return  # already open, or a probe is out: that probe decides
+        permit.failure()
 
 
 @dataclass
@@ -600,7 +604,7 @@ class Chain:
                 permit.ignore()
             else:
                 permit.failure()
-            self.connectivity.settle(conn, slot.name, err)
+            self.connectivity.settle(conn, err)
             throttled = isinstance(err, HttpStatusError) and err.http_status == 429
             slot.rate.record(False, throttled=throttled)
             outcome = (
@@ -618,7 +622,7 @@ class Chain:
         finally:
             slot.reserved_tokens -= estimate
         elapsed = self._clock.monotonic() - started
-        self.connectivity.settle(conn, slot.name, None)
+        self.connectivity.settle(conn, None)
         usage = completion.usage or Usage(
             req.tokens_in,
             _estimate_tokens(len(json.dumps(completion.call.arguments if completion.call else completion.content))),
@@ -642,6 +646,8 @@ class Chain:
 
     def _failed(self, slot: Slot, entry: dict[str, Any], err: Exception, started: float) -> None:
         last = err.last_error if isinstance(err, RetryExhausted) else err
+        if slot.cloud:
+            self.connectivity.gave_up(slot.name, last)
         entry["outcome"] = "failed"
         entry["error"] = last.code if isinstance(last, GatewayError) else type(last).__name__
         if isinstance(last, HttpStatusError):
@@ -739,7 +745,7 @@ class Chain:
         except Exception as err:
             if probe is not None:
                 probe.failure()
-            self.connectivity.settle(conn, slot.name, err)
+            self.connectivity.settle(conn, err)
             was = health.ok
             health.ok, health.error = (
                 False,
@@ -756,7 +762,7 @@ class Chain:
         else:
             if probe is not None:
                 probe.success()
-            self.connectivity.settle(conn, slot.name, None)
+            self.connectivity.settle(conn, None)
             if health.ok is False:
                 log.info("provider_healthy", provider=slot.name)
             health.ok, health.error, health.info = True, None, info
