@@ -202,9 +202,10 @@ async def test_a_single_cloud_provider_is_retried_before_the_cloud_counts_as_off
 
 async def test_one_provider_failing_request_after_request_is_one_witness(tmp_path: Path) -> None:
     clock = FakeClock()
-    async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as a, FakeProvider(
-        "openai", api_key=KEY, default=START_PUMP
-    ) as b:
+    async with (
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as a,
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as b,
+    ):
         cfg = settings(
             {"a": provider(a, priority=1), "b": provider(b, priority=2)},
             breaker={"window_size": 20, "minimum_calls": 20},
