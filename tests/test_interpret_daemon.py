@@ -250,3 +250,13 @@ def test_the_end_of_an_on_period_survives_a_kill(make_daemon: Any) -> None:
 def _final(d: Daemon, command_id: str) -> dict[str, Any] | None:
     status, body, _ = http("GET", f"{d.url}/api/v1/commands/{command_id}")
     return dict(body) if status == 200 and body["state"] in FINAL else None
+
+
+def test_with_interpret_disabled_text_is_refused_and_structured_commands_still_run(make_daemon: Any) -> None:
+    d: Daemon = make_daemon({**NO_KEYS, "GATEWAYD_INTERPRET__ENABLED": "false"})
+    d.start()
+    status, err, _ = d.post({"text": "start the pump"})
+    assert status == 503 and err["error"]["code"] == "interpret_unavailable"
+    assert d.get("/api/v1/providers") == (200, {"enabled": False, "providers": []})
+    status, rec, _ = d.post({"device": "relay1", "action": "on"}, wait=5)
+    assert status == 200 and rec["state"] == "succeeded" and "interpretation" not in rec

@@ -189,3 +189,10 @@ def test_provider_config_refuses_what_it_cannot_use() -> None:
     ):
         with pytest.raises(ValidationError):
             ProviderConfig(**{**good, **bad})
+
+
+def test_credentials_in_a_base_url_are_not_shown() -> None:
+    from gatewayd.interpret.chain import _without_userinfo
+
+    assert _without_userinfo("https://bob:s3cret@proxy.example:8443/v1") == "https://***@proxy.example:8443/v1"
+    assert _without_userinfo("http://127.0.0.1:11434") == "http://127.0.0.1:11434"

@@ -97,6 +97,18 @@ def is_unreachable(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in _UNREACHABLE_ERRNOS
 
 
+def _without_userinfo(url: str) -> str:
+    """A URL as it may be shown: credentials in it (``https://user:secret@host``) are not."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=f"***@{netloc}").geturl()
+
+
 def _always_a_failure(_exc: BaseException) -> bool:
     # For a provider's breaker every error counts, permanent ones too: a provider that answers 401 or talks
     # nonsense is as useless to the chain as one that is down. Our own refusals are ignored (the kit's default).
@@ -185,7 +197,7 @@ class Slot:
             "name": self.name,
             "type": self.cfg.type,
             "model": self.cfg.model,
-            "base_url": self.cfg.base_url,
+            "base_url": _without_userinfo(self.cfg.base_url),
             "api_key_env": self.cfg.api_key_env,
             "active": self.inactive is None,
             "inactive_reason": self.inactive,
