@@ -22,6 +22,7 @@ import structlog
 from gatewayd.commands.model import Clock, CommandRecord, State
 from gatewayd.commands.service import CommandService
 from gatewayd.errors import GatewayError, ShuttingDown, StoreUnavailable
+from gatewayd.resilience import Clock as ResilienceClock
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner
 
@@ -43,11 +44,12 @@ class FollowUp:
 
 
 class FollowUps:
-    def __init__(self, store: Store, service: CommandService, tasks: TaskOwner, clock: Clock):
+    def __init__(self, store: Store, service: CommandService, tasks: TaskOwner, clock: Clock, sleeper: ResilienceClock):
         self._store = store
         self._service = service
         self._tasks = tasks
-        self._clock = clock
+        self._clock = clock  # wall, monotonic and boot id: how long ago the on command succeeded
+        self._sleeper = sleeper  # the wait itself
         self._pending: dict[str, tuple[FollowUp, asyncio.Task[None]]] = {}  # on command id -> its off
 
     @property
@@ -122,7 +124,7 @@ class FollowUps:
             if rec.state is not State.SUCCEEDED:
                 log.info("followup_dropped", command_id=follow.command_id, state=rec.state.value)
             else:
-                await asyncio.sleep(self._remaining(follow, rec))
+                await self._sleeper.sleep(self._remaining(follow, rec))
                 payload = {"device": follow.device, "action": follow.action, "id": follow.off_id, "priority": "high"}
                 off, _ = await self._service.submit(payload, source="interpret", user=follow.user)
                 log.info("followup_sent", command_id=follow.command_id, off_id=off.id, device=follow.device)

@@ -185,7 +185,7 @@ class InterpretService:
             registry = self.registry()
             await self.ledger.load()
             await self._tasks.open()
-            self.followups = FollowUps(self._store, self._service, self._tasks, self._command_clock)
+            self.followups = FollowUps(self._store, self._service, self._tasks, self._command_clock, self._clock)
             self._tasks.spawn("local_rules", self._prepare(registry))
             for slot in self.chain.active:
                 self._tasks.spawn(f"health.{slot.name}", self._monitor(slot))
