@@ -188,6 +188,45 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_NOT_DONE
 
 
+def cmd_say(args: argparse.Namespace) -> int:
+    """A natural-language command: the daemon interprets it (LLM providers, else its local rules) and runs it."""
+    body: dict[str, Any] = {"text": args.text}
+    if args.user:
+        body["user"] = args.user
+    if args.confirm:
+        body["confirm"] = True
+    if args.id:
+        body["id"] = args.id
+    url = base_url(args)
+    try:
+        _, record = request(f"{url}/api/v1/commands?wait={args.wait:g}", "POST", body, timeout=args.wait + 30)
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        error = (err.body or {}).get("error", {}) if isinstance(err.body, dict) else {}
+        details = error.get("details") or {}
+        code = _api_error(err)
+        for capability in details.get("can_do", []) if error.get("code") == "not_understood" else []:
+            print(
+                f'  {capability.get("device")} {capability.get("action")}: "{capability.get("example")}"',
+                file=sys.stderr,
+            )
+        if error.get("code") == "confirmation_required":
+            print(f"  interpreted as: {json.dumps(details.get('command'))}; add --confirm to run it", file=sys.stderr)
+        return code
+    print(json.dumps(record, indent=2))
+    how = record.get("interpretation") or {}
+    print(
+        f"gatewayd: understood as {record.get('device')} {record.get('action')} {json.dumps(record.get('params'))} "
+        f"by {how.get('provider')}{' (cached)' if how.get('cached') else ''}"
+        f"{' (degraded: local rules)' if how.get('degraded') else ''} in {how.get('latency_ms')} ms",
+        file=sys.stderr,
+    )
+    if record.get("state") == "succeeded":
+        return EXIT_OK
+    return EXIT_NOT_DONE
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     url = base_url(args)
     try:
@@ -278,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a final state (default 30)")
     client(send)
     send.set_defaults(func=cmd_send)
+
+    say = sub.add_parser("say", help="send a command in plain words and print its final record")
+    say.add_argument("text", help='e.g. "switch the irrigation pump on for 10 minutes"')
+    say.add_argument("--user", help="who is asking (the per-user limit counts it)")
+    say.add_argument("--confirm", action="store_true", help="confirm an action its profile marks confirm")
+    say.add_argument("--id", help="idempotency key: sending the same id again never runs the command twice")
+    say.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a final state (default 30)")
+    client(say)
+    say.set_defaults(func=cmd_say)
 
     status = sub.add_parser("status", help="show the daemon's health, devices and recent commands")
     status.add_argument("--json", action="store_true")

@@ -101,7 +101,8 @@ def test_broker_down_drops_the_link_keeps_the_backlog_and_drains_it_after(tmp_pa
         broker.kill9()
 
 
-def test_provider_scenarios_say_what_they_need_when_no_interpreter_runs(daemon: Daemon) -> None:
+def test_provider_scenarios_say_what_they_need_when_no_provider_is_active(daemon: Daemon) -> None:
+    # The bundled config lists providers, but without API keys in the environment none of them is asked.
     code, report = _cli(daemon, "test", "provider_down", "--duration", "1")
     assert code == 2
     assert "scenario_unavailable" in str(report)

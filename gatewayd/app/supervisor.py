@@ -31,6 +31,7 @@ from gatewayd.commands.service import CommandService
 from gatewayd.config.loader import LoadedConfig, load_config
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt, StoreUnavailable
+from gatewayd.interpret.service import InterpretService
 from gatewayd.observability import logging as gwlog
 from gatewayd.observability.collector import GatewayCollector
 from gatewayd.observability.metrics import REGISTRY
@@ -66,6 +67,7 @@ class Supervisor:
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.web: WebServer | None = None
+        self.interpret: InterpretService | None = None
         self.resilience = ResilienceState()
 
     # --- signals: flags only ---------------------------------------------------------------------------------
@@ -151,10 +153,23 @@ class Supervisor:
             )
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)
+            if cfg.interpret.enabled:
+                self.interpret = InterpretService(
+                    cfg.interpret,
+                    store=self.store,
+                    service=self.service,
+                    profiles=self.devices.profiles,
+                    descriptions={name: dev.description for name, dev in cfg.devices.items()},
+                    environ=self._environ,
+                    command_clock=self.clock,
+                )
+                self.interpret.register(self.resilience)
             await self.resilience.load(self.store)  # before any command runs: an open breaker stays open
             recorder = self.recorder
             dispatcher.clock_synced = lambda: recorder.stamper.synced
             self.dispatcher = await stack.enter_async_context(dispatcher)
+            if self.interpret is not None:
+                await stack.enter_async_context(self.interpret)
             ctx = WebContext(
                 self.service,
                 self.devices,
@@ -163,10 +178,18 @@ class Supervisor:
                 self.dispatcher.breaker_state,
                 recorder=self.recorder,
                 operator=self.operator,
+                interpret=self.interpret,
             )
             self.uplink = await stack.enter_async_context(
                 Uplink(cfg.mqtt, cfg.gateway.id, self.store, self.service, self.recorder, self.devices.profiles)
             )
+            self.uplink.interpret = self.interpret
+            if self.interpret is not None:
+                interpret = self.interpret
+                extra = self.operator.extra
+                extra["provider_timeout"] = lambda s: interpret.fault_scenario("timeout", s)
+                extra["provider_429"] = lambda s: interpret.fault_scenario("429", s)
+                extra["provider_down"] = lambda s: interpret.fault_scenario("down", s)
             collector = GatewayCollector(self)
             REGISTRY.register(collector)
             stack.callback(REGISTRY.unregister, collector)
@@ -182,6 +205,8 @@ class Supervisor:
 
             self.service.attach(self.dispatcher)
             self.dispatcher.request_off = self._switch_off
+            if self.interpret is not None:
+                await self.interpret.resume()  # ends of on-periods from before the restart, now commands are taken
             self.phase = "running"
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
             log.info(
@@ -244,6 +269,8 @@ class Supervisor:
         changed = self.devices.reload_profiles(
             new.profiles, {name: dev.profile for name, dev in new.config.devices.items()}
         )
+        if self.interpret is not None:
+            await self.interpret.reload()  # the rules file again, and the registry of the new profiles
         later = [
             section
             for section in type(new.config).model_fields

@@ -135,6 +135,7 @@ class CommandRecord:
     error_code: str | None = None
     error_message: str | None = None
     transitions: list[Transition] = field(default_factory=list)
+    interpretation: dict[str, Any] | None = None  # how a natural-language command was understood (interpret)
 
     def expired(self, clock: Clock) -> str | None:
         """Why this command must not run any more, or None while it may.
@@ -173,6 +174,8 @@ class CommandRecord:
                 {"code": self.error_code, "message": self.error_message} if self.error_code is not None else None
             ),
         }
+        if self.interpretation is not None:
+            out["interpretation"] = self.interpretation
         if transitions:
             out["transitions"] = [t.to_api() for t in self.transitions]
         return out

@@ -48,8 +48,11 @@ class CommandService:
     def close_intake(self) -> None:
         self.accepting = False
 
-    async def submit(self, payload: Any, *, source: str, user: str | None = None) -> tuple[CommandRecord, bool]:
-        """Validate and durably accept a command. Returns (record, created); created is False for a replay."""
+    async def submit(
+        self, payload: Any, *, source: str, user: str | None = None, interpretation: dict[str, Any] | None = None
+    ) -> tuple[CommandRecord, bool]:
+        """Validate and durably accept a command. Returns (record, created); created is False for a replay.
+        ``interpretation`` is stored with a command that came from natural language (gatewayd.interpret)."""
         received = self._transition(State.RECEIVED)
         if not self.accepting or self.dispatcher is None:
             raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
@@ -81,6 +84,7 @@ class CommandService:
             deadline_mono=received.mono + checked.ttl_s,
             boot_id=self._clock.boot_id,
             updated_at=now,
+            interpretation=interpretation,
         )
         transitions = [
             received,

@@ -185,7 +185,22 @@ def _resolve(cfg: Config, base: Path) -> Config:
     if tls is not None:
         files = {k: (v if v is None or v.is_absolute() else base / v) for k, v in tls.model_dump().items()}
         update["mqtt"] = cfg.mqtt.model_copy(update={"tls": tls.model_copy(update=files)})
+    rules = cfg.interpret.rules_file
+    if rules is not None and not rules.is_absolute():
+        update["interpret"] = cfg.interpret.model_copy(update={"rules_file": base / rules})
     return cfg.model_copy(update=update)
+
+
+def _check_interpret(cfg: Config, profiles: dict[str, Profile]) -> list[ConfigProblem]:
+    """The natural-language rules file, against the devices it names (gatewayd.interpret.rules)."""
+    path = cfg.interpret.rules_file
+    if not cfg.interpret.enabled or path is None or not path.exists():
+        return []  # the rules file is optional: without it the local rules come from the profiles alone
+    from gatewayd.interpret.rules import load_rules  # only configurations that name a rules file load it
+
+    device_profiles = {name: profiles[dev.profile] for name, dev in cfg.devices.items() if dev.profile in profiles}
+    _, found = load_rules(path, device_profiles)
+    return [ConfigProblem(str(path), key, problem) for key, problem in found]
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -209,6 +224,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     cfg = _resolve(cfg, path.parent)
     profiles = load_profiles(cfg.gateway.profiles_dir, problems)
     problems.extend(_cross_check(cfg, profiles, str(path)))
+    problems.extend(_check_interpret(cfg, profiles))
     if problems:
         raise ConfigError(problems)
     dotted = {".".join(p): var for p, (var, _) in overrides.items()}

@@ -228,6 +228,68 @@ class ResilienceSection(Section):
     device_breaker: BreakerSettings = BreakerSettings()
 
 
+class ProviderConfig(Section):
+    """One LLM provider of the natural-language interpreter (gatewayd.interpret). The key is read from the
+    environment variable named by ``api_key_env``; the key itself is never in a file or a log."""
+
+    type: Literal["openai", "anthropic", "ollama"]  # openai: any OpenAI-compatible chat-completions API
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$", max_length=500)]
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")] | None = None  # None: no key
+    enabled: bool = True
+    priority: int = Field(default=1, ge=0, le=100)  # lower is tried first; equal priorities share the load
+    weight: float = Field(default=1.0, gt=0, le=1000)  # share among equal priorities (balance = "weighted")
+    timeout_s: float = Field(default=10.0, gt=0, le=300)  # one HTTP attempt, cut short by the request deadline
+    connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    rpm: int = Field(default=60, ge=1, le=1_000_000)  # requests per minute
+    tpm: int = Field(default=100_000, ge=100, le=1_000_000_000)  # tokens (in + out) per minute
+    max_tokens: int = Field(default=256, ge=16, le=32_000)  # the answer's length cap, asked of the model
+    price_in_per_mtok: float = Field(default=0.0, ge=0, le=10_000)  # per million input tokens, budget currency
+    price_out_per_mtok: float = Field(default=0.0, ge=0, le=10_000)
+    # Whether calls leave this network: cloud providers are skipped together while the connectivity breaker is
+    # open. None: decided from base_url (loopback and private addresses are local).
+    cloud: bool | None = None
+
+
+def _interpret_retry() -> RetrySettings:
+    return RetrySettings(max_attempts=3, base_s=0.2, multiplier=2.0, cap_s=2.0)
+
+
+def _interpret_breaker() -> BreakerSettings:
+    return BreakerSettings(window_size=10, minimum_calls=4, failure_rate=0.5, open_s=30.0)
+
+
+class InterpretSection(Section):
+    """Natural-language commands: LLM providers with failover, ending in local rules that always answer."""
+
+    enabled: bool = True
+    deadline_s: float = Field(default=5.0, gt=0, le=120)  # one request, every retry and fallback included
+    local_reserve_s: float = Field(default=0.5, gt=0, le=60)  # kept back from the providers for the local rules
+    balance: Literal["weighted", "latency"] = "weighted"  # order among providers of equal priority
+    max_hint_s: float = Field(default=10.0, ge=0, le=600)  # a Retry-After longer than this fails over at once
+    retry: RetrySettings = Field(default_factory=_interpret_retry)  # per provider, within the deadline
+    breaker: BreakerSettings = Field(default_factory=_interpret_breaker)  # per provider
+    # Connection errors from this many cloud providers in a row (fewer if fewer are configured) mean the link is
+    # down: every cloud provider is skipped until a probe (a health check or one request) gets an answer.
+    connectivity_providers: int = Field(default=2, ge=1, le=100)
+    connectivity_open_s: float = Field(default=30.0, ge=0, le=3600)
+    health_interval_s: float = Field(default=60.0, gt=0, le=86_400)  # token-free checks (model lists)
+    cache_ttl_s: float = Field(default=86_400.0, ge=0, le=365 * 86_400)  # 0: no prompt cache
+    cache_max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    daily_budget: float | None = Field(default=None, ge=0)  # provider spend per UTC day; None: no limit
+    user_rate_per_minute: float = Field(default=30.0, gt=0, le=100_000)  # natural-language requests per user
+    user_burst: int = Field(default=10, ge=1, le=100_000)
+    max_text_chars: int = Field(default=500, ge=10, le=10_000)
+    rules_file: Path | None = None  # the user's local rules (names, sentences); relative to the config file
+    providers: dict[Name, ProviderConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> InterpretSection:
+        if self.local_reserve_s >= self.deadline_s:
+            raise ValueError("local_reserve_s must be less than deadline_s, or no provider could ever be asked")
+        return self
+
+
 class Config(Section):
     gateway: GatewaySection = GatewaySection()
     log: LogSection = LogSection()
@@ -240,6 +302,7 @@ class Config(Section):
     outbox: OutboxSection = OutboxSection()
     telemetry: TelemetrySection = TelemetrySection()
     mqtt: MqttSection = MqttSection()
+    interpret: InterpretSection = InterpretSection()
     serial: dict[Name, SerialBusConfig] = Field(default_factory=dict)
     devices: dict[Name, DeviceConfig] = Field(default_factory=dict)
 

@@ -10,7 +10,7 @@ from gatewayd.commands.model import OPEN_STATES, CommandRecord, Priority, State,
 
 _COLUMNS = (
     "seq, id, device, action, params, priority, source, user, state, created_at, ttl_s, deadline_at, "
-    "deadline_mono, boot_id, updated_at, result, error_code, error_message"
+    "deadline_mono, boot_id, updated_at, result, error_code, error_message, interpretation"
 )
 
 
@@ -18,7 +18,7 @@ def insert(conn: sqlite3.Connection, rec: CommandRecord, transitions: Sequence[T
     """Insert a new command with its first transitions. Returns None if the id exists (idempotent replay)."""
     cur = conn.execute(
         "INSERT INTO commands (id, device, action, params, priority, source, user, state, created_at, ttl_s, "
-        "deadline_at, deadline_mono, boot_id, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        "deadline_at, deadline_mono, boot_id, updated_at, interpretation) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
         "ON CONFLICT (id) DO NOTHING",
         (
             rec.id,
@@ -35,6 +35,7 @@ def insert(conn: sqlite3.Connection, rec: CommandRecord, transitions: Sequence[T
             rec.deadline_mono,
             rec.boot_id,
             rec.updated_at,
+            dumps(rec.interpretation) if rec.interpretation is not None else None,
         ),
     )
     if cur.rowcount == 0:
@@ -110,6 +111,7 @@ def _record(row: sqlite3.Row) -> CommandRecord:
         result=json.loads(row["result"]) if row["result"] is not None else None,
         error_code=row["error_code"],
         error_message=row["error_message"],
+        interpretation=json.loads(row["interpretation"]) if row["interpretation"] is not None else None,
     )
 
 

@@ -28,7 +28,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import structlog
@@ -38,6 +38,7 @@ from gatewayd.commands.service import CommandService
 from gatewayd.config.models import MqttSection
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StoreUnavailable
+from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import UPLINK_COMMANDS, UPLINK_CONNECTED, UPLINK_PUBLISHED, counter
 from gatewayd.resilience.bucket import TokenBucket
 from gatewayd.resilience.classify import Verdict
@@ -48,6 +49,9 @@ from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.telemetry.sink import Record
 from gatewayd.uplink.discovery import discovery_messages
+
+if TYPE_CHECKING:
+    from gatewayd.interpret.service import InterpretService
 
 log = structlog.get_logger("gatewayd.uplink")
 
@@ -85,6 +89,7 @@ class Uplink:
         self._service = service
         self._recorder = recorder
         self._devices = devices
+        self.interpret: InterpretService | None = None  # set when [interpret] is enabled
         self._environ = os.environ if environ is None else environ
         self._tasks = TaskOwner("uplink")
         self._wake = asyncio.Event()
@@ -270,7 +275,12 @@ class Uplink:
                 command_id = body["id"]
             if isinstance(body.get("device"), str):
                 device = body["device"]
-            rec, created = await self._service.submit(body, source="mqtt")
+            if "text" in body:  # natural language, as over HTTP: interpreted, then the same durable submit
+                if self.interpret is None:
+                    raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
+                rec, created, _ = await self.interpret.submit(body, source="mqtt", client=f"mqtt:{self.client_id}")
+            else:
+                rec, created = await self._service.submit(body, source="mqtt")
         except (ShuttingDown, StoreUnavailable) as err:
             # Not committed, and not for anything the sender did: no PUBACK, so the broker delivers it again.
             counter(UPLINK_COMMANDS, "redeliver").inc()

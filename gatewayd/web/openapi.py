@@ -79,6 +79,21 @@ _COMMAND_REQUEST = {
 }
 
 
+_TEXT_REQUEST = {
+    "type": "object",
+    "description": "A natural-language command: interpreted (providers, else the local rules), then validated.",
+    "properties": {
+        "text": {"type": "string", "minLength": 1},
+        "user": {"type": "string"},
+        "confirm": {"type": "boolean"},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
+    },
+    "required": ["text"],
+}
+
+
 def document() -> dict[str, Any]:
     text = {"text/plain": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
@@ -90,7 +105,10 @@ def document() -> dict[str, Any]:
             "post": {
                 "summary": "Submit a command (202 once committed; 200 with ?wait once final)",
                 "parameters": [_query("wait", {"type": "number", "minimum": 0}, "seconds to wait for a final state")],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": _COMMAND_REQUEST}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"oneOf": [_COMMAND_REQUEST, _TEXT_REQUEST]}}},
+                },
                 "responses": {
                     **_responses(202, 400, 404, 409, 413, 422, 504),
                     "200": {
@@ -130,6 +148,9 @@ def document() -> dict[str, Any]:
                 "parameters": [_path_param("name", "device name")],
                 "responses": _responses(200, 404),
             }
+        },
+        "/api/v1/providers": {
+            "get": {"summary": "Interpreter: providers, breakers, limits, spend, cache", "responses": _responses(200)}
         },
         "/api/v1/outbox": {"get": {"summary": "Records waiting for the uplink", "responses": _responses(200)}},
         "/api/v1/queue": {"get": {"summary": "Queued and executing commands", "responses": _responses(200)}},

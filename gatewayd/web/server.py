@@ -21,16 +21,18 @@ from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
+from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import REGISTRY
+from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.web import openapi, page
+from gatewayd.web.limits import RateLimits, metrics_middleware
 
 if TYPE_CHECKING:
     from gatewayd.app.operator import Operator
-from gatewayd.resilience.errors import RateLimited
-from gatewayd.web import openapi, page
-from gatewayd.web.limits import RateLimits, metrics_middleware
+    from gatewayd.interpret.service import InterpretService
 
 log = structlog.get_logger("gatewayd.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,6 +47,7 @@ class WebContext:
     breaker_state: Callable[[str], dict[str, Any] | None] = lambda _name: None  # the dispatcher's, per device
     recorder: Recorder | None = None  # recent telemetry and the outbox
     operator: Operator | None = None  # config, reset, fault scenarios
+    interpret: InterpretService | None = None  # natural-language commands, when [interpret] is enabled
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -61,7 +64,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as err:
         if err.status >= 500:
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
-        return error_response(err, err.headers() if isinstance(err, RateLimited) else None)
+        # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
+        return error_response(err, err.headers() if isinstance(err, RateLimited | CircuitOpenError) else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -116,10 +120,16 @@ async def post_command(request: web.Request) -> web.Response:
     wait_s = _query_float(request, "wait", 0, ctx.max_wait_s)
     payload = await _json_body(request)
     source = "cli" if request.headers.get("X-Gatewayd-Client") == "cli" else "http"
-    rec, created = await ctx.service.submit(payload, source=source)
+    headers: dict[str, str] = {}
+    if isinstance(payload, dict) and "text" in payload:  # natural language: interpreted, then submitted
+        if ctx.interpret is None:
+            raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
+        rec, created, headers = await ctx.interpret.submit(payload, source=source, client=request.remote or "")
+    else:
+        rec, created = await ctx.service.submit(payload, source=source)
     if wait_s:
         rec = await ctx.service.wait(rec.id, wait_s)
-    headers = {"Location": f"/api/v1/commands/{rec.id}"}
+    headers["Location"] = f"/api/v1/commands/{rec.id}"
     if not created:
         headers["Idempotent-Replay"] = "true"
     status = 200 if rec.state.final or not created else 202
@@ -220,6 +230,14 @@ async def admin_test(request: web.Request) -> web.Response:
     return web.json_response(await operator.run(request.match_info["scenario"], duration))
 
 
+async def providers(request: web.Request) -> web.Response:
+    """The natural-language interpreter: providers' health, breakers, limits, spend; cache and local rules."""
+    interpret = _ctx(request).interpret
+    if interpret is None:
+        return web.json_response({"enabled": False, "providers": []})
+    return web.json_response(await interpret.describe())
+
+
 async def queue(request: web.Request) -> web.Response:
     return web.json_response(_ctx(request).status()["queue"])
 
@@ -280,6 +298,7 @@ def build_app(ctx: WebContext, max_body_bytes: int, limits: RateLimits | None = 
     app.router.add_get("/api/v1/devices/{name}/telemetry", device_telemetry)
     app.router.add_get("/api/v1/outbox", outbox)
     app.router.add_get("/api/v1/queue", queue)
+    app.router.add_get("/api/v1/providers", providers)
     app.router.add_get("/api/v1/stats", stats)
     app.router.add_get("/api/v1/admin/config", admin_config)
     app.router.add_post("/api/v1/admin/reset", admin_reset)

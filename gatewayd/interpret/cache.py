@@ -1,0 +1,173 @@
+"""The prompt cache: a provider's answer to a text, kept in SQLite so it survives a restart.
+
+The key is the hash of the prompt version, the registry digest (devices, profiles, names), the provider and its
+model, and the normalised text: the same words to the same model about the same devices. A profile or device
+change makes a new digest, so older rows can never match again, and :meth:`PromptCache.purge` deletes them. Rows
+live ``ttl_s`` of wall-clock time (monotonic time does not survive a reboot); a row created "in the future" (the
+clock was stepped back) is not trusted. Only provider answers are cached, never the local rules' (they cost
+nothing and must not stand in for a provider that has come back). Whatever the cache returns is validated again
+before it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gatewayd.interpret.metrics import CACHE_LOOKUPS, CACHE_SAVED
+from gatewayd.interpret.registry import PROMPT_VERSION
+from gatewayd.store import Store
+
+
+def cache_key(text: str, registry: str, provider: str, model: str) -> str:
+    material = "\x1f".join((PROMPT_VERSION, registry, provider, model, text))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    provider: str
+    model: str
+    command: dict[str, Any]
+    cost: float
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    registry: str
+    provider: str
+    model: str
+    text: str
+    command: dict[str, Any]
+    cost: float
+    created_at: float
+    expires_at: float
+
+
+class PromptCache:
+    def __init__(self, store: Store, *, ttl_s: float, max_entries: int, wall: Callable[[], float]):
+        self._store = store
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._wall = wall
+        self.hits = 0
+        self.misses = 0
+        self.saved = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0
+
+    async def lookup(self, text: str, registry: str, candidates: Sequence[tuple[str, str]]) -> Hit | None:
+        """The freshest live row for any of the (provider, model) pairs, the first pair's preferred."""
+        if not self.enabled or not candidates:
+            return None
+        keys = {cache_key(text, registry, p, m): rank for rank, (p, m) in enumerate(candidates)}
+        now = self._wall()
+
+        def job(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            marks = ",".join("?" for _ in keys)
+            return conn.execute(
+                f"SELECT key, provider, model, command, cost, created_at FROM interpret_cache "
+                f"WHERE key IN ({marks}) AND created_at <= ? AND expires_at > ?",
+                (*keys, now, now),
+            ).fetchall()
+
+        rows = await self._store.read(job)
+        for row in sorted(rows, key=lambda r: keys[r["key"]]):
+            try:
+                command = json.loads(row["command"])
+            except ValueError:
+                continue  # an unreadable row is a miss; the next answer overwrites it
+            return Hit(row["key"], row["provider"], row["model"], command, float(row["cost"]), float(row["created_at"]))
+        return None
+
+    def count(self, hit: Hit | None) -> None:
+        if hit is None:
+            self.misses += 1
+            CACHE_LOOKUPS.labels("miss").inc()
+        else:
+            self.hits += 1
+            self.saved += hit.cost
+            CACHE_LOOKUPS.labels("hit").inc()
+            CACHE_SAVED.inc(hit.cost)
+
+    def entry(
+        self, text: str, registry: str, provider: str, model: str, command: dict[str, Any], cost: float
+    ) -> Entry | None:
+        if not self.enabled:
+            return None
+        now = self._wall()
+        return Entry(
+            cache_key(text, registry, provider, model),
+            registry,
+            provider,
+            model,
+            text,
+            command,
+            cost,
+            now,
+            now + self.ttl_s,
+        )
+
+    def put(self, conn: sqlite3.Connection, entry: Entry) -> None:
+        """Inside a store job: insert or replace, then keep at most ``max_entries`` (the oldest go first)."""
+        conn.execute(
+            "INSERT OR REPLACE INTO interpret_cache (key, registry, provider, model, text, command, cost, created_at, "
+            "expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                entry.key,
+                entry.registry,
+                entry.provider,
+                entry.model,
+                entry.text,
+                json.dumps(entry.command, sort_keys=True),
+                entry.cost,
+                entry.created_at,
+                entry.expires_at,
+            ),
+        )
+        excess = conn.execute("SELECT count(*) FROM interpret_cache").fetchone()[0] - self.max_entries
+        if excess > 0:
+            conn.execute(
+                "DELETE FROM interpret_cache WHERE key IN "
+                "(SELECT key FROM interpret_cache ORDER BY created_at LIMIT ?)",
+                (excess,),
+            )
+
+    async def drop(self, key: str) -> None:
+        await self._store.write(lambda c: c.execute("DELETE FROM interpret_cache WHERE key = ?", (key,)))
+
+    async def purge(self, registry: str) -> int:
+        """Delete rows of any other registry digest and expired rows; returns how many went."""
+        now = self._wall()
+
+        def job(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM interpret_cache WHERE registry != ? OR expires_at <= ? OR created_at > ?",
+                (registry, now, now),
+            )
+            return int(cur.rowcount)
+
+        return await self._store.write(job)
+
+    async def size(self) -> int:
+        return int(await self._store.read(lambda c: c.execute("SELECT count(*) FROM interpret_cache").fetchone()[0]))
+
+    def stats(self) -> dict[str, Any]:
+        lookups = self.hits + self.misses
+        return {
+            "enabled": self.enabled,
+            "ttl_s": self.ttl_s,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hits / lookups, 4) if lookups else None,
+            "cost_saved": round(self.saved, 6),
+        }
