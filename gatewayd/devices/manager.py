@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from gatewayd.config.loader import LoadedConfig
+from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.devices.base import Device
 from gatewayd.devices.gpio import GpioController, GpioInput, GpioOutput, GpioPwm
@@ -69,6 +70,7 @@ class DeviceManager:
                 sim = await self._stack.enter_async_context(PtySimulator(bus_name, sims, link=link))
                 self.simulators[bus_name] = sim
                 port = str(link)
+                bus_cfg = pty_framing(bus_cfg)
             bus = await self._stack.enter_async_context(SerialBus(bus_name, bus_cfg, port))
             self.buses[bus_name] = bus
             for name, dev in on_bus.items():
@@ -139,3 +141,9 @@ class DeviceManager:
                 }
             )
         return out
+
+
+def pty_framing(cfg: SerialBusConfig) -> SerialBusConfig:
+    """A simulated bus opens its pseudo-terminal as 8N1: a pty carries bytes, not characters, so parity and data
+    bits mean nothing on it, and Linux refuses to set them on one (EINVAL)."""
+    return cfg.model_copy(update={"bytesize": 8, "parity": "N", "stopbits": 1})
