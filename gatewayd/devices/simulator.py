@@ -332,8 +332,11 @@ class PtySimulator:
             bus=self.bus,
             port=self.port,
             link=str(self.link) if self.link else None,
-            devices=[d.name for d in self.devices.values()],
+            devices=self.device_names(),
         )
+
+    def device_names(self) -> list[str]:
+        return [d.name for d in self.devices.values()]
 
     def unplug(self) -> None:
         """Close the pty (the device disappears). The link is left dangling, as a by-id link is until udev
