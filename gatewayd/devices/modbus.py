@@ -154,7 +154,12 @@ class ModbusBus:
             trace_packet=self._filter_reply,
             trace_connect=lambda up: None if up else self._port_lost(lost),
         )
-        if not await client.connect():
+        cancelling = _cancelling()
+        connected = await client.connect()
+        if _cancelling() > cancelling:  # see _cancelling
+            client.close()
+            raise asyncio.CancelledError
+        if not connected:
             client.close()
             reason = _why_not_open(self.port)
             self.availability.down(reason)  # logged on the first failure of an outage only
@@ -234,9 +239,12 @@ class ModbusBus:
                 )
             answered = False
             self._inflight = timeout = asyncio.timeout(self.cfg.response_timeout_s)
+            cancelling = _cancelling()
             try:
                 async with timeout:
                     reply = await call(client)
+                if _cancelling() > cancelling:  # see _cancelling
+                    raise asyncio.CancelledError
                 answered = True
             except TimeoutError:
                 if lost.is_set():
@@ -317,6 +325,15 @@ class ModbusBus:
             echo_ok = reply.address == address and reply.count == len(registers)
         if not echo_ok:
             raise ProtocolError(f"unit {unit} echoed another write than {what}", details={"bus": self.name})
+
+
+def _cancelling() -> int:
+    """Pending cancellations of the running task. pymodbus waits with ``asyncio.wait_for``, which on Python 3.11
+    returns a result that is ready when a cancellation arrives and drops the cancellation (fixed in 3.12): a bus
+    closing would then go on reconnecting for ever. Compared before and after each pymodbus call, it tells us to
+    raise the cancellation ourselves."""
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
 
 
 def _why_not_open(port: str) -> str:
