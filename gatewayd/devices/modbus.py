@@ -457,10 +457,10 @@ class ModbusDevice:
                     log.info("modbus_poll_recovered", device=self.name, failed_polls=self.poll_failures)
                     self.poll_failures = 0
             interval = self.profile.poll_interval_s or POLL_BACKOFF_CAP_S
-            # After n failed polls in a row the pause is interval * 2^n, up to the cap: the one retry policy's
-            # schedule, without jitter.
+            # After n failed polls in a row the pause is interval * 2^(n-1), up to the cap (one miss costs nothing
+            # more): the one retry policy's schedule, without jitter.
             slow_down = RetryPolicy(base_s=interval, cap_s=max(interval, POLL_BACKOFF_CAP_S), jitter="none")
-            next_at += slow_down.backoff(self.poll_failures)
+            next_at += slow_down.backoff(max(0, self.poll_failures - 1))
             now = self._clock.monotonic()
             if next_at < now:  # a slow bus or a stalled loop: carry on from now rather than poll back to back
                 next_at = now
