@@ -4,12 +4,15 @@ pymodbus's server opens its port by path, so the simulator uses two pty pairs wi
 
     gateway ── pty (published as <sim_dir>/<bus>.tty) ── bridge ── pty ── pymodbus ModbusSerialServer
 
-The gateway side is :class:`~gatewayd.devices.simulator.PtySimulator`'s line, unchanged: a stable link that
-:meth:`unplug` leaves dangling and :meth:`plug` points at a new pty, byte-at-a-time delivery, pacing to a baud
-rate, and :meth:`inject` for raw noise. The bridge frames each request, drops it when its unit is not on the bus or
-is muted (on a real bus nobody answers), hands it to the server, and carries the server's reply back after the
-unit's latency and through the unit's :class:`~gatewayd.devices.simulator.Faults`: noise before it, cut short and
-never finished, lost, or with a wrong CRC.
+The gateway side is :class:`~gatewayd.devices.simulator.PtySimulator`'s line: a stable link to a new pty on each
+:meth:`plug`, byte-at-a-time delivery, pacing to a baud rate, and :meth:`inject` for raw noise. :meth:`unplug`
+removes the link, as udev removes a ``/dev/serial/by-id`` link when the adapter goes: a dangling one would point
+at a pts number the kernel hands to the next pty anyone opens, and the gateway would open a stranger's terminal.
+
+The bridge frames each request, drops it when its unit is not on the bus or is muted (on a real bus nobody
+answers), hands it to the server, and carries the server's reply back after the unit's latency and through the
+unit's :class:`~gatewayd.devices.simulator.Faults`: noise before it, cut short and never finished, lost, or with a
+wrong CRC.
 
 Each unit is a pymodbus ``SimDevice`` whose datastore calls back on every access. A write the unit's model accepts
 is appended to the unit's execution log (``<sim_dir>/<device>.jsonl``, one JSON object per line, named after the
@@ -117,7 +120,8 @@ class TableModel:
 class Sdm120Model:
     """Eastron SDM120-Modbus single-phase energy meter: float32 input registers (high word first), read with
     function 4. A household circuit: mains voltage wandering around 230 V, a load switching between a few hundred
-    watts and a few kilowatts, and the import energy counter integrating the power over real time."""
+    watts and a few kilowatts, and the import energy counter integrating the power over real time. Its set-up
+    parameters are float32 holding registers that, as on the meter, only function 16 writes (kept, not acted on)."""
 
     # Input register -> the measurement it holds (SDM120 Modbus protocol, 3X registers).
     REGISTERS = {
@@ -133,6 +137,8 @@ class Sdm120Model:
         0x004A: "export_energy",
         0x0156: "total_energy",
     }
+    # Holding register -> set-up parameter, float32 (SDM120 Modbus protocol, 4X registers).
+    PARAMETERS = {0x0012: "parity_stop", 0x0014: "address", 0x001C: "baud_rate"}
 
     def __init__(self, unit: int = 1, rng: random.Random | None = None):
         self._rng = rng or random.Random(unit)
@@ -147,7 +153,10 @@ class Sdm120Model:
         inputs: dict[int, int | bool] = {}
         for address in self.REGISTERS:
             inputs.update({address: 0, address + 1: 0})
-        return {"input": inputs}
+        holding: dict[int, int | bool] = {}
+        for address in self.PARAMETERS:
+            holding.update({address: 0, address + 1: 0})
+        return {"input": inputs, "holding": holding}
 
     def step(self, elapsed_s: float) -> dict[str, float]:
         """Advance the circuit by ``elapsed_s`` and return every measurement."""
@@ -185,7 +194,7 @@ class Sdm120Model:
             block.set(register + 1, low)
 
     def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
-        return int(ExcCodes.ILLEGAL_FUNCTION)  # measurements are read-only
+        return None if function == 16 else int(ExcCodes.ILLEGAL_FUNCTION)
 
 
 class Relay8Model:
@@ -273,6 +282,7 @@ class ModbusUnit:
         self.profile = profile
         self.rng = random.Random(faults.seed)
         self.faulted: OrderedDict[str, int] = OrderedDict((k, 0) for k in ("garbage", "partial", "drop", "corrupt"))
+        self.spoiled = 0  # replies dropped, cut or corrupted: each one a reply the gateway cannot use
         self.requests = 0  # reached the unit (not muted)
         self.writes = 0  # performed and logged
         self.refused: Counter[int] = Counter()  # exception code -> replies
@@ -280,8 +290,8 @@ class ModbusUnit:
         self._busy_counts: OrderedDict[tuple[object, ...], int] = OrderedDict()
 
     def sim_device(self) -> SimDevice:
-        """The pymodbus device: one block per table (placeholders for the tables the unit lacks, which
-        :meth:`_on_access` refuses), calling back on every access."""
+        """The pymodbus device: one block per table (a placeholder for each table the unit lacks, whose addresses
+        :meth:`_on_access` refuses like every other), calling back on every access."""
         blocks: list[list[SimData]] = []
         for table in _TABLES:
             cells = self._layout.get(table, {})
@@ -318,8 +328,8 @@ class ModbusUnit:
         """pymodbus's datastore callback, before it answers a read (``values`` None) or stores a write."""
         table = _TABLE_OF_FUNCTION.get(function)
         cells = self._layout.get(table or "")
-        if table is None or not cells:
-            return self._refuse(ExcCodes.ILLEGAL_FUNCTION)
+        if table is None or not cells:  # pymodbus answers this for the addresses outside its placeholder block
+            return self._refuse(ExcCodes.ILLEGAL_ADDRESS)
         block = Block(table, start, registers)
         if values is None:
             if address not in cells:  # pymodbus checks whole registers: a bit between coils is not one
@@ -389,6 +399,7 @@ class ModbusUnit:
         faults, rng = self.faults, self.rng
         if faults.drop and rng.random() < faults.drop:
             self.faulted["drop"] += 1
+            self.spoiled += 1
             return b""
         data = reply
         if faults.corrupt and rng.random() < faults.corrupt:
@@ -398,6 +409,8 @@ class ModbusUnit:
         if faults.partial and rng.random() < faults.partial:
             self.faulted["partial"] += 1
             data = data[: rng.randrange(1, len(data) - 1)]
+        if data != reply:
+            self.spoiled += 1
         if faults.garbage and rng.random() < faults.garbage:
             self.faulted["garbage"] += 1
             data = rng.randbytes(rng.randint(1, faults.garbage_max)) + data
@@ -484,6 +497,10 @@ class ModbusSimulator(PtySimulator):
         if self._server_slave >= 0:
             os.close(self._server_slave)
             self._server_slave = -1
+
+    def unplug(self) -> None:
+        super().unplug()
+        self._unpublish()
 
     def _close_fds(self) -> None:
         super()._close_fds()
