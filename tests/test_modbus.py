@@ -282,6 +282,8 @@ async def test_exception_replies_become_typed_errors(tmp_path: Path) -> None:
         assert await busy.execute("b2", "start", {}) == {"table": "coil", "address": 0, "value": True}
         assert bus.availability.available
     assert [e["values"] for e in _log(tmp_path / "plant1.jsonl")] == [], "refused writes are not performed"
+    # The meter's "no coils" came from pymodbus itself: the address is outside even its placeholder block.
+    assert units[1].refused == {3: 1, 4: 1, 11: 1} and units[2].refused == {6: 2} and units[3].refused == {1: 1}
     assert [e["action"] for e in _log(tmp_path / "plant2.jsonl")] == ["start"], "performed once, after the busy"
 
 

@@ -284,8 +284,7 @@ class ModbusUnit:
         self.faulted: OrderedDict[str, int] = OrderedDict((k, 0) for k in ("garbage", "partial", "drop", "corrupt"))
         self.spoiled = 0  # replies dropped, cut or corrupted: each one a reply the gateway cannot use
         self.requests = 0  # reached the unit (not muted)
-        self.writes = 0  # performed and logged
-        self.refused: Counter[int] = Counter()  # exception code -> replies
+        self.refused: Counter[int] = Counter()  # exception code -> refusals by the unit (pymodbus refuses some too)
         self._layout = model.layout()
         self._busy_counts: OrderedDict[tuple[object, ...], int] = OrderedDict()
 
@@ -345,7 +344,6 @@ class ModbusUnit:
         refusal = self.model.on_write(function, block, address, written)
         if refusal is not None:
             return self._refuse(ExcCodes(refusal))
-        self.writes += 1
         self.log.record(
             {
                 "unit": self.unit,
