@@ -28,7 +28,8 @@ def test_bundled_config_is_valid_and_runs_on_mock_hardware() -> None:
     cfg = loaded.config
     assert cfg.gateway.mode == "mock"
     assert cfg.http.host == "127.0.0.1"
-    assert set(cfg.devices) == {"pump1", "sensor1", "relay1"}
+    assert set(cfg.devices) == {"pump1", "sensor1", "relay1", "meter1", "relays1"}
+    assert cfg.serial["bus1"].protocol == "modbus_rtu"
     assert cfg.gateway.data_dir == ROOT / "var"  # relative to the file, not to the working directory
     out = check_config(CONFIG)
     assert out.returncode == 0 and "ok" in out.stdout

@@ -105,7 +105,7 @@ def test_devices_list_actions_with_parameter_schemas(daemon: Daemon) -> None:
     status, body = daemon.get("/api/v1/devices")
     assert status == 200
     devices = {d["name"]: d for d in body["devices"]}
-    assert set(devices) == {"pump1", "sensor1", "relay1"}
+    assert set(devices) == {"pump1", "sensor1", "relay1", "meter1", "relays1"}
     pump = devices["pump1"]
     assert pump["available"] is True
     percent = pump["actions"]["set_speed"]["params"]["properties"]["percent"]

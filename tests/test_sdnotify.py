@@ -94,7 +94,7 @@ def test_daemon_sends_ready_watchdog_status_and_stopping(make_daemon: Any, notif
     ready_at = notify_socket.times("READY=1")[0]
     feeds = [t for t in notify_socket.times("WATCHDOG=1") if t > ready_at]
     assert len(feeds) >= 3, notify_socket.fields()
-    assert any(f.startswith("STATUS=running: 3/3 devices available") for f in notify_socket.fields())
+    assert any(f.startswith("STATUS=running: 5/5 devices available") for f in notify_socket.fields())
     assert d.stop(signal.SIGTERM) == 0
     fields = notify_socket.fields()
     assert "STOPPING=1" in fields

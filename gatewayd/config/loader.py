@@ -20,6 +20,10 @@ from gatewayd.errors import ConfigError, ConfigProblem
 
 ENV_PREFIX = "GATEWAYD_"
 KNOWN_SIMULATORS = frozenset({"pump", "sensor_node"})
+# gatewayd.devices.modbus_sim.MODELS (not imported here: check-config must not load pymodbus).
+MODBUS_SIMULATORS = frozenset({"eastron_sdm120", "waveshare_relay8"})
+# The serial profile kinds and the bus protocol each speaks.
+SERIAL_PROTOCOLS = {"serial_line": "gatewayd", "modbus_rtu": "modbus_rtu"}
 
 
 @dataclass(frozen=True)
@@ -147,13 +151,23 @@ def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[C
                 problems.append(ConfigProblem(file, f"{key}.pin", f"pin {dev.pin} is already used by {pins[dev.pin]}"))
             else:
                 pins[dev.pin] = name
-        elif profile.kind == "serial_line":
+        elif profile.kind in SERIAL_PROTOCOLS:
             if dev.bus is None:
                 problems.append(ConfigProblem(file, f"{key}.bus", "a serial device needs a bus"))
                 continue
             if dev.bus not in cfg.serial:
                 problems.append(ConfigProblem(file, f"{key}.bus", f"unknown serial bus {dev.bus!r}"))
                 continue
+            protocol = cfg.serial[dev.bus].protocol
+            if protocol != SERIAL_PROTOCOLS[profile.kind]:
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        f"{key}.bus",
+                        f"profile {profile.name!r} speaks {SERIAL_PROTOCOLS[profile.kind]}, "
+                        f"but bus {dev.bus!r} is protocol {protocol!r}",
+                    )
+                )
             if dev.address is None:
                 problems.append(ConfigProblem(file, f"{key}.address", "a serial device needs an address"))
             elif (dev.bus, dev.address) in addresses:
@@ -170,7 +184,7 @@ def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[C
                             file, f"{key}.profile", f"profile {profile.name!r} has no simulator for mock mode"
                         )
                     )
-                elif profile.simulator not in KNOWN_SIMULATORS:
+                elif profile.simulator not in (MODBUS_SIMULATORS if profile.kind == "modbus_rtu" else KNOWN_SIMULATORS):
                     problems.append(ConfigProblem(file, f"{key}.profile", f"unknown simulator {profile.simulator!r}"))
     return problems
 

@@ -81,7 +81,17 @@ class BusSimulatorConfig(Section):
 
 class SerialBusConfig(Section):
     port: str
+    # What the bus speaks: the gatewayd line protocol (hardware/PROTOCOL.md) or Modbus RTU (hardware/MODBUS.md).
+    protocol: Literal["gatewayd", "modbus_rtu"] = "gatewayd"
     baudrate: int = Field(default=115200, ge=300, le=4_000_000)
+    # Character framing, default 8N1. Modbus devices often ship as 8E1 or 8N2: every device on a bus must match.
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    # Requests put on the line: a token bucket of transactions_burst, refilled at transactions_per_s (None: no
+    # limit). For slow devices and shared RS-485 lines; it applies to every request, whatever its priority.
+    transactions_per_s: float | None = Field(default=None, gt=0, le=10_000)
+    transactions_burst: int = Field(default=1, ge=1, le=10_000)
     response_timeout_s: float = Field(default=1.0, gt=0, le=60)
     simulate: bool | None = None  # None: simulate when gateway.mode is "mock"
     # Reopening a port that disappeared (USB unplugged): pause before attempt n is drawn from
@@ -101,6 +111,12 @@ class SerialBusConfig(Section):
     def _reconnect_cap_not_below_base(self) -> SerialBusConfig:
         if self.reconnect_cap_s < self.reconnect_base_s:
             raise ValueError("reconnect_cap_s must not be less than reconnect_base_s")
+        return self
+
+    @model_validator(mode="after")
+    def _modbus_rtu_is_eight_bits(self) -> SerialBusConfig:
+        if self.protocol == "modbus_rtu" and self.bytesize != 8:
+            raise ValueError("Modbus RTU frames are 8 data bits: bytesize must be 8")
         return self
 
 

@@ -65,6 +65,150 @@ class ParamSpec(Strict):
         return schema
 
 
+# --- Modbus RTU mapping (profiles of kind "modbus_rtu") ------------------------------------------------------------
+
+ModbusTable = Literal["coil", "discrete", "holding", "input"]
+ModbusType = Literal["uint16", "int16", "uint32", "int32", "float32"]
+BIT_TABLES = ("coil", "discrete")
+REGISTER_WORDS: dict[str, int] = {"uint16": 1, "int16": 1, "uint32": 2, "int32": 2, "float32": 2}
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "uint16": (0, 0xFFFF),
+    "int16": (-0x8000, 0x7FFF),
+    "uint32": (0, 0xFFFF_FFFF),
+    "int32": (-0x8000_0000, 0x7FFF_FFFF),
+}
+ModbusAddress = Annotated[int, Field(ge=0, le=65535)]
+_REGISTER_FORMAT = ("type", "word_order", "scale", "offset")
+
+
+def _register_format_problem(given: set[str], type_: ModbusType, address: int, scale: float, where: str) -> str | None:
+    """What is wrong with a register's type, word order and scale, or None."""
+    if scale == 0:
+        return "scale must not be 0"
+    if "word_order" in given and REGISTER_WORDS[type_] == 1:
+        return f"word_order is for 32-bit types, not {type_}"
+    if address + REGISTER_WORDS[type_] - 1 > 65535:
+        return f"a {type_} at {where} address {address} runs past register 65535"
+    return None
+
+
+class ModbusPoint(Strict):
+    """Where a telemetry point lives on a Modbus unit. The engineering value is ``raw * scale + offset``."""
+
+    table: ModbusTable
+    address: ModbusAddress
+    type: ModbusType | None = None  # registers only; uint16 when not given
+    word_order: Literal["big", "little"] = "big"  # 32-bit types: "big" = the first register holds the high word
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+    offset: float = Field(default=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ModbusPoint:
+        if self.table in BIT_TABLES:
+            extra = [name for name in _REGISTER_FORMAT if name in self.model_fields_set]
+            if extra:
+                raise ValueError(f"a {self.table} is one bit: {', '.join(extra)} do not apply")
+            return self
+        problem = _register_format_problem(self.model_fields_set, self.register_type, self.address, self.scale, "")
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def register_type(self) -> ModbusType:
+        return self.type or "uint16"
+
+    @property
+    def size(self) -> int:
+        """Bits or registers the point occupies."""
+        return 1 if self.table in BIT_TABLES else REGISTER_WORDS[self.register_type]
+
+
+class ModbusAction(Strict):
+    """What an action does on a Modbus unit: write one coil or holding register (a 32-bit type: two), with a fixed
+    ``value`` or a parameter's (``param``, register value = (param - offset) / scale); or read telemetry points
+    (``read = "telemetry"`` for all of them, or a list of names) and return their values.
+
+    Writes set absolute values, never toggles or increments, so one that is repeated (a retry after a lost reply,
+    a command run again after a crash) leaves the device as a single write would: Modbus carries no command id."""
+
+    write: Literal["coil", "holding"] | None = None
+    read: Literal["telemetry"] | tuple[Name, ...] | None = None
+    address: ModbusAddress | None = None
+    value: bool | int | float | None = None
+    param: Name | None = None
+    type: ModbusType | None = None  # holding only; uint16 when not given
+    word_order: Literal["big", "little"] = "big"
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+    offset: float = Field(default=0.0, allow_inf_nan=False)
+    # The Modbus function: 5 (one coil) or 15 (multiple coils); 6 (one register) or 16 (multiple registers). Some
+    # devices (Eastron meters) accept only 16. Default: 5 for a coil, 6 for a 16-bit register, 16 for 32-bit.
+    function: Literal[5, 6, 15, 16] | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> ModbusAction:
+        given = self.model_fields_set
+        if (self.write is None) == (self.read is None):
+            raise ValueError("a modbus mapping needs exactly one of 'write' or 'read'")
+        if self.read is not None:
+            extra = sorted(given - {"read"})
+            if extra:
+                raise ValueError(f"a read reads telemetry points: {', '.join(extra)} do not apply")
+            if isinstance(self.read, tuple) and not self.read:
+                raise ValueError('read needs at least one point name (or "telemetry" for all)')
+            return self
+        if self.address is None:
+            raise ValueError("a write needs an address")
+        if (self.value is None) == (self.param is None):
+            raise ValueError("a write needs exactly one of 'value' (fixed) or 'param' (from the command)")
+        if self.write == "coil":
+            extra = [name for name in _REGISTER_FORMAT if name in given]
+            if extra:
+                raise ValueError(f"a coil is one bit: {', '.join(extra)} do not apply")
+            if self.value is not None and not isinstance(self.value, bool):
+                raise ValueError(f"a coil takes true or false, not {self.value!r}")
+            if self.function not in (None, 5, 15):
+                raise ValueError(f"function {self.function} does not write coils (5 or 15 do)")
+            return self
+        if isinstance(self.value, bool):
+            raise ValueError(f"a holding register takes a number, not {self.value!r}")
+        problem = _register_format_problem(given, self.register_type, self.address, self.scale, "holding")
+        if problem:
+            raise ValueError(problem)
+        if self.function in (5, 15):
+            raise ValueError(f"function {self.function} writes coils, not holding registers (6 or 16 do)")
+        if self.function == 6 and REGISTER_WORDS[self.register_type] != 1:
+            raise ValueError(f"function 6 writes one register; a {self.register_type} needs function 16")
+        if self.value is not None:
+            problem = raw_range_problem(self.register_type, self.scale, self.offset, self.value, self.value)
+            if problem:
+                raise ValueError(f"value {self.value!r} {problem}")
+        return self
+
+    @property
+    def register_type(self) -> ModbusType:
+        return self.type or "uint16"
+
+    @property
+    def function_code(self) -> int:
+        if self.function is not None:
+            return self.function
+        if self.write == "coil":
+            return 5
+        return 6 if REGISTER_WORDS[self.register_type] == 1 else 16
+
+
+def raw_range_problem(type_: ModbusType, scale: float, offset: float, low: float, high: float) -> str | None:
+    """Why engineering values ``low``..``high`` do not fit a register of ``type_`` after scaling, or None."""
+    if type_ == "float32":
+        return None
+    lo, hi = INT_RANGES[type_]
+    ends = sorted(round((v - offset) / scale) for v in (low, high))
+    if ends[0] < lo or ends[1] > hi:
+        return f"gives register values {ends[0]}..{ends[1]}, outside {type_} ({lo}..{hi})"
+    return None
+
+
 class ActionSpec(Strict):
     description: str = ""
     params: dict[Name, ParamSpec] = Field(default_factory=dict)
@@ -72,6 +216,43 @@ class ActionSpec(Strict):
     actuates: bool = True  # false for reads: the safety limits do not count them
     safe: bool = False  # moves the device to its safe state (off, stop): never held back by the safety limits
     confirm: bool = False  # the command must carry "confirm": true (an action a technician must mean)
+    modbus: ModbusAction | None = None  # modbus_rtu profiles: the coil or register it writes, or what it reads
+
+    @model_validator(mode="after")
+    def _modbus_params(self) -> ActionSpec:
+        """A Modbus write uses exactly the parameter it names, of a type the coil or register can take."""
+        m = self.modbus
+        if m is None:
+            return self
+        if m.read is not None:
+            if self.actuates:
+                raise ValueError("a modbus read does not move the device: set actuates = false")
+            if self.params:
+                raise ValueError(f"a modbus read takes no parameters, not {sorted(self.params)}")
+            return self
+        if m.param is not None and m.param not in self.params:
+            raise ValueError(f"modbus param {m.param!r} is not a parameter of this action ({sorted(self.params)})")
+        unused = sorted(set(self.params) - ({m.param} if m.param else set()))
+        if unused:
+            raise ValueError(f"parameters {unused} are not written by the modbus mapping")
+        if m.param is None:
+            return self
+        spec = self.params[m.param]
+        if m.write == "coil":
+            if spec.type != "bool":
+                raise ValueError(f"a coil takes true or false: parameter {m.param!r} must be a bool, not {spec.type}")
+            return self
+        if spec.type not in ("int", "float"):
+            raise ValueError(f"a holding register takes a number: parameter {m.param!r} is a {spec.type}")
+        if m.register_type != "float32":
+            if spec.min is None or spec.max is None:
+                raise ValueError(
+                    f"parameter {m.param!r} needs min and max: a {m.register_type} register holds a bounded range"
+                )
+            problem = raw_range_problem(m.register_type, m.scale, m.offset, spec.min, spec.max)
+            if problem:
+                raise ValueError(f"parameter {m.param!r} ({spec.min:g}..{spec.max:g}) {problem}")
+        return self
 
     def json_schema(self) -> dict[str, Any]:
         return {
@@ -103,6 +284,7 @@ class TelemetryPoint(Strict):
     # reads -127 °C; dropping that would hide the fault).
     min: float | None = None
     max: float | None = None
+    modbus: ModbusPoint | None = None  # modbus_rtu profiles: the coil or register(s) it is polled from
 
     @model_validator(mode="after")
     def _range(self) -> TelemetryPoint:
@@ -110,6 +292,24 @@ class TelemetryPoint(Strict):
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
             raise ValueError("'min'/'max' are only for int and float points")
+        return self
+
+    @model_validator(mode="after")
+    def _modbus_type(self) -> TelemetryPoint:
+        """The point's type must be what its coil or register decodes to."""
+        m = self.modbus
+        if m is None:
+            return self
+        if m.table in BIT_TABLES:
+            if self.type != "bool":
+                raise ValueError(f'a {m.table} reads as true or false: set type = "bool", not {self.type!r}')
+            return self
+        if self.type not in ("int", "float"):
+            raise ValueError(f'a {m.table} register reads as a number: set type = "int" or "float", not "{self.type}"')
+        if self.type == "int" and (
+            m.register_type == "float32" or not (m.scale.is_integer() and m.offset.is_integer())
+        ):
+            raise ValueError('a float32 register or a fractional scale or offset gives fractions: set type = "float"')
         return self
 
 
@@ -130,7 +330,7 @@ class Profile(Strict):
     """One device type. The profile's name is its file name without ``.toml``."""
 
     name: Name
-    kind: Literal["gpio_output", "gpio_pwm", "gpio_input", "serial_line"]
+    kind: Literal["gpio_output", "gpio_pwm", "gpio_input", "serial_line", "modbus_rtu"]
     description: str = ""
     default_ttl_s: float = Field(default=300.0, gt=0)
     simulator: Name | None = None
@@ -140,6 +340,8 @@ class Profile(Strict):
     pwm_frequency_hz: float = Field(default=100.0, gt=0, le=100_000)  # gpio_pwm only
     # What the device reports on its own (line-protocol T frames, polled registers): name -> point.
     telemetry: dict[Name, TelemetryPoint] = Field(default_factory=dict)
+    # modbus_rtu only: read every telemetry point this often and record them (one record per poll).
+    poll_interval_s: float | None = Field(default=None, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _has_actions(self) -> Profile:
@@ -165,6 +367,36 @@ class Profile(Strict):
             percent = self.actions["set"].params.get("percent")
             if percent is None or set(self.actions["set"].params) != {"percent"}:
                 raise ValueError("a gpio_pwm 'set' action takes one parameter, percent")
+        return self
+
+    @model_validator(mode="after")
+    def _modbus_mapped(self) -> Profile:
+        """A modbus_rtu profile maps every action and telemetry point onto its unit; other kinds map none."""
+        unmapped = sorted(n for n, a in self.actions.items() if a.modbus is None)
+        unpolled = sorted(n for n, p in self.telemetry.items() if p.modbus is None)
+        if self.kind != "modbus_rtu":
+            mapped = sorted(set(self.actions) - set(unmapped)) + sorted(set(self.telemetry) - set(unpolled))
+            if mapped:
+                raise ValueError(f"modbus mappings are for modbus_rtu profiles, not {self.kind} ({mapped})")
+            if self.poll_interval_s is not None:
+                raise ValueError(f"poll_interval_s is for modbus_rtu profiles, not {self.kind}")
+            return self
+        if unmapped:
+            raise ValueError(f"a modbus_rtu profile maps every action to its unit: {unmapped} have no 'modbus'")
+        if unpolled:
+            raise ValueError(
+                f"a modbus_rtu profile reads every telemetry point from its unit: {unpolled} have no 'modbus'"
+            )
+        if self.poll_interval_s is not None and not self.telemetry:
+            raise ValueError("poll_interval_s needs telemetry points to poll")
+        for name, action in self.actions.items():
+            read = action.modbus.read if action.modbus is not None else None
+            if isinstance(read, tuple):
+                unknown = sorted(set(read) - set(self.telemetry))
+                if unknown:
+                    raise ValueError(f"action {name!r} reads {unknown}, which are not telemetry points")
+            elif read == "telemetry" and not self.telemetry:
+                raise ValueError(f"action {name!r} reads the telemetry points, but the profile has none")
         return self
 
     def ttl_for(self, action: str) -> float:

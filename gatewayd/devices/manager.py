@@ -1,5 +1,6 @@
 """Builds every device from the configuration: serial buses (each with a simulator behind a pseudo-terminal in
-mock mode) and GPIO outputs. Opening a device that is missing marks it unavailable; it never stops the daemon.
+mock mode), Modbus RTU buses (pymodbus's server as the simulator in mock mode) and GPIO outputs. Opening a device
+that is missing marks it unavailable; it never stops the daemon.
 """
 
 from __future__ import annotations
@@ -8,17 +9,21 @@ import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gatewayd.config.loader import LoadedConfig
+from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.devices.base import Device
 from gatewayd.devices.gpio import GpioController, GpioInput, GpioOutput, GpioPwm
 from gatewayd.devices.serial_bus import SerialBus, SerialDevice
 from gatewayd.devices.simulator import Faults, PtySimulator, SimulatedDevice
 from gatewayd.telemetry import MemorySink, Record, TelemetrySink
+
+if TYPE_CHECKING:
+    from gatewayd.devices.modbus import ModbusBus
 
 log = structlog.get_logger("gatewayd.devices")
 
@@ -29,6 +34,7 @@ class DeviceManager:
         self.sink: TelemetrySink = sink if sink is not None else MemorySink()  # telemetry and events
         self.devices: dict[str, Device] = {}
         self.buses: dict[str, SerialBus] = {}
+        self.modbus_buses: dict[str, ModbusBus] = {}
         self.simulators: dict[str, PtySimulator] = {}
         self._stack = contextlib.AsyncExitStack()
 
@@ -48,6 +54,9 @@ class DeviceManager:
         cfg = self._loaded.config
         profiles = self._loaded.profiles
         for bus_name, bus_cfg in cfg.serial.items():
+            if bus_cfg.protocol == "modbus_rtu":
+                await self._open_modbus(bus_name, bus_cfg)
+                continue
             on_bus = {n: d for n, d in cfg.devices.items() if d.bus == bus_name}
             port = bus_cfg.port
             if cfg.bus_simulated(bus_name):
@@ -88,6 +97,7 @@ class DeviceManager:
                 )
                 self.simulators[bus_name] = sim
                 port = str(link)
+                bus_cfg = pty_framing(bus_cfg)
             bus = SerialBus(bus_name, bus_cfg, port, sink=self.sink)
             for name, dev in on_bus.items():
                 assert dev.address is not None
@@ -124,6 +134,44 @@ class DeviceManager:
         data = {"active": edge["active"], "edges": edge["edges"]}
         self.sink.put(Record.of_event(device, edge["event"], data, mono=mono))
         self.sink.put(Record.telemetry(device, data, mono=mono))
+
+    async def _open_modbus(self, bus_name: str, bus_cfg: SerialBusConfig) -> None:
+        """A Modbus RTU bus and its units; in mock mode pymodbus's server answers for them behind a pty."""
+        from gatewayd.devices.modbus import ModbusBus, ModbusDevice  # pymodbus only for configs that use it
+
+        cfg = self._loaded.config
+        profiles = self._loaded.profiles
+        on_bus = {n: d for n, d in cfg.devices.items() if d.bus == bus_name}
+        port = bus_cfg.port
+        if cfg.bus_simulated(bus_name):
+            from gatewayd.devices.modbus_sim import ModbusSimulator, ModbusUnit, make_model
+
+            units = {}
+            for name, dev in on_bus.items():
+                profile = profiles[dev.profile]
+                assert profile.simulator is not None and dev.address is not None  # checked by the config loader
+                units[dev.address] = ModbusUnit(
+                    name,
+                    dev.address,
+                    make_model(profile.simulator, dev.address),
+                    self.sim_dir / f"{name}.jsonl",
+                    latency_s=dev.simulator.latency_s,
+                    mute=dev.simulator.mute,
+                    busy_replies=dev.simulator.busy_replies,
+                    profile=profile,
+                )
+            link = self.sim_dir / f"{bus_name}.tty"  # a stable name, as for line-protocol buses
+            self.simulators[bus_name] = await self._stack.enter_async_context(
+                ModbusSimulator(bus_name, units, link=link)
+            )
+            port = str(link)
+            bus_cfg = pty_framing(bus_cfg)
+        bus = await self._stack.enter_async_context(ModbusBus(bus_name, bus_cfg, port))
+        self.modbus_buses[bus_name] = bus
+        for name, dev in on_bus.items():
+            assert dev.address is not None
+            device = ModbusDevice(name, profiles[dev.profile], bus, dev.address, self.sink)
+            self.devices[name] = await self._stack.enter_async_context(device)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -170,3 +218,9 @@ class DeviceManager:
                 }
             )
         return out
+
+
+def pty_framing(cfg: SerialBusConfig) -> SerialBusConfig:
+    """A simulated bus opens its pseudo-terminal as 8N1: a pty carries bytes, not characters, so parity and data
+    bits mean nothing on it, and Linux refuses to set them on one (EINVAL)."""
+    return cfg.model_copy(update={"bytesize": 8, "parity": "N", "stopbits": 1})

@@ -34,7 +34,7 @@ from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
 from gatewayd.observability.metrics import SERIAL_INBOUND_DROPPED, counter
-from gatewayd.resilience.bucket import BucketSpec
+from gatewayd.resilience.bucket import BucketSpec, TokenBucket
 from gatewayd.resilience.classify import Verdict, classify
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
 from gatewayd.resilience.errors import RetryExhausted
@@ -58,6 +58,14 @@ def port_verdict(err: BaseException) -> Verdict:
     if isinstance(err, OSError):
         return Verdict(True, None, "serial_port")
     return classify(err)
+
+
+def transaction_bucket(bus: str, cfg: SerialBusConfig, clock: Clock) -> TokenBucket | None:
+    """The bus's limit on requests put on the line (``transactions_per_s``), or None. Every request takes a token
+    inside the bus lock, before it is sent; the line does not know priorities, so none bypasses it."""
+    if cfg.transactions_per_s is None:
+        return None
+    return TokenBucket(cfg.transactions_burst, cfg.transactions_per_s, name=f"bus:{bus}.transactions", clock=clock)
 
 
 class SerialBus:
@@ -84,6 +92,7 @@ class SerialBus:
         self.inbound_dropped: Counter[int] = Counter()  # over the inbound rate, by address
         self._clock = clock
         self._line_free_at = 0.0  # monotonic; turnaround after the last transaction
+        self._transactions = transaction_bucket(name, cfg, clock)
         self._inbound = KeyedLimiter(
             BucketSpec(cfg.inbound_burst, cfg.inbound_frames_per_s),
             name=f"serial.{name}.inbound",
@@ -134,7 +143,13 @@ class SerialBus:
 
     async def _open(self) -> asyncio.StreamReader:
         try:
-            reader, writer = await serial_asyncio_fast.open_serial_connection(url=self.port, baudrate=self.cfg.baudrate)
+            reader, writer = await serial_asyncio_fast.open_serial_connection(
+                url=self.port,
+                baudrate=self.cfg.baudrate,
+                bytesize=self.cfg.bytesize,
+                parity=self.cfg.parity,
+                stopbits=self.cfg.stopbits,
+            )
         except OSError as err:
             reason = str(err) if self.port in str(err) else f"cannot open {self.port}: {err}"  # pyserial names it
             self.availability.down(reason)  # logged on the first failure of an outage only
@@ -259,6 +274,8 @@ class SerialBus:
     async def transact(self, address: int, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return the reply's payload. One transaction at a time on the bus."""
         async with self._lock:
+            if self._transactions is not None:
+                await self._transactions.acquire()
             turnaround = self._line_free_at - self._clock.monotonic()
             if turnaround > 0:
                 await self._clock.sleep(turnaround)

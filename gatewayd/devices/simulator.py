@@ -417,8 +417,11 @@ class PtySimulator:
             bus=self.bus,
             port=self.port,
             link=str(self.link) if self.link else None,
-            devices=[d.name for d in self.devices.values()],
+            devices=self.device_names(),
         )
+
+    def device_names(self) -> list[str]:
+        return [d.name for d in self.devices.values()]
 
     def unplug(self) -> None:
         """Close the pty (the device disappears) and remove the link, as udev removes a by-id link when the

@@ -1,0 +1,569 @@
+"""Simulated Modbus RTU units behind real pseudo-terminals, answered by pymodbus's own serial server.
+
+pymodbus's server opens its port by path, so the simulator uses two pty pairs with a bridge between them:
+
+    gateway ── pty (published as <sim_dir>/<bus>.tty) ── bridge ── pty ── pymodbus ModbusSerialServer
+
+The gateway side is :class:`~gatewayd.devices.simulator.PtySimulator`'s line: a stable link to a new pty on each
+:meth:`plug`, byte-at-a-time delivery, pacing to a baud rate, and :meth:`inject` for raw noise. :meth:`unplug`
+removes the link, as udev removes a ``/dev/serial/by-id`` link when the adapter goes: a dangling one would point
+at a pts number the kernel hands to the next pty anyone opens, and the gateway would open a stranger's terminal.
+
+The bridge frames each request, drops it when its unit is not on the bus or is muted (on a real bus nobody
+answers), hands it to the server, and carries the server's reply back after the unit's latency and through the
+unit's :class:`~gatewayd.devices.simulator.Faults`: noise before it, cut short and never finished, lost, or with a
+wrong CRC.
+
+Each unit is a pymodbus ``SimDevice`` whose datastore calls back on every access. A write the unit's model accepts
+is appended to the unit's execution log (``<sim_dir>/<device>.jsonl``, one JSON object per line, named after the
+profile action it matches); the model may refuse it with an exception code, and ``busy_replies`` makes the unit
+answer "busy" (exception 6) to the first attempts of each write. Reads let the model refresh what it measures: the
+energy meter's voltage, current and power drift as a household circuit's would, and its energy counter follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import math
+import os
+import random
+import time
+import tty
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+import structlog
+from pymodbus.client.mixin import ModbusClientMixin
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusSerialServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from gatewayd.config.profiles import BIT_TABLES, Profile
+from gatewayd.devices.modbus_codec import crc_ok, encode_registers, frame_length
+from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
+from gatewayd.devices.simulator import NO_FAULTS, Faults, PtySimulator
+
+log = structlog.get_logger("gatewayd.simulator")
+
+Layout = dict[str, dict[int, int | bool]]  # table -> address -> raw value (bool for coils and discrete inputs)
+_TABLES = ("coil", "discrete", "holding", "input")  # the order of pymodbus's non-shared blocks
+_TABLE_OF_FUNCTION = {
+    1: "coil",
+    5: "coil",
+    15: "coil",
+    2: "discrete",
+    3: "holding",
+    6: "holding",
+    16: "holding",
+    4: "input",
+}
+_READS = (1, 2, 3, 4)
+_FLOAT32 = ModbusClientMixin.DATATYPE.FLOAT32
+
+
+class Block:
+    """One of a unit's tables as pymodbus stores it (its live list, which the server answers from): registers one
+    per entry from ``start``; bits packed 16 to an entry, from bit ``start * 16``."""
+
+    def __init__(self, table: str, start: int, cells: list[int]):
+        self.table, self.start, self.cells = table, start, cells
+
+    def get(self, address: int) -> int | bool:
+        if self.table in BIT_TABLES:
+            return bool(self.cells[address // 16 - self.start] >> (address % 16) & 1)
+        return self.cells[address - self.start]
+
+    def set(self, address: int, value: int | bool) -> None:
+        if self.table in BIT_TABLES:
+            index, bit = address // 16 - self.start, address % 16
+            self.cells[index] = self.cells[index] | (1 << bit) if value else self.cells[index] & ~(1 << bit)
+        else:
+            self.cells[address - self.start] = int(value) & 0xFFFF
+
+
+class UnitModel(Protocol):
+    """What a simulated unit holds and how it behaves."""
+
+    def layout(self) -> Layout:
+        """The unit's coils and registers, with their values at power-up. Anything else is an illegal address."""
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        """A read is about to be answered from ``block``: refresh what the unit measures there."""
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        """A write is about to be stored: None to accept it (and do what else the unit does), or an exception code
+        (1 illegal function, 2 illegal address, 3 illegal value, ...) to refuse it."""
+
+
+class TableModel:
+    """A unit that holds what it is given, changed by writes only."""
+
+    def __init__(self, layout: Layout):
+        self._layout = layout
+
+    def layout(self) -> Layout:
+        return self._layout
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        return None
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        return None
+
+
+class Sdm120Model:
+    """Eastron SDM120-Modbus single-phase energy meter: float32 input registers (high word first), read with
+    function 4. A household circuit: mains voltage wandering around 230 V, a load switching between a few hundred
+    watts and a few kilowatts, and the import energy counter integrating the power over real time. Its set-up
+    parameters are float32 holding registers that, as on the meter, only function 16 writes (kept, not acted on)."""
+
+    # Input register -> the measurement it holds (SDM120 Modbus protocol, 3X registers).
+    REGISTERS = {
+        0x0000: "voltage",
+        0x0006: "current",
+        0x000C: "active_power",
+        0x0012: "apparent_power",
+        0x0018: "reactive_power",
+        0x001E: "power_factor",
+        0x0024: "phase_angle",
+        0x0046: "frequency",
+        0x0048: "import_energy",
+        0x004A: "export_energy",
+        0x0156: "total_energy",
+    }
+    # Holding register -> set-up parameter, float32 (SDM120 Modbus protocol, 4X registers).
+    PARAMETERS = {0x0012: "parity_stop", 0x0014: "address", 0x001C: "baud_rate"}
+
+    def __init__(self, unit: int = 1, rng: random.Random | None = None):
+        self._rng = rng or random.Random(unit)
+        self.voltage = 230.0
+        self.frequency = 50.0
+        self.load_w = 400.0
+        self.power_factor = 0.95
+        self.import_kwh = 1234.5
+        self._last = time.monotonic()
+
+    def layout(self) -> Layout:
+        inputs: dict[int, int | bool] = {}
+        for address in self.REGISTERS:
+            inputs.update({address: 0, address + 1: 0})
+        holding: dict[int, int | bool] = {}
+        for address in self.PARAMETERS:
+            holding.update({address: 0, address + 1: 0})
+        return {"input": inputs, "holding": holding}
+
+    def step(self, elapsed_s: float) -> dict[str, float]:
+        """Advance the circuit by ``elapsed_s`` and return every measurement."""
+        rng = self._rng
+        self.voltage = min(245.0, max(215.0, self.voltage + rng.gauss(0, 0.4)))
+        self.frequency = min(50.1, max(49.9, self.frequency + rng.gauss(0, 0.005)))
+        if rng.random() < min(1.0, elapsed_s / 30):  # an appliance switches every half minute or so
+            self.load_w = rng.choice((60.0, 400.0, 1200.0, 2000.0, 2800.0)) * rng.uniform(0.9, 1.1)
+            self.power_factor = rng.uniform(0.85, 0.99)
+        self.import_kwh += self.load_w * elapsed_s / 3_600_000
+        apparent = self.load_w / self.power_factor
+        return {
+            "voltage": self.voltage,
+            "current": apparent / self.voltage,
+            "active_power": self.load_w,
+            "apparent_power": apparent,
+            "reactive_power": math.sqrt(max(0.0, apparent**2 - self.load_w**2)),
+            "power_factor": self.power_factor,
+            "phase_angle": math.degrees(math.acos(self.power_factor)),
+            "frequency": self.frequency,
+            "import_energy": self.import_kwh,
+            "export_energy": 0.0,
+            "total_energy": self.import_kwh,
+        }
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        if block.table != "input":
+            return
+        now = time.monotonic()
+        values = self.step(now - self._last)
+        self._last = now
+        for register, name in self.REGISTERS.items():
+            high, low = ModbusClientMixin.convert_to_registers(values[name], _FLOAT32)
+            block.set(register, high)
+            block.set(register + 1, low)
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        return None if function == 16 else int(ExcCodes.ILLEGAL_FUNCTION)
+
+
+class Relay8Model:
+    """Waveshare "Modbus RTU Relay", 8 channels: coils 0-7 are the relays (function 5 writes one, 15 several),
+    coil 0x00FF switches all eight at once; holding register 0x4000 holds the unit's address and 0x8000 its
+    firmware version (read-only here)."""
+
+    ALL = 0x00FF
+    VERSION = 0x0064  # 1.00
+
+    def __init__(self, unit: int = 1, rng: random.Random | None = None):
+        self.unit = unit
+
+    def layout(self) -> Layout:
+        coils: dict[int, int | bool] = {channel: False for channel in range(8)}
+        coils[self.ALL] = False
+        return {"coil": coils, "holding": {0x4000: self.unit, 0x8000: self.VERSION}}
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        return None
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        if block.table != "coil":
+            return int(ExcCodes.ILLEGAL_ADDRESS)  # address and baud rate changes are not simulated
+        if address == self.ALL:
+            for channel in range(8):
+                block.set(channel, bool(values[0]))
+        return None
+
+
+MODELS: dict[str, type[Sdm120Model] | type[Relay8Model]] = {
+    "eastron_sdm120": Sdm120Model,
+    "waveshare_relay8": Relay8Model,
+}
+
+
+def make_model(name: str, unit: int, seed: int = 0) -> UnitModel:
+    return MODELS[name](unit, random.Random(seed * 1000 + unit))
+
+
+class WriteLog:
+    """Append-only JSON lines, one per write a unit performed. Modbus carries no command id, so unlike the line
+    protocol's execution log there is nothing to remember across restarts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def record(self, entry: dict[str, object]) -> None:
+        os.write(self._fd, json.dumps({"ts": time.time(), **entry}).encode() + b"\n")  # one write() per line
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class ModbusUnit:
+    """One simulated unit (slave address) on the bus."""
+
+    def __init__(
+        self,
+        name: str,
+        unit: int,
+        model: UnitModel,
+        log_path: Path,
+        *,
+        latency_s: float = 0.0,
+        mute: bool = False,
+        busy_replies: int = 0,
+        faults: Faults = NO_FAULTS,
+        profile: Profile | None = None,
+    ):
+        if faults.telemetry_hz:
+            raise ValueError("a Modbus unit speaks only when asked: telemetry_hz does not apply")
+        if not 1 <= unit <= 247:
+            raise ValueError("a Modbus unit address is 1 to 247")
+        self.name = name
+        self.unit = unit
+        self.model = model
+        self.log = WriteLog(log_path)
+        self.latency_s = latency_s
+        self.mute = mute
+        self.busy_replies = busy_replies
+        self.faults = faults
+        self.profile = profile
+        self.rng = random.Random(faults.seed)
+        self.faulted: OrderedDict[str, int] = OrderedDict((k, 0) for k in ("garbage", "partial", "drop", "corrupt"))
+        self.spoiled = 0  # replies dropped, cut or corrupted: each one a reply the gateway cannot use
+        self.requests = 0  # reached the unit (not muted)
+        self.refused: Counter[int] = Counter()  # exception code -> refusals by the unit (pymodbus refuses some too)
+        self._layout = model.layout()
+        self._busy_counts: OrderedDict[tuple[object, ...], int] = OrderedDict()
+
+    def sim_device(self) -> SimDevice:
+        """The pymodbus device: one block per table (a placeholder for each table the unit lacks, whose addresses
+        :meth:`_on_access` refuses like every other), calling back on every access."""
+        blocks: list[list[SimData]] = []
+        for table in _TABLES:
+            cells = self._layout.get(table, {})
+            bits = table in BIT_TABLES
+            kind = DataType.BITS if bits else DataType.REGISTERS
+            if not cells:
+                blocks.append([SimData(0, values=[False] * 16 if bits else [0], datatype=kind)])
+                continue
+            runs: list[SimData] = []
+            run: list[int | bool] = []
+            start = previous = -2
+            for address in sorted(cells):
+                if address != previous + 1 and run:
+                    runs.append(_sim_data(start, run, bits))
+                    run = []
+                if not run:
+                    start = address
+                run.append(cells[address])
+                previous = address
+            runs.append(_sim_data(start, run, bits))
+            blocks.append(runs)
+        coils, discrete, holding, inputs = blocks
+        return SimDevice(self.unit, simdata=(coils, discrete, holding, inputs), action=self._on_access)
+
+    async def _on_access(
+        self,
+        function: int,
+        start: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        """pymodbus's datastore callback, before it answers a read (``values`` None) or stores a write."""
+        table = _TABLE_OF_FUNCTION.get(function)
+        cells = self._layout.get(table or "")
+        if table is None or not cells:  # pymodbus answers this for the addresses outside its placeholder block
+            return self._refuse(ExcCodes.ILLEGAL_ADDRESS)
+        block = Block(table, start, registers)
+        if values is None:
+            if address not in cells:  # pymodbus checks whole registers: a bit between coils is not one
+                return self._refuse(ExcCodes.ILLEGAL_ADDRESS)
+            if function in _READS:
+                self.model.on_read(block, address, count)
+            return None
+        written = [bool(v) for v in values] if table in BIT_TABLES else [int(v) for v in values]
+        if any(address + i not in cells for i in range(len(written))):
+            return self._refuse(ExcCodes.ILLEGAL_ADDRESS)
+        if self._still_busy((function, address, *written)):
+            return self._refuse(ExcCodes.DEVICE_BUSY)
+        refusal = self.model.on_write(function, block, address, written)
+        if refusal is not None:
+            return self._refuse(ExcCodes(refusal))
+        self.log.record(
+            {
+                "unit": self.unit,
+                "function": function,
+                "table": table,
+                "address": address,
+                "values": written,
+                "action": self.action_for(table, address, written),
+            }
+        )
+        return None
+
+    def _refuse(self, code: ExcCodes) -> ExcCodes:
+        self.refused[int(code)] += 1
+        return code
+
+    def _still_busy(self, key: tuple[object, ...]) -> bool:
+        """True for the first ``busy_replies`` attempts of each write (a unit still finishing the last one)."""
+        if not self.busy_replies:
+            return False
+        seen = self._busy_counts.get(key, 0)
+        if seen >= self.busy_replies:
+            del self._busy_counts[key]  # performed now: the next such write is a new one
+            return False
+        self._busy_counts[key] = seen + 1
+        while len(self._busy_counts) > 1024:
+            self._busy_counts.popitem(last=False)
+        return True
+
+    def action_for(self, table: str, address: int, values: Sequence[int | bool]) -> str | None:
+        """The profile action a write is, if it matches one: makes the execution log readable."""
+        if self.profile is None:
+            return None
+        for name, spec in self.profile.actions.items():
+            m = spec.modbus
+            if m is None or m.write != table or m.address != address:
+                continue
+            if m.value is None:
+                return name
+            if table == "coil" and list(values) == [m.value]:
+                return name
+            if table == "holding" and not isinstance(m.value, bool):
+                raw = modbus_to_raw(m.value, m.register_type, m.scale, m.offset)
+                if list(values) == encode_registers(raw, m.register_type, m.word_order):
+                    return name
+        return None
+
+    def on_wire(self, reply: bytes) -> bytes:
+        """The bytes that reach the line for ``reply``, after this unit's faults (maybe none at all). The unit has
+        acted before its reply is lost, cut or corrupted, as a real one whose answer was garbled on the way."""
+        faults, rng = self.faults, self.rng
+        if faults.drop and rng.random() < faults.drop:
+            self.faulted["drop"] += 1
+            self.spoiled += 1
+            return b""
+        data = reply
+        if faults.corrupt and rng.random() < faults.corrupt:
+            self.faulted["corrupt"] += 1
+            at = len(data) - 1 - rng.randrange(2)
+            data = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :]
+        if faults.partial and rng.random() < faults.partial:
+            self.faulted["partial"] += 1
+            data = data[: rng.randrange(1, len(data) - 1)]
+        if data != reply:
+            self.spoiled += 1
+        if faults.garbage and rng.random() < faults.garbage:
+            self.faulted["garbage"] += 1
+            data = rng.randbytes(rng.randint(1, faults.garbage_max)) + data
+        return data
+
+
+def _sim_data(start: int, run: list[int | bool], bits: bool) -> SimData:
+    if bits:
+        return SimData(start, values=[bool(v) for v in run], datatype=DataType.BITS)
+    return SimData(start, values=[int(v) for v in run], datatype=DataType.REGISTERS)
+
+
+class ModbusSimulator(PtySimulator):
+    """Modbus units on one simulated bus: pymodbus's server behind a bridge, the gateway on a pty of its own."""
+
+    def __init__(
+        self,
+        bus: str,
+        units: Mapping[int, ModbusUnit],
+        link: Path | None = None,
+        *,
+        byte_at_a_time: bool = False,
+        byte_pause_s: float = 0.0,
+        baudrate: int | None = None,
+        server_timeout_s: float = 1.0,
+    ):
+        super().__init__(bus, {}, link, byte_at_a_time=byte_at_a_time, byte_pause_s=byte_pause_s, baudrate=baudrate)
+        for address, unit in units.items():
+            if address != unit.unit:
+                raise ValueError(f"unit {unit.name} has address {unit.unit}, listed under {address}")
+        self.units = dict(units)
+        self.requests = 0  # whole requests framed from the gateway's side
+        self.server_timeout_s = server_timeout_s
+        self._rx = bytearray()  # from the gateway, not yet a whole request
+        self._pending: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+        self._server_master = -1
+        self._server_slave = -1
+        self._server_rx = bytearray()
+        self._replies: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+        self._server: ModbusSerialServer | None = None
+
+    async def __aenter__(self) -> ModbusSimulator:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server_master, self._server_slave = os.openpty()
+            tty.setraw(self._server_master)
+            tty.setraw(self._server_slave)
+            os.set_blocking(self._server_master, False)
+            server = ModbusSerialServer(
+                [unit.sim_device() for unit in self.units.values()], port=os.ttyname(self._server_slave)
+            )
+            self._server = server
+            await server.serve_forever(background=True)
+            loop.add_reader(self._server_master, self._on_server_bytes)
+            await super().__aenter__()
+        except BaseException:
+            await self._stop_server()
+            for unit in self.units.values():
+                unit.log.close()
+            raise
+        return self
+
+    def device_names(self) -> list[str]:
+        return [f"{u.name}@{u.unit}" for u in self.units.values()]
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await super().__aexit__(et, e, tb)
+        finally:
+            await self._stop_server()
+            for unit in self.units.values():
+                unit.log.close()
+
+    async def _stop_server(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await server.shutdown()  # type: ignore[no-untyped-call]
+        if self._server_master >= 0:
+            asyncio.get_running_loop().remove_reader(self._server_master)
+            os.close(self._server_master)
+            self._server_master = -1
+        if self._server_slave >= 0:
+            os.close(self._server_slave)
+            self._server_slave = -1
+
+    def unplug(self) -> None:
+        super().unplug()
+        self._unpublish()
+
+    def _close_fds(self) -> None:
+        super()._close_fds()
+        self._rx.clear()  # a request cut by the unplug is gone with the line
+        while not self._pending.empty():
+            self._pending.get_nowait()
+
+    def _on_readable(self) -> None:
+        """Bytes from the gateway: frame them into requests (a unit ignores a frame whose CRC is wrong)."""
+        try:
+            data = os.read(self._master, 4096)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if err.errno == errno.EIO:  # no slave open at the moment
+                return
+            raise
+        self._rx += data
+        while self._rx:
+            length = frame_length(self._rx, request=True)
+            if length is None or (length and len(self._rx) < length):
+                return  # more to come
+            if not length or not crc_ok(self._rx[:length]):
+                del self._rx[:1]  # noise, or we are out of step: find the next frame start
+                continue
+            frame = bytes(self._rx[:length])
+            del self._rx[:length]
+            self.requests += 1
+            with contextlib.suppress(asyncio.QueueFull):  # a real unit drops what it cannot buffer too
+                self._pending.put_nowait(frame)
+
+    def _on_server_bytes(self) -> None:
+        """Bytes from pymodbus's server: frame them into replies."""
+        try:
+            self._server_rx += os.read(self._server_master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        while self._server_rx:
+            length = frame_length(self._server_rx, request=False)
+            if length is None or (length and len(self._server_rx) < length):
+                return
+            if not length:
+                self._server_rx.clear()
+                return
+            with contextlib.suppress(asyncio.QueueFull):
+                self._replies.put_nowait(bytes(self._server_rx[:length]))
+            del self._server_rx[:length]
+
+    async def _serve(self) -> None:
+        """One request at a time, as a half-duplex line carries them: to the server, and its reply back."""
+        while True:
+            request = await self._pending.get()
+            unit = self.units.get(request[0])
+            if unit is None or unit.mute:
+                continue
+            unit.requests += 1
+            while not self._replies.empty():  # a reply to a request we gave up on
+                self._replies.get_nowait()
+            os.write(self._server_master, request)
+            try:
+                async with asyncio.timeout(self.server_timeout_s):
+                    reply = await self._replies.get()
+            except TimeoutError:
+                log.warning("modbus_simulator_server_silent", bus=self.bus, unit=unit.unit)
+                continue
+            if unit.latency_s:
+                await asyncio.sleep(unit.latency_s)
+            self._write(unit.on_wire(reply))
