@@ -106,6 +106,9 @@ def request(url: str, method: str = "GET", body: Any = None, timeout: float = 10
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Accept", "application/json")
     req.add_header("X-Gatewayd-Client", "cli")
+    token = os.environ.get("GATEWAYD_TOKEN")
+    if token:  # a daemon with [http.auth] enabled: an operator's token (gatewayd hash-token makes them)
+        req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
@@ -217,6 +220,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    """A new token (or the one given on standard input) and the hash for ``[http.auth] tokens``."""
+    from gatewayd.web.auth import hash_token, new_token
+
+    if args.stdin:
+        token = sys.stdin.readline().rstrip("\r\n")
+        if not token:
+            print("gatewayd: no token on standard input", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        token = new_token()
+    digest = hash_token(token)
+    if args.name:
+        print(f'{{ name = "{args.name}", role = "{args.role}", hash = "{digest}" }}')
+    else:
+        print(digest)
+    if not args.stdin:
+        print(f"token (give it to its holder; it is not stored anywhere): {token}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayd", description="Edge gateway daemon: devices, commands, status.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     client(status)
     status.set_defaults(func=cmd_status)
+
+    hasher = sub.add_parser(
+        "hash-token",
+        help="make an access token and its hash for [http.auth] tokens",
+        description="Prints the hash (or, with --name, a whole tokens entry) on standard output and the new "
+        "token on standard error. With --stdin, hashes the token read from standard input instead.",
+    )
+    hasher.add_argument("--name", help="print a complete entry for [http.auth] tokens with this name")
+    hasher.add_argument("--role", choices=["viewer", "operator", "admin"], default="operator")
+    hasher.add_argument("--stdin", action="store_true", help="hash the token on standard input")
+    hasher.set_defaults(func=cmd_hash_token)
     return parser
 
 
