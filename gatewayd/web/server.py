@@ -25,7 +25,8 @@ from gatewayd.observability.metrics import REGISTRY
 from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
-from gatewayd.web import page
+from gatewayd.web import auth
+from gatewayd.web.console import CONSOLE, Console
 
 log = structlog.get_logger("gatewayd.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -110,7 +111,7 @@ async def post_command(request: web.Request) -> web.Response:
     wait_s = _query_float(request, "wait", 0, ctx.max_wait_s)
     payload = await _json_body(request)
     source = "cli" if request.headers.get("X-Gatewayd-Client") == "cli" else "http"
-    rec, created = await ctx.service.submit(payload, source=source)
+    rec, created = await ctx.service.submit(payload, source=source, user=auth.user_of(request))
     if wait_s:
         rec = await ctx.service.wait(rec.id, wait_s)
     headers = {"Location": f"/api/v1/commands/{rec.id}"}
@@ -209,16 +210,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    records = await ctx.service.listing(state=None, device=None, limit=25)
-    html = page.render(ctx.status(), _devices(ctx), [r.to_api(transitions=False) for r in records])
-    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+    return await request.app[CONSOLE].page(request)
 
 
-def build_app(ctx: WebContext, max_body_bytes: int) -> web.Application:
+def build_app(ctx: WebContext, max_body_bytes: int, console: Console | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[CTX] = ctx
     app[MAX_BODY] = max_body_bytes
+    if console is not None:
+        console.install(app)  # access control (middleware), login, the page's assets, live events, history
     app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -241,9 +241,25 @@ class WebServer:
         self.ctx = ctx
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self.console = Console(
+            cfg,
+            service=ctx.service,
+            status=ctx.status,
+            devices=lambda: _devices(ctx),
+            recorder=ctx.recorder,
+        )
 
     async def __aenter__(self) -> WebServer:
-        app = build_app(self.ctx, self.cfg.max_body_bytes)
+        await self.console.__aenter__()
+        try:
+            await self._start()
+        except BaseException:
+            await self.console.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self) -> None:
+        app = build_app(self.ctx, self.cfg.max_body_bytes, self.console)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -256,12 +272,12 @@ class WebServer:
             ) from err
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else self.cfg.port
-        log.info("http_listening", host=self.cfg.host, port=self.port)
-        return self
+        log.info("http_listening", host=self.cfg.host, port=self.port, auth=self.cfg.auth.enabled)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        await self.console.__aexit__(et, e, tb)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
