@@ -41,6 +41,9 @@ from gatewayd.resilience import REAL_CLOCK, BucketSpec, Clock, Decision, KeyedLi
 
 log = structlog.get_logger("gatewayd.web.auth")
 
+# Handlers find who is asking as request["principal"] (and the cookie session as request["session"]): plain
+# string keys, the contract with the rest of gatewayd.web (aiohttp ignores its own advice to use RequestKey).
+
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
