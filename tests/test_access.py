@@ -153,6 +153,9 @@ def test_failed_logins_are_rate_limited(make_daemon: Any) -> None:
     # The browser's login page says so too.
     status, _, _ = login(d.url, "vera", accept="text/html")
     assert status == 429
+    limiter = _get(d, "/api/v1/overview")[1]["limiters"]["http:failed_login"]
+    # Three failures, each taken from two buckets (the address and the name); three refusals.
+    assert limiter["allowed"] == 6 and limiter["limited"] == 3 and limiter["keys"] == 2
     log = [line for line in d.log_lines() if line.get("event") == "auth_failed"]
     assert len(log) == 3 and all(TOKENS["otto"][1] not in json.dumps(line) for line in d.log_lines())
 

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from gatewayd.config.models import AuthSection, AuthToken
 from gatewayd.errors import GatewayError, PermanentError
+from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, Clock, Decision, KeyedLimiter, RateLimited
 
 log = structlog.get_logger("gatewayd.web.auth")
@@ -269,7 +270,10 @@ class Authenticator:
             decision = self.failures.peek(key)
             if not decision.allowed and (worst is None or decision.wait_s > worst.wait_s):
                 worst = decision
-        return None if worst is None else worst.refusal(self.failures.name)
+        if worst is None:
+            return None
+        counter(RATE_LIMIT_DECISIONS, self.failures.name, "limited").inc()  # peeking counts nothing by itself
+        return worst.refusal(self.failures.name)
 
     def failed(self, address: str, name: str | None = None) -> None:
         for key in self._keys(address, name):

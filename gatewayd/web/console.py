@@ -29,6 +29,7 @@ from gatewayd.commands.model import Clock, CommandRecord, State
 from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.errors import GatewayError
+from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_KEYS
 from gatewayd.store.outbox import iso
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
@@ -163,6 +164,19 @@ class Console:
             out.append(device)
         return out
 
+    def limiters(self) -> dict[str, dict[str, float]]:
+        """Every rate limiter in the daemon by name (per user, device, endpoint, ...): its decisions so far and,
+        for keyed limiters, how many keys it tracks. Read from the metrics, which every limiter reports to."""
+        out: dict[str, dict[str, float]] = {}
+        for metric in RATE_LIMIT_DECISIONS.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out.setdefault(sample.labels["limiter"], {})[sample.labels["outcome"]] = sample.value
+        for metric in RATE_LIMIT_KEYS.collect():
+            for sample in metric.samples:
+                out.setdefault(sample.labels["limiter"], {})["keys"] = sample.value
+        return dict(sorted(out.items()))
+
     def overview(self) -> dict[str, Any]:
         """The page's overview and devices, as the ``status`` event and ``GET /api/v1/overview`` carry them."""
         status = self.status()
@@ -171,6 +185,7 @@ class Console:
             "error_rate": self.history.error_rate(),
             "commands_accepted": self.service.accepted,
             "devices": self.device_views(),
+            "limiters": self.limiters(),
         }
 
     # --- handlers ----------------------------------------------------------------------------------------------
@@ -209,6 +224,7 @@ class Console:
             auth_enabled=self.auth.enabled,
             filters={"state": state or "", "device": device or ""},
             error_rate=self.history.error_rate(),
+            limiters=self.limiters(),
             flash=flash,
             sent=request.query.get("sent"),
         )

@@ -240,6 +240,22 @@ def _commands(
 <p class="muted">Select an id to see its transitions and how it was interpreted.</p></section>"""
 
 
+_OUTCOMES = ("allowed", "limited", "bypassed", "keys")
+
+
+def _limiters(limiters: dict[str, dict[str, float]]) -> str:
+    if not limiters:
+        return '<p class="muted">no rate limiter has decided anything yet</p>'
+    head = "".join(f"<th>{o}</th>" for o in _OUTCOMES)
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td>"
+        + "".join(f"<td>{_e(int(v[o])) if o in v else '—'}</td>" for o in _OUTCOMES)
+        + "</tr>"
+        for name, v in limiters.items()
+    )
+    return f'<table id="limiter-table"><thead><tr><th>limiter</th>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
 def _faults(csrf: str) -> str:
     buttons = "".join(
         f'<form class="fault inline" method="post" action="/api/v1/admin/test/{s}" data-scenario="{s}">'
@@ -262,6 +278,7 @@ def render(
     auth_enabled: bool = False,
     filters: dict[str, str] | None = None,
     error_rate: dict[str, Any] | None = None,
+    limiters: dict[str, dict[str, float]] | None = None,
     flash: str | None = None,
     sent: str | None = None,
 ) -> str:
@@ -295,6 +312,7 @@ def render(
 <section id="providers"><h2>Providers and rate limits</h2>
 <div id="providers-body" class="muted">Shown by the page's script from
 <a href="/api/v1/providers">/api/v1/providers</a>.</div>
+<h3>Rate limiters</h3><div id="limiters-body">{_limiters(limiters or {})}</div>
 </section>
 {_faults(csrf) if principal.can("admin") else ""}
 </main>

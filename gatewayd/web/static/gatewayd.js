@@ -109,6 +109,7 @@
     tile("errors", er.rate === null || er.rate === undefined ? "no commands" : `${(er.rate * 100).toFixed(1)} % of ${er.finished}`,
       er.rate ? "bad" : "");
     for (const d of ov.devices || []) applyDevice(d);
+    if (ov.limiters) applyLimiters(ov.limiters);
     if (state.accepted !== null && ov.commands_accepted !== state.accepted) scheduleCommandRefresh();
     state.accepted = ov.commands_accepted;
   }
@@ -132,6 +133,17 @@
       while (ring.length > SPARK_POINTS) ring.shift();
       drawSparks(d.name);
     }
+  }
+
+  function applyLimiters(limiters) {
+    const box = $("#limiters-body");
+    const names = Object.keys(limiters);
+    if (!box || !names.length) return;
+    const cols = ["allowed", "limited", "bypassed", "keys"];
+    box.replaceChildren(el("table", { id: "limiter-table" },
+      el("thead", {}, el("tr", {}, el("th", { text: "limiter" }), ...cols.map((c) => el("th", { text: c })))),
+      el("tbody", {}, ...names.map((n) => el("tr", {}, el("td", { text: n }),
+        ...cols.map((c) => el("td", { text: limiters[n][c] === undefined ? "—" : String(Math.round(limiters[n][c])) })))))));
   }
 
   // --- charts -----------------------------------------------------------------------------------------------------
@@ -248,6 +260,8 @@
     const tbody = $("#command-table tbody");
     const old = $(`tr[data-command-id="${CSS.escape(c.id)}"]`, tbody);
     const matches = (!f.state || f.state === c.state) && (!f.device || f.device === c.device);
+    // A final state never goes back: the POST's answer (queued) may arrive after the stream's result.
+    if (old && FINAL.has($("td.cstate", old).textContent) && !FINAL.has(c.state)) return;
     if (old) {
       const detail = old.nextElementSibling && old.nextElementSibling.classList.contains("detail") ? old.nextElementSibling : null;
       if (matches) { old.replaceWith(commandRow(c)); if (detail) detail.remove(); } else { old.remove(); if (detail) detail.remove(); }
