@@ -118,6 +118,12 @@ def test_the_page_sends_a_command_and_shows_its_result_live(make_daemon: Any, br
     log_in(page, "otto")
     page.wait_for_selector("body[data-live=sse]")
     page.evaluate("window.__sameDocument = 'yes'")
+    # The browser's own session cookie is not enough to change anything: the CSRF token must come along.
+    forged = page.evaluate(
+        """() => fetch("/api/v1/commands", {method: "POST", headers: {"Content-Type": "application/json"},
+                body: JSON.stringify({device: "relay1", action: "on"})}).then(async r => [r.status, await r.json()])"""
+    )
+    assert forged[0] == 403 and forged[1]["error"]["code"] == "csrf_failed"
     form = page.locator("form.action[data-device=pump1][data-action=set_speed]")
     form.locator("input[name='p.percent']").fill("40")
     form.locator("button[type=submit]").click()

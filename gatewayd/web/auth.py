@@ -253,7 +253,6 @@ class Authenticator:
         self._verified: dict[bytes, AuthToken] = {}
         spec = BucketSpec(cfg.login_burst, cfg.login_refill_per_min / 60.0)
         self.failures = KeyedLimiter(spec, name="http:failed_login", max_keys=10_000, clock=clock)
-        self._dummy = hash_token("not a token", log2_n=SCRYPT_LOG2_N)  # equalises the time of unknown names
 
     # --- rate limit of failures ----------------------------------------------------------------------------------
 
@@ -300,9 +299,10 @@ class Authenticator:
 
     async def login(self, name: str, token: str) -> Principal | None:
         entry = self._by_name.get(name)
-        stored = entry.hash if entry is not None else self._dummy
-        ok = await asyncio.to_thread(verify_token, token, stored)
-        if entry is None or not ok:
+        if entry is None:
+            await asyncio.to_thread(hash_token, token)  # as long as a real check: names cannot be probed by timing
+            return None
+        if not await asyncio.to_thread(verify_token, token, entry.hash):
             return None
         return Principal(entry.name, entry.role, "session")
 
