@@ -172,7 +172,14 @@ def _action_form(device: str, action: str, spec: dict[str, Any], csrf: str) -> s
     )
 
 
-def _device(d: dict[str, Any], csrf: str) -> str:
+def queue_text(q: dict[str, Any] | None) -> str:
+    if not q:
+        return "—"
+    text = f"{q.get('queued', 0)} queued"
+    return text + (f", executing {q['executing']}" if q.get("executing") else "")
+
+
+def _device(d: dict[str, Any], csrf: str, queue: dict[str, Any] | None = None) -> str:
     name = d["name"]
     badge = (
         '<span class="badge ok">available</span>' if d["available"] else '<span class="badge bad">unavailable</span>'
@@ -195,6 +202,7 @@ def _device(d: dict[str, Any], csrf: str) -> str:
 <dl class="facts"><dt>Last seen</dt><dd class="last-seen">{seen_text}</dd>
 <dt>Last error</dt><dd class="last-error">{_e(d.get("last_error") or "—")}</dd>
 <dt>Circuit</dt><dd class="breaker">{circuit}</dd>
+<dt>Queue</dt><dd class="dqueue">{_e(queue_text(queue))}</dd>
 <dt>State</dt><dd><code class="state">{_e(json.dumps(d.get("state") or {}, default=str))}</code></dd></dl>
 <div class="sparks" data-device="{_e(name)}"></div>
 <div class="actions">{forms}</div>
@@ -290,6 +298,8 @@ def render(
         else '<p class="hint muted">You are viewing: commands you send are refused until you log in as an operator.</p>'
     )
     note = flash or (f"command {sent} sent" if sent else "")
+    per_device = (status.get("queue") or {}).get("per_device") or {}
+    cards = "".join(_device(d, csrf, per_device.get(d["name"])) for d in devices)
     return f"""{_head(f"gatewayd {gateway}", csrf, principal, auth_enabled, refresh=True)}
 <body data-live="off">
 <header><h1>gatewayd <span class="muted">{_e(gateway)}</span></h1>
@@ -301,7 +311,7 @@ def render(
 {_overview(status, error_rate or {})}
 {_charts()}
 <section id="devices"><h2>Devices</h2>{hint}
-<div class="cards">{"".join(_device(d, csrf) for d in devices) or '<p class="muted">no devices configured</p>'}</div>
+<div class="cards">{cards or '<p class="muted">no devices configured</p>'}</div>
 <pre id="result" class="result" role="status" aria-live="polite"></pre></section>
 <section id="say"><h2>Say it</h2>
 <form id="nl-form" method="post" action="/ui/command"><input type="hidden" name="{CSRF_FIELD}" value="{_e(csrf)}">

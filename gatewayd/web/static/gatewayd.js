@@ -108,13 +108,14 @@
     const er = ov.error_rate || {};
     tile("errors", er.rate === null || er.rate === undefined ? "no commands" : `${(er.rate * 100).toFixed(1)} % of ${er.finished}`,
       er.rate ? "bad" : "");
-    for (const d of ov.devices || []) applyDevice(d);
+    const perDevice = q.per_device || {};
+    for (const d of ov.devices || []) applyDevice(d, perDevice[d.name]);
     if (ov.limiters) applyLimiters(ov.limiters);
     if (state.accepted !== null && ov.commands_accepted !== state.accepted) scheduleCommandRefresh();
     state.accepted = ov.commands_accepted;
   }
 
-  function applyDevice(d) {
+  function applyDevice(d, dq) {
     const card = $(`article.device[data-device="${CSS.escape(d.name)}"]`);
     if (!card) return;
     const avail = $(".avail", card);
@@ -127,6 +128,7 @@
     else if (b && b.state === "half_open") breaker.textContent = "half-open: probing";
     else breaker.textContent = b ? "closed" : "—";
     $(".state", card).textContent = JSON.stringify(d.state || {});
+    $(".dqueue", card).textContent = dq ? `${dq.queued} queued${dq.executing ? `, executing ${dq.executing}` : ""}` : "—";
     if (d.telemetry && d.telemetry.at !== state.lastReading[d.name]) {
       const ring = state.readings[d.name] || (state.readings[d.name] = []);
       ring.push(d.telemetry);
@@ -435,6 +437,7 @@
 
   async function pollOnce() {
     const r = await api("GET", "/api/v1/overview");
+    if (r.status === 401) { setLive("off", "logged out: log in again"); return; }
     if (r.ok) applyOverview(r.data);
     await refreshCommands();
     await loadHistory();
