@@ -250,15 +250,6 @@ class WebServer:
         )
 
     async def __aenter__(self) -> WebServer:
-        await self.console.__aenter__()
-        try:
-            await self._start()
-        except BaseException:
-            await self.console.__aexit__(None, None, None)
-            raise
-        return self
-
-    async def _start(self) -> None:
         app = build_app(self.ctx, self.cfg.max_body_bytes, self.console)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -272,7 +263,9 @@ class WebServer:
             ) from err
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else self.cfg.port
+        await self.console.__aenter__()  # its tasks start once listening: a failed start leaves none behind
         log.info("http_listening", host=self.cfg.host, port=self.port, auth=self.cfg.auth.enabled)
+        return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
