@@ -108,7 +108,7 @@ def request(url: str, method: str = "GET", body: Any = None, timeout: float = 10
     req.add_header("Accept", "application/json")
     req.add_header("X-Gatewayd-Client", "cli")
     token = os.environ.get("GATEWAYD_TOKEN")
-    if token:  # operator and admin commands need a token when the daemon's access control is on
+    if token:  # a daemon with [http.auth] enabled: an operator's token (gatewayd hash-token makes them)
         req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -286,6 +286,27 @@ def _operator(path: str, method: str = "GET", timeout: float = 10.0) -> Callable
     return run
 
 
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    """A new token (or the one given on standard input) and the hash for ``[http.auth] tokens``."""
+    from gatewayd.web.auth import hash_token, new_token
+
+    if args.stdin:
+        token = sys.stdin.readline().rstrip("\r\n")
+        if not token:
+            print("gatewayd: no token on standard input", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        token = new_token()
+    digest = hash_token(token)
+    if args.name:
+        print(f'{{ name = "{args.name}", role = "{args.role}", hash = "{digest}" }}')
+    else:
+        print(digest)
+    if not args.stdin:
+        print(f"token (give it to its holder; it is not stored anywhere): {token}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatewayd", description="Edge gateway daemon: devices, commands, status.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--duration", type=float, default=5.0, help="seconds the fault lasts (default 5)")
     client(test)
     test.set_defaults(func=_operator("/api/v1/admin/test/{scenario}", "POST"))
+    hasher = sub.add_parser(
+        "hash-token",
+        help="make an access token and its hash for [http.auth] tokens",
+        description="Prints the hash (or, with --name, a whole tokens entry) on standard output and the new "
+        "token on standard error. With --stdin, hashes the token read from standard input instead.",
+    )
+    hasher.add_argument("--name", help="print a complete entry for [http.auth] tokens with this name")
+    hasher.add_argument("--role", choices=["viewer", "operator", "admin"], default="operator")
+    hasher.add_argument("--stdin", action="store_true", help="hash the token on standard input")
+    hasher.set_defaults(func=cmd_hash_token)
     return parser
 
 

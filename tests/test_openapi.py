@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+from gatewayd.config.models import HttpLimits, HttpSection
+from gatewayd.web.console import Console
+from gatewayd.web.limits import RateLimits
 from gatewayd.web.openapi import document
 from gatewayd.web.server import WebContext, build_app
 from tests.conftest import Daemon
@@ -20,13 +23,16 @@ FUZZ_EXCLUDE = r"^/api/v1/admin/test/"
 
 
 def test_the_document_names_every_route_of_the_server_and_no_other() -> None:
-    app = build_app(WebContext(None, None, dict, 1.0), 65536)  # type: ignore[arg-type]
+    ctx = WebContext(None, None, dict, 1.0)  # type: ignore[arg-type]
+    console = Console(HttpSection(), service=None, status=dict, devices=list)  # type: ignore[arg-type]
+    app = build_app(ctx, 65536, RateLimits(HttpLimits()), console)
     served = {
         (route.method.lower(), route.resource.canonical)
         for route in app.router.routes()
         if route.method != "HEAD" and route.resource is not None
     }
     served.discard(("get", "/"))  # the HTML status page
+    assert ("get", "/login") in served and ("get", "/api/v1/events/stream") in served  # the console's routes too
     documented = {(method, path) for path, ops in document()["paths"].items() for method in ops}
     assert documented == served
 

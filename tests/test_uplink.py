@@ -201,7 +201,10 @@ def test_with_a_small_byte_budget_an_outage_drops_only_old_telemetry_and_counts_
             time.sleep(0.02)
         # An event: the node's alarm threshold below the room temperature raises one at the next reading.
         assert d.post({"device": "sensor1", "action": "set_alarm", "params": {"above_c": -40}}, wait=5)[0] == 200
-        _wait(lambda: d.get("/api/v1/outbox")[1]["telemetry_dropped"] > 100, what="telemetry dropped")
+        _wait(
+            lambda: (o := d.get("/api/v1/outbox")[1])["telemetry_dropped"] > 100 and o["by_kind"].get("event", 0) >= 1,
+            what="telemetry dropped and the alarm event written",  # the drops may come first: wait for both
+        )
         outbox = d.get("/api/v1/outbox")[1]
         # Results alone outgrow this budget; they stay, and telemetry is what gives way.
         assert outbox["by_kind"]["result"] == 62  # every result kept: the 60, set_interval and set_alarm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,11 +37,78 @@ class HttpLimits(Section):
     max_clients: int = Field(default=1000, ge=1, le=100_000)
 
 
+# A token's stored hash, as ``gatewayd hash-token`` prints it: scrypt$<log2 n>$<r>$<p>$<salt>$<key> (base64url).
+TOKEN_HASH_PATTERN = r"^scrypt\$[0-9]{1,2}\$[0-9]{1,2}\$[0-9]\$[A-Za-z0-9_-]{16,88}\$[A-Za-z0-9_-]{32,88}$"
+
+
+class AuthToken(Section):
+    """One credential: who holds it, what it may do, and the scrypt hash of the secret (never the secret)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
+    role: Literal["viewer", "operator", "admin"]
+    hash: Annotated[str, Field(pattern=TOKEN_HASH_PATTERN)]
+
+    @model_validator(mode="after")
+    def _cost_in_bounds(self) -> AuthToken:
+        log2_n, r, p = (int(x) for x in self.hash.split("$")[1:4])
+        # Bounded so that a verification stays well under a second and under 64 MiB on a Pi.
+        if not (10 <= log2_n <= 18 and 1 <= r <= 16 and 1 <= p <= 4 and 128 * r * (2**log2_n) <= 64 * 1024**2):
+            raise ValueError("hash: scrypt cost out of range (log2 n 10-18, r 1-16, p 1-4, at most 64 MiB)")
+        return self
+
+
+class AuthSection(Section):
+    """Access to the page and the API. Disabled (the default), every request may do everything, which is only
+    allowed on a loopback bind; enabled, reading needs a viewer token (or ``anonymous_read``) and every change an
+    operator or admin token, as a bearer token or through the login form's session cookie."""
+
+    enabled: bool = False
+    anonymous_read: bool = False  # enabled: GET requests (page, API, /metrics) need no token
+    tokens: list[AuthToken] = Field(default_factory=list)
+    session_ttl_s: float = Field(default=8 * 3600.0, gt=0, le=30 * 86_400)
+    max_sessions: int = Field(default=1000, ge=1, le=100_000)
+    cookie_secure: bool = False  # set the cookie's Secure flag (only when the page is served over HTTPS)
+    # Failed logins (and failed bearer tokens): a bucket of login_burst per client address and per user name,
+    # refilled at login_refill_per_min; past it, 429 with Retry-After.
+    login_burst: int = Field(default=5, ge=1, le=1000)
+    login_refill_per_min: float = Field(default=2.0, gt=0, le=6000)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthSection:
+        names = [t.name for t in self.tokens]
+        if len(names) != len(set(names)):
+            raise ValueError("tokens: each name may appear once")
+        if "anonymous" in names:
+            raise ValueError("tokens: the name 'anonymous' is reserved for unauthenticated readers")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
     limits: HttpLimits = HttpLimits()
+    auth: AuthSection = AuthSection()
+    history_interval_s: float = Field(default=10.0, gt=0, le=600)  # the page's hour charts: one sample this often
+    live_interval_s: float = Field(default=2.0, gt=0, le=60)  # the page's live updates: status pushed this often
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> HttpSection:
+        if not self.auth.enabled and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is reachable from the network: set [http.auth] enabled = true "
+                "(with tokens) before binding anything but a loopback address"
+            )
+        return self
 
 
 class GpioSection(Section):

@@ -96,6 +96,7 @@ _TEXT_REQUEST = {
 
 def document() -> dict[str, Any]:
     text = {"text/plain": {"schema": {"type": "string"}}}
+    html = {"text/html": {"schema": {"type": "string"}}}
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness", "responses": _responses(200, content=None)}},
         "/readyz": {"get": {"summary": "Readiness: accepting commands", "responses": _responses(200)}},
@@ -151,6 +152,53 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/providers": {
             "get": {"summary": "Interpreter: providers, breakers, limits, spend, cache", "responses": _responses(200)}
+        },
+        "/api/v1/overview": {
+            "get": {
+                "summary": "What the page's live status carries: status, error rate, devices, limiters",
+                "responses": _responses(200),
+            }
+        },
+        "/api/v1/history": {"get": {"summary": "The page's hour charts", "responses": _responses(200)}},
+        "/api/v1/events/stream": {
+            "get": {
+                "summary": "Server-sent events: status, command, history, resync",
+                "responses": _responses(200, content={"text/event-stream": {"schema": {"type": "string"}}}),
+            }
+        },
+        "/api/v1/session": {
+            "get": {"summary": "Who you are, and your session's CSRF token", "responses": _responses(200)}
+        },
+        "/login": {
+            "get": {"summary": "The login form", "responses": _responses(200, content=html)},
+            "post": {
+                "summary": "Log in with a name and token (form); sets the session cookie",
+                "requestBody": {"content": {"application/x-www-form-urlencoded": {"schema": _JSON_OBJECT}}},
+                "responses": {**_responses(200, 400, content=html), "303": {"description": "Logged in"}},
+            },
+        },
+        "/logout": {
+            "post": {
+                "summary": "End the session",
+                "responses": {**_responses(200, 400), "303": {"description": "Logged out"}},
+            }
+        },
+        "/ui/command": {
+            "post": {
+                "summary": "The page's forms without scripts (form fields; back to the page)",
+                "requestBody": {"content": {"application/x-www-form-urlencoded": {"schema": _JSON_OBJECT}}},
+                "responses": {
+                    **_responses(200, 400, 404, 409, 413, 422, content=html),
+                    "303": {"description": "Back to the page"},
+                },
+            }
+        },
+        "/static/{name}": {
+            "get": {
+                "summary": "The page's script and style sheet",
+                "parameters": [_path_param("name", "file name")],
+                "responses": _responses(200, 404, content={"*/*": {"schema": {"type": "string"}}}),
+            }
         },
         "/api/v1/outbox": {"get": {"summary": "Records waiting for the uplink", "responses": _responses(200)}},
         "/api/v1/queue": {"get": {"summary": "Queued and executing commands", "responses": _responses(200)}},

@@ -27,7 +27,8 @@ from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
-from gatewayd.web import openapi, page
+from gatewayd.web import auth, openapi
+from gatewayd.web.console import CONSOLE, Console
 from gatewayd.web.limits import RateLimits, metrics_middleware
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ async def post_command(request: web.Request) -> web.Response:
             raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
         rec, created, headers = await ctx.interpret.submit(payload, source=source, client=request.remote or "")
     else:
-        rec, created = await ctx.service.submit(payload, source=source)
+        rec, created = await ctx.service.submit(payload, source=source, user=auth.user_of(request))
     if wait_s:
         rec = await ctx.service.wait(rec.id, wait_s)
     headers["Location"] = f"/api/v1/commands/{rec.id}"
@@ -268,23 +269,23 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    records = await ctx.service.listing(state=None, device=None, limit=25)
-    html = page.render(ctx.status(), _devices(ctx), [r.to_api(transitions=False) for r in records])
-    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+    return await request.app[CONSOLE].page(request)
 
 
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
 
 
-def build_app(ctx: WebContext, max_body_bytes: int, limits: RateLimits | None = None) -> web.Application:
-    middlewares = [metrics_middleware, errors_middleware]
-    if limits is not None:
-        middlewares.append(limits.middleware)
-    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+def build_app(
+    ctx: WebContext, max_body_bytes: int, limits: RateLimits | None = None, console: Console | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[metrics_middleware, errors_middleware], client_max_size=max_body_bytes)
     app[CTX] = ctx
     app[MAX_BODY] = max_body_bytes
+    if console is not None:
+        console.install(app)  # access control (middleware), login, the page's assets, live events, history
+    if limits is not None:
+        app.middlewares.append(limits.middleware)  # after access control: the limits key on who is asking
     app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -312,9 +313,16 @@ class WebServer:
         self.ctx = ctx
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self.console = Console(
+            cfg,
+            service=ctx.service,
+            status=ctx.status,
+            devices=lambda: _devices(ctx),
+            recorder=ctx.recorder,
+        )
 
     async def __aenter__(self) -> WebServer:
-        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits))
+        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
@@ -327,12 +335,14 @@ class WebServer:
             ) from err
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else self.cfg.port
-        log.info("http_listening", host=self.cfg.host, port=self.port)
+        await self.console.__aenter__()  # its tasks start once listening: a failed start leaves none behind
+        log.info("http_listening", host=self.cfg.host, port=self.port, auth=self.cfg.auth.enabled)
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        await self.console.__aexit__(et, e, tb)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
