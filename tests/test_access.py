@@ -41,7 +41,7 @@ def test_bearer_tokens_roles_and_closed_reading(make_daemon: Any) -> None:
     assert status == 303 and where.path == "/login" and parse_qs(where.query)["next"] == ["/?state=failed"]
 
     status, body = _get(d, "/api/v1/devices", bearer("vera"))
-    assert status == 200 and {x["name"] for x in body["devices"]} == {"pump1", "sensor1", "relay1"}
+    assert status == 200 and {x["name"] for x in body["devices"]} == {"pump1", "sensor1", "relay1", "meter1", "relays1"}
     status, err = _post(d, bearer("vera"))
     assert status == 403 and err["error"]["code"] == "forbidden" and err["error"]["details"]["required"] == "operator"
 
@@ -51,10 +51,11 @@ def test_bearer_tokens_roles_and_closed_reading(make_daemon: Any) -> None:
     assert status == 401 and err["error"]["code"] == "invalid_credentials"
     assert set(err["error"]) == {"code", "message", "details"}
 
-    # Admin routes need admin: an operator is refused before the route is looked up; an admin reaches it (this
-    # daemon has no fault-scenario endpoint yet, so 404).
-    assert _post(d, bearer("otto"), {}, "/api/v1/admin/test/broker_down")[0] == 403
-    assert _post(d, bearer("ada"), {}, "/api/v1/admin/test/broker_down")[0] == 404
+    # Admin routes need admin: an operator is refused before the route is looked up; an admin reaches the
+    # route (and hears that there is no such scenario).
+    assert _post(d, bearer("otto"), {}, "/api/v1/admin/test/no_such_scenario")[0] == 403
+    status, err = _post(d, bearer("ada"), {}, "/api/v1/admin/test/no_such_scenario")
+    assert status == 404 and err["error"]["code"] == "unknown_scenario"
 
     status, who = _get(d, "/api/v1/session", bearer("ada"))
     assert who == {

@@ -58,7 +58,7 @@ def test_the_stream_starts_with_the_state_then_pushes_results_and_samples(make_d
     try:
         first = stream.until("status", timeout=2)
         assert first["status"]["phase"] == "running"
-        assert {x["name"] for x in first["devices"]} == {"pump1", "sensor1", "relay1"}
+        assert {x["name"] for x in first["devices"]} == {"pump1", "sensor1", "relay1", "meter1", "relays1"}
         status, _, _ = d.post({"id": "live-1", "device": "relay1", "action": "on"})
         assert status == 202
         done = stream.until("command", match=lambda c: c["id"] == "live-1")

@@ -53,7 +53,7 @@ def test_stats_health_config_and_reset_from_the_cli(daemon: Daemon) -> None:
     assert config["config"]["serial"]["bus0"]["baudrate"] == 115200
     assert config["overrides"]["http.port"] == "GATEWAYD_HTTP__PORT"
     code, reset = _cli(daemon, "reset")
-    assert code == 0 and reset["breakers_closed"] == 3  # one per device
+    assert code == 0 and reset["breakers_closed"] == 5  # one per device
     code, unknown = _cli(daemon, "test", "meteor_strike")
     assert code == 2 and "unknown_scenario" in str(unknown)
 
