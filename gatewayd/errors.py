@@ -92,14 +92,26 @@ class PayloadTooLarge(PermanentError):
     status = 413
 
 
-class Unauthorized(PermanentError):
-    code = "unauthorized"
+class Unauthenticated(PermanentError):
+    """No credentials, or credentials that are not valid."""
+
+    code = "unauthenticated"
     status = 401
 
 
+class InvalidCredentials(Unauthenticated):
+    code = "invalid_credentials"
+
+
 class Forbidden(PermanentError):
+    """Who you are is known, and that is not enough for this request."""
+
     code = "forbidden"
     status = 403
+
+
+class CsrfFailed(Forbidden):
+    code = "csrf_failed"
 
 
 class NotFound(PermanentError):

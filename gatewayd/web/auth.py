@@ -36,7 +36,14 @@ import structlog
 from aiohttp import web
 
 from gatewayd.config.models import AuthSection, AuthToken
-from gatewayd.errors import BadRequest, GatewayError, PermanentError
+from gatewayd.errors import (
+    BadRequest,
+    CsrfFailed,
+    Forbidden,
+    GatewayError,
+    InvalidCredentials,
+    Unauthenticated,
+)
 from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, Clock, Decision, KeyedLimiter, RateLimited
 
@@ -58,31 +65,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # scrypt's cost for new hashes: 16 MiB and some tens of milliseconds on a laptop, well under a second on a Pi.
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
 _KEY_BYTES = 32
-
-
-# --- errors ------------------------------------------------------------------------------------------------------
-
-
-class Unauthenticated(PermanentError):
-    """No credentials, or credentials that are not valid."""
-
-    code = "unauthenticated"
-    status = 401
-
-
-class InvalidCredentials(Unauthenticated):
-    code = "invalid_credentials"
-
-
-class Forbidden(PermanentError):
-    """Who you are is known, and that is not enough for this request."""
-
-    code = "forbidden"
-    status = 403
-
-
-class CsrfFailed(Forbidden):
-    code = "csrf_failed"
 
 
 # --- tokens and their hashes -------------------------------------------------------------------------------------
