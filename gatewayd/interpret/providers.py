@@ -200,11 +200,37 @@ class HttpProvider:
         raise ConnectionRefusedError(errno.ECONNREFUSED, f"{self.name}: connection refused (operator test)")
 
 
+class _ListsModels(HttpProvider):
+    """OpenAI's and Anthropic's shared shape: a chat POST, and a model list ``{"data": [{"id": ...}]}``."""
+
+    chat_path = ""
+    models_path = ""
+
+    def request_body(self, prompt: Prompt) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def parse(self, data: Any) -> Completion:
+        raise NotImplementedError
+
+    async def complete(
+        self, session: aiohttp.ClientSession, prompt: Prompt, limits: aiohttp.ClientTimeout
+    ) -> Completion:
+        return self.parse(await self._call(session, "POST", self.chat_path, limits, self.request_body(prompt)))
+
+    async def check(self, session: aiohttp.ClientSession, limits: aiohttp.ClientTimeout) -> dict[str, Any]:
+        data = await self._call(session, "GET", self.models_path, limits)
+        try:
+            ids = [str(m["id"]) for m in data["data"]]
+        except (KeyError, TypeError) as err:
+            raise _shape(self.name, "model list", err) from err
+        return {"models": len(ids), "model_listed": self.model in ids}
+
+
 def _shape(provider: str, what: str, err: Exception) -> UnusableAnswer:
     return UnusableAnswer(f"{provider}: unexpected answer ({what}: {type(err).__name__} {err})")
 
 
-class OpenAIProvider(HttpProvider):
+class OpenAIProvider(_ListsModels):
     """``POST {base_url}/chat/completions`` with tools; health: ``GET {base_url}/models``. base_url ends in /v1."""
 
     kind = "openai"
@@ -254,21 +280,11 @@ class OpenAIProvider(HttpProvider):
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
             raise _shape(self.name, "chat completion", err) from err
 
-    async def complete(
-        self, session: aiohttp.ClientSession, prompt: Prompt, limits: aiohttp.ClientTimeout
-    ) -> Completion:
-        return self.parse(await self._call(session, "POST", "/chat/completions", limits, self.request_body(prompt)))
-
-    async def check(self, session: aiohttp.ClientSession, limits: aiohttp.ClientTimeout) -> dict[str, Any]:
-        data = await self._call(session, "GET", "/models", limits)
-        try:
-            ids = [str(m["id"]) for m in data["data"]]
-        except (KeyError, TypeError) as err:
-            raise _shape(self.name, "model list", err) from err
-        return {"models": len(ids), "model_listed": self.model in ids}
+    chat_path = "/chat/completions"
+    models_path = "/models"
 
 
-class AnthropicProvider(HttpProvider):
+class AnthropicProvider(_ListsModels):
     """``POST {base_url}/v1/messages`` with tools; health: ``GET {base_url}/v1/models``."""
 
     kind = "anthropic"
@@ -316,18 +332,8 @@ class AnthropicProvider(HttpProvider):
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise _shape(self.name, "message", err) from err
 
-    async def complete(
-        self, session: aiohttp.ClientSession, prompt: Prompt, limits: aiohttp.ClientTimeout
-    ) -> Completion:
-        return self.parse(await self._call(session, "POST", "/v1/messages", limits, self.request_body(prompt)))
-
-    async def check(self, session: aiohttp.ClientSession, limits: aiohttp.ClientTimeout) -> dict[str, Any]:
-        data = await self._call(session, "GET", "/v1/models", limits)
-        try:
-            ids = [str(m["id"]) for m in data["data"]]
-        except (KeyError, TypeError) as err:
-            raise _shape(self.name, "model list", err) from err
-        return {"models": len(ids), "model_listed": self.model in ids}
+    chat_path = "/v1/messages"
+    models_path = "/v1/models"
 
 
 class OllamaProvider(HttpProvider):
