@@ -192,7 +192,7 @@ NOTES = f"""\
     simulator paces its writes to the baud rate (a pty has none); what it cannot pace exactly counts against us.
 [2] time.process_time() of this process (the bus only; the simulator is another process) / frames decoded;
     user and system from getrusage(RUSAGE_SELF). It includes the event loop's wake-ups (about one read per
-    frame at this rate) and the per-frame log call, filtered out at level warning."""
+    frame at this rate) and handing each frame to the telemetry sink (here in memory, not the store)."""
 
 
 def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
