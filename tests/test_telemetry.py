@@ -23,6 +23,7 @@ from gatewayd.devices.framing import Frame, Kind
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.serial_bus import SerialBus
 from gatewayd.devices.simulator import PtySimulator, SimulatedDevice
+from gatewayd.errors import StoreUnavailable
 from gatewayd.store import Store
 from gatewayd.telemetry import MemorySink, Record
 from gatewayd.telemetry.recorder import Recorder, shape_values
@@ -249,7 +250,7 @@ async def test_records_that_cannot_be_written_wait_and_are_written_once_the_stor
     rec = _recorder(broken, tmp_path, flush_interval_s=30)
     rec.put(Record.telemetry("pump1", {"reading": 1}))
     rec.put(Record.of_event("pump1", "ping", {}))
-    with pytest.raises(Exception, match="closed"):
+    with pytest.raises(StoreUnavailable, match="closed"):
         await rec.flush()
     assert rec.pending == 2  # nothing lost
     async with Store(tmp_path / "back.sqlite3") as store:

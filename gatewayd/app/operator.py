@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gatewayd.devices.serial_bus import SerialDevice
 from gatewayd.errors import BadRequest, Conflict, GatewayError, NotFound
 from gatewayd.resilience.breaker import CircuitBreaker
 from gatewayd.resilience.keyed import KeyedLimiter
@@ -178,7 +179,7 @@ class Operator:
         devices = self._sup.devices
         assert devices is not None
         for device in devices.devices.values():
-            if getattr(device, "bus", None) is not bus:
+            if not isinstance(device, SerialDevice) or device.bus is not bus:
                 continue
             for action, spec in device.profile.actions.items():
                 if not spec.actuates and not any(p.required for p in spec.params.values()):

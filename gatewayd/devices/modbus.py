@@ -44,7 +44,7 @@ from gatewayd.config.profiles import BIT_TABLES, ModbusAction, Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.modbus_codec import READ_FUNCTION, ReadBlock, Value, encode_registers, find_reply, plan_reads
 from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
-from gatewayd.devices.serial_bus import _REOPEN_ATTEMPTS, port_verdict, transaction_bucket
+from gatewayd.devices.serial_bus import reopen_policy, transaction_bucket
 from gatewayd.errors import (
     DeviceBusy,
     DeviceRejected,
@@ -100,16 +100,7 @@ class ModbusBus:
         self._request: bytes | None = None  # the request whose reply is being waited for, as sent
         self._inflight: asyncio.Timeout | None = None
         self._tasks = TaskOwner(name)
-        self._reopen = RetryPolicy(
-            max_attempts=_REOPEN_ATTEMPTS,
-            base_s=cfg.reconnect_base_s,
-            cap_s=cfg.reconnect_cap_s,
-            jitter="full",
-            name=f"bus:{name}",
-            clock=clock,
-            classifier=port_verdict,
-            quiet=True,  # availability logs the outage once
-        )
+        self._reopen = reopen_policy(name, cfg, clock)
 
     async def __aenter__(self) -> ModbusBus:
         await self._tasks.open()

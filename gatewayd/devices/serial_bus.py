@@ -60,6 +60,21 @@ def port_verdict(err: BaseException) -> Verdict:
     return classify(err)
 
 
+def reopen_policy(bus: str, cfg: SerialBusConfig, clock: Clock) -> RetryPolicy:
+    """How a bus of either protocol reopens a port that went away: capped, fully jittered, for as long as it
+    takes, and quiet (availability logs the outage once; a long unplug must not write two lines a second)."""
+    return RetryPolicy(
+        max_attempts=_REOPEN_ATTEMPTS,
+        base_s=cfg.reconnect_base_s,
+        cap_s=cfg.reconnect_cap_s,
+        jitter="full",
+        name=f"bus:{bus}",
+        clock=clock,
+        classifier=port_verdict,
+        quiet=True,
+    )
+
+
 def transaction_bucket(bus: str, cfg: SerialBusConfig, clock: Clock) -> TokenBucket | None:
     """The bus's limit on requests put on the line (``transactions_per_s``), or None. Every request takes a token
     inside the bus lock, before it is sent; the line does not know priorities, so none bypasses it."""
@@ -106,16 +121,7 @@ class SerialBus:
         self._seq = itertools.cycle(range(256))
         self._pending: dict[tuple[int, int], asyncio.Future[Frame]] = {}
         self._tasks = TaskOwner(f"{name}")
-        self._reopen = RetryPolicy(
-            max_attempts=_REOPEN_ATTEMPTS,
-            base_s=cfg.reconnect_base_s,
-            cap_s=cfg.reconnect_cap_s,
-            jitter="full",
-            name=f"bus:{name}",
-            clock=clock,
-            classifier=port_verdict,
-            quiet=True,  # availability logs the outage once; a long unplug must not write two lines a second
-        )
+        self._reopen = reopen_policy(name, cfg, clock)
 
     async def __aenter__(self) -> SerialBus:
         await self._tasks.open()

@@ -226,6 +226,20 @@ class _ListsModels(HttpProvider):
         return {"models": len(ids), "model_listed": self.model in ids}
 
 
+def _chat_with_functions(prompt: Prompt) -> dict[str, Any]:
+    """The messages and tools of a chat request as OpenAI's API and Ollama's native one both take them."""
+    return {
+        "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.text}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {"name": t["name"], "description": t["description"], "parameters": t["parameters"]},
+            }
+            for t in prompt.tools
+        ],
+    }
+
+
 def _shape(provider: str, what: str, err: Exception) -> UnusableAnswer:
     return UnusableAnswer(f"{provider}: unexpected answer ({what}: {type(err).__name__} {err})")
 
@@ -244,14 +258,7 @@ class OpenAIProvider(_ListsModels):
     def request_body(self, prompt: Prompt) -> dict[str, Any]:
         return {
             "model": self.model,
-            "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.text}],
-            "tools": [
-                {
-                    "type": "function",
-                    "function": {"name": t["name"], "description": t["description"], "parameters": t["parameters"]},
-                }
-                for t in prompt.tools
-            ],
+            **_chat_with_functions(prompt),
             "tool_choice": "required",
             "temperature": 0,
             "max_tokens": prompt.max_tokens,
@@ -350,14 +357,7 @@ class OllamaProvider(HttpProvider):
     def request_body(self, prompt: Prompt) -> dict[str, Any]:
         return {
             "model": self.model,
-            "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.text}],
-            "tools": [
-                {
-                    "type": "function",
-                    "function": {"name": t["name"], "description": t["description"], "parameters": t["parameters"]},
-                }
-                for t in prompt.tools
-            ],
+            **_chat_with_functions(prompt),
             "stream": False,
             "options": {"temperature": 0, "num_predict": prompt.max_tokens},
         }

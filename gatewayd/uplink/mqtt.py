@@ -93,7 +93,6 @@ class Uplink:
         self._environ = os.environ if environ is None else environ
         self._tasks = TaskOwner("uplink")
         self._wake = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
         self._bucket = (
             TokenBucket(cfg.drain_burst, cfg.drain_messages_per_s, name="uplink.drain")
             if cfg.drain_messages_per_s
@@ -213,7 +212,6 @@ class Uplink:
                 client = await self._reconnect.call(self._connect)
             except RetryExhausted:
                 continue
-            self._client = client
             self.connects += 1
             self.connected, self.since = True, time.time()
             UPLINK_CONNECTED.set(1)
@@ -227,8 +225,6 @@ class Uplink:
             except asyncio.CancelledError:
                 await self._goodbye(client)
                 raise
-            finally:
-                self._client = None
             self._down(reason)
             with contextlib.suppress(Exception):  # the connection is already broken; closing is best effort
                 await client.__aexit__(None, None, None)
