@@ -125,7 +125,7 @@ class Recorder:
 
     async def __aenter__(self) -> Recorder:
         CLOCK_SYNCED.set(int(self.stamper.synced))
-        self.stats = await self.store.read(sql.stats)
+        self.stats = await self.store.read(lambda conn: sql.stats(conn, by_kind=False))  # no scan at start-up
         self._publish_stats()
         await self._tasks.open()
         self._tasks.spawn("flush", self._run())
