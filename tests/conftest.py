@@ -198,3 +198,14 @@ def daemon(make_daemon: Any) -> Daemon:
     d: Daemon = make_daemon()
     d.start()
     return d
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    """A real Mosquitto on a free loopback port, not started: the test decides when it is up."""
+    from tests.mqtt_broker import Broker  # imports this module: not at the top
+
+    b = Broker(tmp_path / "broker")
+    yield b
+    b.resume() if b.proc is not None and b.proc.poll() is None else None
+    b.kill9()

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,37 @@ def publish(broker: Broker, topic: str, payload: bytes | str, qos: int = 1, clie
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+GW = "gatewayd/gw-dev"  # the bundled config's topic prefix
+
+
+def daemon_env(broker: Broker, **extra: str) -> dict[str, str]:
+    """The daemon pointed at ``broker`` with timers shrunk so that outages are noticed and healed in a test's time."""
+    return {
+        "GATEWAYD_MQTT__PORT": str(broker.port),
+        "GATEWAYD_MQTT__RECONNECT_BASE_S": "0.05",
+        "GATEWAYD_MQTT__RECONNECT_CAP_S": "0.3",
+        "GATEWAYD_MQTT__PUBACK_TIMEOUT_S": "1",
+        "GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S": "0",
+        "GATEWAYD_MQTT__KEEPALIVE_S": "5",
+        **extra,
+    }
+
+
+def results_by_id(sub: Subscriber) -> dict[str, list[dict[str, Any]]]:
+    """Every ``result/<id>`` message the subscriber received, by command id, duplicates kept."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for topic, payload, _ in sub.snapshot():
+        if topic.startswith(f"{GW}/result/"):
+            out[topic.rsplit("/", 1)[1]].append(json.loads(payload))
+    return out
+
+
+def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

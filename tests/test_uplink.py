@@ -5,47 +5,12 @@ load, kill -9 during a drain, and Home Assistant discovery."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import Daemon
-from tests.mqtt_broker import Broker, Subscriber, publish
-
-GW = "gatewayd/gw-dev"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker")
-    yield b
-    b.resume() if b.proc is not None and b.proc.poll() is None else None
-    b.kill9()
-
-
-def _env(broker: Broker, **extra: str) -> dict[str, str]:
-    return {
-        "GATEWAYD_MQTT__PORT": str(broker.port),
-        "GATEWAYD_MQTT__RECONNECT_BASE_S": "0.05",
-        "GATEWAYD_MQTT__RECONNECT_CAP_S": "0.3",
-        "GATEWAYD_MQTT__PUBACK_TIMEOUT_S": "1",
-        "GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S": "0",
-        "GATEWAYD_MQTT__KEEPALIVE_S": "5",
-        **extra,
-    }
-
-
-def _results(sub: Subscriber) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for topic, payload, _ in sub.snapshot():
-        if topic.startswith(f"{GW}/result/"):
-            out[topic.rsplit("/", 1)[1]].append(json.loads(payload))
-    return out
+from tests.mqtt_broker import GW, Broker, Subscriber, daemon_env, publish, results_by_id, wait_until
 
 
 def _uplink(daemon: Daemon) -> dict[str, Any]:
@@ -54,22 +19,13 @@ def _uplink(daemon: Daemon) -> dict[str, Any]:
     return status
 
 
-def _wait(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_starts_without_a_broker_works_and_publishes_every_result_once_it_is_up(
     broker: Broker, make_daemon: Any
 ) -> None:
     broker.start()
     with Subscriber(broker, f"{GW}/#") as sub:
         broker.stop()  # the subscriber's session (and what is queued for it) survives, as on a real broker
-        d: Daemon = make_daemon(_env(broker))
+        d: Daemon = make_daemon(daemon_env(broker))
         d.start()
         assert _uplink(d)["connected"] is False
         ids = []
@@ -79,28 +35,28 @@ def test_starts_without_a_broker_works_and_publishes_every_result_once_it_is_up(
             ids.append(body["id"])
         assert d.get("/api/v1/outbox")[1]["by_kind"]["result"] == 20
         broker.start()
-        sub.wait_for(lambda _m: set(ids) <= set(_results(sub)), timeout=20)
-        _wait(lambda: _uplink(d)["connected"], what="connected")
-        results = _results(sub)
+        sub.wait_for(lambda _m: set(ids) <= set(results_by_id(sub)), timeout=20)
+        wait_until(lambda: _uplink(d)["connected"], what="connected")
+        results = results_by_id(sub)
         assert [results[i][0]["params"]["percent"] for i in ids] == list(range(20))
         assert all(results[i][0]["state"] == "succeeded" and results[i][0]["id"] == i for i in ids)
-        _wait(lambda: d.get("/api/v1/outbox")[1]["by_kind"].get("result", 0) == 0, what="outbox drained")
+        wait_until(lambda: d.get("/api/v1/outbox")[1]["by_kind"].get("result", 0) == 0, what="outbox drained")
         status_msgs = [p for t, p, _ in sub.snapshot() if t == f"{GW}/status"]
         assert status_msgs[-1] == b"online"
 
 
 def test_a_command_over_mqtt_runs_once_and_a_redelivery_gets_its_result_again(broker: Broker, make_daemon: Any) -> None:
     broker.start()
-    d: Daemon = make_daemon(_env(broker))
+    d: Daemon = make_daemon(daemon_env(broker))
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected")
+    wait_until(lambda: _uplink(d)["connected"], what="connected")
     with Subscriber(broker, f"{GW}/result/#") as sub:
         command = json.dumps({"id": "mq-1", "device": "pump1", "action": "set_speed", "params": {"percent": 33}})
         publish(broker, f"{GW}/cmd", command)
-        sub.wait_for(lambda _m: "mq-1" in _results(sub))
+        sub.wait_for(lambda _m: "mq-1" in results_by_id(sub))
         publish(broker, f"{GW}/cmd", command)  # the same id again (a client retrying after a lost PUBACK)
-        sub.wait_for(lambda _m: len(_results(sub)["mq-1"]) == 2)
-        first, second = _results(sub)["mq-1"]
+        sub.wait_for(lambda _m: len(results_by_id(sub)["mq-1"]) == 2)
+        first, second = results_by_id(sub)["mq-1"]
     assert d.executions("mq-1") == 1
     assert first["state"] == second["state"] == "succeeded"
     assert first["result"] == second["result"] and first["result"]["speed"] == 33
@@ -111,9 +67,9 @@ def test_malformed_commands_are_rejected_with_an_error_event_and_change_nothing(
     broker: Broker, make_daemon: Any
 ) -> None:
     broker.start()
-    d: Daemon = make_daemon(_env(broker))
+    d: Daemon = make_daemon(daemon_env(broker))
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected")
+    wait_until(lambda: _uplink(d)["connected"], what="connected")
     before = d.get("/api/v1/stats")[1]["commands"]
     bad = [
         b"not json at all {",
@@ -143,22 +99,22 @@ def test_malformed_commands_are_rejected_with_an_error_event_and_change_nothing(
     # Still serving after all of it.
     with Subscriber(broker, f"{GW}/result/#", client_id="after") as sub:
         publish(broker, f"{GW}/cmd", json.dumps({"id": "good", "device": "pump1", "action": "start"}))
-        sub.wait_for(lambda _m: "good" in _results(sub))
+        sub.wait_for(lambda _m: "good" in results_by_id(sub))
 
 
 def test_retained_status_is_online_then_offline_on_a_clean_stop_and_by_the_will_after_kill_9(
     broker: Broker, make_daemon: Any
 ) -> None:
     broker.start()
-    d: Daemon = make_daemon(_env(broker))
+    d: Daemon = make_daemon(daemon_env(broker))
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected")
+    wait_until(lambda: _uplink(d)["connected"], what="connected")
     with Subscriber(broker, f"{GW}/status", client_id="s1") as sub:  # a late subscriber gets the retained value
         sub.wait_for(lambda m: (f"{GW}/status", b"online", True) in m)
         assert d.stop() == 0
         sub.wait_for(lambda m: m[-1][1] == b"offline")
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected again")
+    wait_until(lambda: _uplink(d)["connected"], what="connected again")
     with Subscriber(broker, f"{GW}/status", client_id="s2") as sub:
         sub.wait_for(lambda m: m and m[-1][1] == b"online")
         d.kill9()  # no goodbye: the broker publishes the will when the connection drops
@@ -169,19 +125,19 @@ def test_a_silent_broker_is_detected_by_a_missing_puback_and_the_link_comes_back
     broker: Broker, make_daemon: Any
 ) -> None:
     broker.start()
-    d: Daemon = make_daemon(_env(broker))
+    d: Daemon = make_daemon(daemon_env(broker))
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected")
+    wait_until(lambda: _uplink(d)["connected"], what="connected")
     assert d.post({"device": "sensor1", "action": "set_interval", "params": {"seconds": 0.1}}, wait=5)[0] == 200
     broker.pause()  # the TCP connection stays up; nothing is acknowledged any more
     paused = time.monotonic()
     try:
-        _wait(lambda: not _uplink(d)["connected"], timeout=10, what="link loss detected")
+        wait_until(lambda: not _uplink(d)["connected"], timeout=10, what="link loss detected")
         detected = time.monotonic() - paused
     finally:
         broker.resume()
     assert detected < 5  # puback_timeout_s = 1 (plus the next telemetry flush): not 1.5 x keepalive
-    _wait(lambda: _uplink(d)["connected"], timeout=10, what="reconnected")
+    wait_until(lambda: _uplink(d)["connected"], timeout=10, what="reconnected")
     assert "publish failed" in (_uplink(d)["last_error"] or "") or _uplink(d)["connects"] >= 2
 
 
@@ -191,7 +147,7 @@ def test_with_a_small_byte_budget_an_outage_drops_only_old_telemetry_and_counts_
     broker.start()
     with Subscriber(broker, f"{GW}/#") as sub:
         broker.stop()
-        d: Daemon = make_daemon(_env(broker, GATEWAYD_OUTBOX__MAX_BYTES="16384"))
+        d: Daemon = make_daemon(daemon_env(broker, GATEWAYD_OUTBOX__MAX_BYTES="16384"))
         d.start()
         assert d.post({"device": "sensor1", "action": "set_interval", "params": {"seconds": 0.01}}, wait=5)[0] == 200
         ids = []
@@ -201,7 +157,7 @@ def test_with_a_small_byte_budget_an_outage_drops_only_old_telemetry_and_counts_
             time.sleep(0.02)
         # An event: the node's alarm threshold below the room temperature raises one at the next reading.
         assert d.post({"device": "sensor1", "action": "set_alarm", "params": {"above_c": -40}}, wait=5)[0] == 200
-        _wait(
+        wait_until(
             lambda: (o := d.get("/api/v1/outbox")[1])["telemetry_dropped"] > 100 and o["by_kind"].get("event", 0) >= 1,
             what="telemetry dropped and the alarm event written",  # the drops may come first: wait for both
         )
@@ -213,7 +169,7 @@ def test_with_a_small_byte_budget_an_outage_drops_only_old_telemetry_and_counts_
         metrics = d.get("/metrics")[1]
         assert 'gatewayd_telemetry_dropped_total{reason="budget"}' in metrics
         broker.start()
-        sub.wait_for(lambda _m: set(ids) <= set(_results(sub)) and sub.json("/telemetry/sensor1"), timeout=20)
+        sub.wait_for(lambda _m: set(ids) <= set(results_by_id(sub)) and sub.json("/telemetry/sensor1"), timeout=20)
         events = [e for e in sub.json("/events") if e.get("event") == "temperature_alarm"]
         assert events and events[0]["severity"] == "warning"
         telemetry = sub.json("/telemetry/sensor1")
@@ -226,72 +182,6 @@ def test_with_a_small_byte_budget_an_outage_drops_only_old_telemetry_and_counts_
         assert numbers == sorted(numbers)
 
 
-def test_three_broker_restarts_during_2000_commands_and_telemetry_lose_nothing(
-    broker: Broker, make_daemon: Any
-) -> None:
-    broker.start()
-    with Subscriber(broker, f"{GW}/#") as sub:
-        d: Daemon = make_daemon(_env(broker))
-        d.start()
-        _wait(lambda: _uplink(d)["connected"], what="connected")
-        # Telemetry at 100 messages/s from the sensor node, for the whole run.
-        assert d.post({"device": "sensor1", "action": "set_interval", "params": {"seconds": 0.01}}, wait=5)[0] == 200
-        ids: list[str] = []
-        errors: list[Any] = []
-
-        def load() -> None:
-            for i in range(2000):
-                device, body = ("pump1", {"action": "set_speed", "params": {"percent": i % 101}})
-                if i % 4 == 3:
-                    device, body = ("sensor1", {"action": "read"})
-                status, rec, _ = d.post({"id": f"load-{i:04d}", "device": device, **body})
-                if status != 202:
-                    errors.append((status, rec))
-                ids.append(f"load-{i:04d}")
-                time.sleep(0.004)
-
-        sender = threading.Thread(target=load)
-        sender.start()
-        for _ in range(3):
-            time.sleep(2.0)
-            broker.stop()
-            time.sleep(1.0)
-            broker.start()
-        sender.join(timeout=60)
-        assert not errors, errors[:3]
-        assert len(ids) == 2000
-        sub.wait_for(lambda _m: set(ids) <= set(_results(sub)), timeout=60)
-        results = _results(sub)
-        messages = sub.snapshot()
-    assert _uplink(d)["connects"] >= 4
-    # Each command executed once (the simulators' logs) and its result delivered, duplicates identical.
-    pump_log = Counter(e["id"] for e in d.sim_log("pump1"))
-    sensor_log = Counter(e["id"] for e in d.sim_log("sensor1"))
-    for command_id in ids:
-        assert pump_log[command_id] + sensor_log[command_id] == 1, command_id
-        copies = results[command_id]
-        assert all(c == copies[0] for c in copies) and copies[0]["id"] == command_id
-        assert copies[0]["state"] == "succeeded"
-    # Per-device order: each device's results arrive in the order they were recorded (first copies).
-    for device in ("pump1", "sensor1"):
-        seqs: list[int] = []
-        seen: set[int] = set()
-        for topic, payload, _ in messages:
-            if topic.startswith(f"{GW}/result/"):
-                body = json.loads(payload)
-                if body["device"] == device and body["seq"] not in seen:
-                    seen.add(body["seq"])
-                    seqs.append(body["seq"])
-        assert seqs == sorted(seqs), device
-    telemetry = [json.loads(p) for t, p, _ in messages if t == f"{GW}/telemetry/sensor1"]
-    first_seen: list[int] = []
-    for t in telemetry:
-        if t["seq"] not in first_seen[-50:]:
-            first_seen.append(t["seq"])
-    assert first_seen == sorted(first_seen)
-    assert len(telemetry) > 500
-
-
 def test_kill_9_during_a_backlog_drain_then_restart_resumes_the_drain_and_loses_nothing(
     broker: Broker, make_daemon: Any
 ) -> None:
@@ -299,7 +189,7 @@ def test_kill_9_during_a_backlog_drain_then_restart_resumes_the_drain_and_loses_
     with Subscriber(broker, f"{GW}/result/#") as sub:
         broker.stop()
         d: Daemon = make_daemon(
-            _env(broker, GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S="100", GATEWAYD_MQTT__DRAIN_BURST="10")
+            daemon_env(broker, GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S="100", GATEWAYD_MQTT__DRAIN_BURST="10")
         )
         d.start()
         ids = []
@@ -309,22 +199,22 @@ def test_kill_9_during_a_backlog_drain_then_restart_resumes_the_drain_and_loses_
             )
             assert status == 202
             ids.append(body["id"])
-        _wait(lambda: d.get("/api/v1/outbox")[1]["by_kind"].get("result", 0) == 300, what="backlog recorded")
+        wait_until(lambda: d.get("/api/v1/outbox")[1]["by_kind"].get("result", 0) == 300, what="backlog recorded")
         broker.start()
-        sub.wait_for(lambda _m: len(_results(sub)) >= 60, timeout=20)  # mid-drain (100/s paced)
+        sub.wait_for(lambda _m: len(results_by_id(sub)) >= 60, timeout=20)  # mid-drain (100/s paced)
         d.kill9()
-        got = len(_results(sub))
+        got = len(results_by_id(sub))
         assert got < 300
         d.start()
-        sub.wait_for(lambda _m: set(ids) <= set(_results(sub)), timeout=30)
+        sub.wait_for(lambda _m: set(ids) <= set(results_by_id(sub)), timeout=30)
     assert all(d.executions(i) == 1 for i in ids)
 
 
 def test_home_assistant_discovery_announces_each_device(broker: Broker, make_daemon: Any) -> None:
     broker.start()
-    d: Daemon = make_daemon(_env(broker, GATEWAYD_MQTT__HA_DISCOVERY="true"))
+    d: Daemon = make_daemon(daemon_env(broker, GATEWAYD_MQTT__HA_DISCOVERY="true"))
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected")
+    wait_until(lambda: _uplink(d)["connected"], what="connected")
     with Subscriber(broker, "homeassistant/#", client_id="ha") as sub:
         sub.wait_for(lambda m: any("sensor1/temperature_c" in t for t, _, _ in m))
         # Retained when the subscriber came after them; live if it was there first: both are announcements.
@@ -345,14 +235,14 @@ def test_a_command_queued_by_the_broker_while_the_daemon_was_down_runs_when_it_s
     broker: Broker, make_daemon: Any
 ) -> None:
     broker.start()
-    d: Daemon = make_daemon(_env(broker))
+    d: Daemon = make_daemon(daemon_env(broker))
     d.start()
-    _wait(lambda: _uplink(d)["connected"], what="connected")
+    wait_until(lambda: _uplink(d)["connected"], what="connected")
     assert d.stop() == 0
     # The daemon's persistent session holds its subscription: the broker queues this for it.
     publish(broker, f"{GW}/cmd", json.dumps({"id": "while-down", "device": "pump1", "action": "start"}))
     d.start()
-    _wait(lambda: d.get("/api/v1/commands/while-down")[0] == 200, what="queued command received")
+    wait_until(lambda: d.get("/api/v1/commands/while-down")[0] == 200, what="queued command received")
     assert d.wait_final("while-down")["state"] == "succeeded"
 
 
@@ -367,15 +257,15 @@ def test_tls_with_a_client_certificate_connects_and_without_one_is_refused(tmp_p
             "GATEWAYD_MQTT__TLS__KEY_FILE": str(certs["client.key"]),
         }
         with Subscriber(broker, f"{GW}/result/#") as sub:
-            d: Daemon = make_daemon(_env(broker, **tls))
+            d: Daemon = make_daemon(daemon_env(broker, **tls))
             d.start()
-            _wait(lambda: _uplink(d)["connected"], what="connected over TLS")
+            wait_until(lambda: _uplink(d)["connected"], what="connected over TLS")
             status, body, _ = d.post({"device": "pump1", "action": "start"}, wait=5)
             assert status == 200
-            sub.wait_for(lambda _m: body["id"] in _results(sub))
+            sub.wait_for(lambda _m: body["id"] in results_by_id(sub))
             assert d.stop() == 0
         # The broker requires a client certificate: with the CA alone the daemon is refused, and says so.
-        no_cert = make_daemon(_env(broker, GATEWAYD_MQTT__TLS__CA_FILE=str(certs["ca.pem"])), name="nocert")
+        no_cert = make_daemon(daemon_env(broker, GATEWAYD_MQTT__TLS__CA_FILE=str(certs["ca.pem"])), name="nocert")
         no_cert.start()
         time.sleep(1.5)
         uplink = _uplink(no_cert)
