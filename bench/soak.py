@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,10 @@ def parse_metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+def file_mib(path: Path) -> float:
+    return path.stat().st_size / 2**20 if path.exists() else 0.0
+
+
 def slope_per_hour(ts: list[float], ys: list[float]) -> float:
     """Least-squares slope of ys over ts (seconds), per hour."""
     mt, my = statistics.fmean(ts), statistics.fmean(ys)
@@ -224,7 +228,7 @@ class Soak:
         if not ok:
             self.load.get_failures[f"{path}: {resp.status}"] += 1
 
-    def generators(self) -> list[Awaitable[None]]:
+    def generators(self) -> list[Coroutine[Any, Any, None]]:
         """The mixed load, about 2.5 requests/s: offsets spread the schedules so they do not all fire at once.
 
         relays1's profile allows an actuation a second and 20 a minute: one every 5 s stays inside both, as it must
@@ -283,15 +287,14 @@ class Soak:
         counts: dict[str, int] = stats.get("commands", {})
         db = self.daemon.data_dir / "gatewayd.sqlite3"
         wal = db.with_name(db.name + "-wal")
-        size = lambda p: p.stat().st_size / 2**20 if p.exists() else 0.0  # noqa: E731
         return Sample(
             t_s=time.monotonic() - self.started,
             rss_mib=rss,
             fds=fds,
             threads=threads,
             tasks=tasks,
-            db_mib=size(db),
-            wal_mib=size(wal),
+            db_mib=file_mib(db),
+            wal_mib=file_mib(wal),
             sent=len(self.load.sent),
             succeeded=counts.get("succeeded", 0),
             other_final=sum(n for s, n in counts.items() if s in FINAL_STATES and s != "succeeded"),
