@@ -48,14 +48,17 @@ def alive(pid: int) -> bool:
 @pytest.mark.timeout(300)
 def test_a_one_minute_soak_is_flat_and_every_command_it_sends_succeeds(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    proc = run_bench("soak.py", "--minutes", "1", "--interval", "5", "--json", str(out), timeout=280)
+    proc = run_bench(
+        "soak.py", "--minutes", "1", "--interval", "5", "--prefill", "1000", "--json", str(out), timeout=280
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "GROWTH: FLAT" in proc.stdout and "RESULT: PASS" in proc.stdout
     report = json.loads(out.read_text())
     assert report["passed"] and report["verdict"]["flat"] and report["problems"] == []
     sent = report["sent"]
     assert sent["http"] >= 40 and sent["mqtt"] >= 10 and sent["text"] >= 4, sent
-    assert report["received"]["result"] >= sum(sent.values())  # every result reached the broker
+    assert report["prefill"]["commands"] == 1000 and report["prefill"]["states"] == {"succeeded": 1000}
+    assert report["received"]["result"] >= sum(sent.values()) + 1000  # every result reached the broker
     assert report["received"]["telemetry"] >= 120  # sensor1 at 3/s for a minute, and the pollers
     rows = report["samples"]
     assert len(rows) == 13 and rows[-1]["errors"] == 0
