@@ -653,30 +653,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def soak(args: argparse.Namespace, workdir: Path) -> tuple[Soak, dict[str, Any]]:
+async def soak(args: argparse.Namespace, workdir: Path, broker: Broker) -> tuple[Soak, dict[str, Any]]:
     main_task = asyncio.current_task()
     assert main_task is not None
     # SIGTERM cleans up like Ctrl-C: the daemon and the broker are stopped on the way out.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    broker = Broker(workdir / "broker")
-    await asyncio.to_thread(broker.start)
-    try:
-        env = {
-            "GATEWAYD_MQTT__PORT": str(broker.port),
-            "GATEWAYD_DEVICES__SENSOR1__SIMULATOR__TELEMETRY_HZ": repr(args.telemetry_hz),
-            # The prefill sends hundreds of commands a second from one client; the measured load (about 2.5
-            # requests/s) is far below [http.limits] either way.
-            "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
-        }
-        async with Gatewayd(workdir, env) as daemon:
-            s = Soak(args, daemon, broker)
-            try:
-                outcome = await s.run()
-            except BenchError as err:
-                raise BenchError(f"{err}\n  daemon log ({daemon.log_path}), last lines:\n{daemon.log_tail()}") from None
-        return s, outcome
-    finally:
-        broker.stop()
+    env = {
+        "GATEWAYD_MQTT__PORT": str(broker.port),
+        "GATEWAYD_DEVICES__SENSOR1__SIMULATOR__TELEMETRY_HZ": repr(args.telemetry_hz),
+        # The prefill sends hundreds of commands a second from one client; the measured load (about 2.5
+        # requests/s) is far below [http.limits] either way.
+        "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
+    }
+    async with Gatewayd(workdir, env) as daemon:
+        s = Soak(args, daemon, broker)
+        try:
+            outcome = await s.run()
+        except BenchError as err:
+            raise BenchError(f"{err}\n  daemon log ({daemon.log_path}), last lines:\n{daemon.log_tail()}") from None
+    return s, outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -695,9 +690,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(report.header("gatewayd soak", machine, load)), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="gatewayd-soak-"))
+    # Started from the main thread, so that it dies with this process even when this process is killed outright;
+    # the daemon does too (footprint.Gatewayd). Ctrl-C and SIGTERM stop both in order below.
+    broker = Broker(workdir / "broker", die_with_parent=True)
     keep = True
     try:
-        s, outcome = asyncio.run(soak(args, workdir))
+        try:
+            broker.start()
+        except RuntimeError as err:  # mosquitto missing or not listening: nothing to soak against
+            print(f"soak: FAILED: cannot start the broker: {err}", file=sys.stderr)
+            keep = False
+            return 1
+        s, outcome = asyncio.run(soak(args, workdir, broker))
     except BenchError as err:
         print(f"soak: FAILED: {err}\n  work directory kept: {workdir}", file=sys.stderr)
         return 1
@@ -706,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         print("soak: interrupted; the daemon and the broker were stopped", file=sys.stderr)
         return 130
     finally:
+        broker.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     log_path = workdir / "daemon.log"

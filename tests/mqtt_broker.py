@@ -7,6 +7,8 @@ it had not saved, as a crash does.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import getpass
 import json
 import os
@@ -51,9 +53,18 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills it when the thread that started it dies (PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 class Broker:
-    def __init__(self, directory: Path, tls: bool = False):
+    def __init__(self, directory: Path, tls: bool = False, die_with_parent: bool = False):
+        """``die_with_parent``: the broker is killed if its starter is (bench/soak.py killed by a timeout); start
+        it from a thread that lives as long as it should, e.g. the main thread."""
         self.dir = directory
+        self.die_with_parent = die_with_parent
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = self.dir / "mosquitto.conf"
@@ -82,7 +93,11 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         assert self.proc is None or self.proc.poll() is not None
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.conf)],
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
+        )
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,17 +83,21 @@ def test_footprint_fits_the_unit_and_the_daemon_stops_cleanly(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_stops_the_soak_and_leaves_neither_daemon_nor_broker_running() -> None:
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-9"])
+def test_a_stopped_soak_leaves_neither_daemon_nor_broker_running(how: str) -> None:
+    """Ctrl-C (SIGINT to the whole foreground group) stops both in order and removes the soak's files; kill -9 of
+    the soak alone (a CI timeout) leaves no orphan either: the kernel takes both children down with it."""
     proc = subprocess.Popen(
-        [PY, str(ROOT / "bench" / "soak.py"), "--minutes", "5", "--interval", "5"],
+        [PY, str(ROOT / "bench" / "soak.py"), "--minutes", "5", "--interval", "5", "--prefill", "200"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal gives it
     )
+    workdir: Path | None = None
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         for line in proc.stdout:  # the first sample with load on it: broker and daemon are up
             if line.split()[:1] == ["5"]:
                 break
@@ -106,14 +111,19 @@ def test_ctrl_c_stops_the_soak_and_leaves_neither_daemon_nor_broker_running() ->
         ]
         assert len(data_dirs) == 1
         workdir = Path(data_dirs[0].decode()).parent  # the soak's temp dir: data, daemon log, broker
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
-        assert proc.wait(timeout=30) == 130
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=30) == 130
+        else:
+            proc.kill()
+            assert proc.wait(timeout=30) == -signal.SIGKILL
         deadline = time.monotonic() + 5
         while any(alive(pid) for pid in spawned) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in spawned if alive(pid)], "a child outlived the interrupted soak"
-        assert "interrupted" in proc.stderr.read()
-        assert not workdir.exists(), f"{workdir} left behind"
+        assert not [pid for pid in spawned if alive(pid)], f"a child outlived the soak ({how})"
+        if how == "ctrl-c":
+            assert "interrupted" in proc.stderr.read()
+            assert not workdir.exists(), f"{workdir} left behind"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -121,3 +131,5 @@ def test_ctrl_c_stops_the_soak_and_leaves_neither_daemon_nor_broker_running() ->
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+        if how == "kill-9" and workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)  # nobody is left to remove it
