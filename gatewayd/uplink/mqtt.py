@@ -183,6 +183,9 @@ class Uplink:
         # Acknowledge commands ourselves, after the commit. aiomqtt does not expose paho's manual acks; the paho
         # client underneath does (paho-mqtt >= 2.0: manual_ack_set and ack).
         client._client.manual_ack_set(True)
+        # aiomqtt logs a warning for every publish made while more than 10 await their PUBACK; the drain keeps up to
+        # max_inflight in flight by design (plus status and events), so only more than that is worth a warning.
+        client.pending_calls_threshold = self.cfg.max_inflight + 10
         return client
 
     async def _connect(self) -> aiomqtt.Client:
