@@ -101,12 +101,20 @@ class LiteLLMSide(Side):
         spec = self.spec
         body = spec["body"]
 
-        def deployment(url: str, order: int) -> dict[str, Any]:
-            params = {"model": f"openai/{spec['model']}", "api_base": url, "api_key": spec["key"], "order": order}
-            return {"model_name": spec["model"], "litellm_params": params}
+        def deployment(url: str, group: str, **extra: Any) -> dict[str, Any]:
+            params = {"model": f"openai/{spec['model']}", "api_base": url, "api_key": spec["key"], **extra}
+            return {"model_name": group, "litellm_params": params}
 
+        group = spec["model"]
+        if spec["routing"] == "order":  # one model group, its deployments tried by their order
+            deployments = [deployment(primary, group, order=1), deployment(fallback, group, order=2)]
+            fallbacks = None
+        else:  # two model groups, the second the first's fallback
+            deployments = [deployment(primary, group), deployment(fallback, f"{group}-fallback")]
+            fallbacks = [{group: [f"{group}-fallback"]}]
         router = self.Router(
-            model_list=[deployment(primary, 1), deployment(fallback, 2)],
+            model_list=deployments,
+            fallbacks=fallbacks,
             num_retries=spec["attempts"] - 1,
             timeout=spec["timeout_s"],
             disable_cooldowns=True,  # as gatewayd's breakers are reset: each request meets the fault afresh
@@ -189,7 +197,7 @@ class GatewaydSide(Side):
         data = {
             **self.base.model_dump(),
             "cache_ttl_s": 0,  # every request goes to the providers, as LiteLLM's do (no cache configured there)
-            "retry": {**self.base.retry.model_dump(), "max_attempts": spec["attempts"]},
+            "retry": {**self.base.retry.model_dump(), "max_attempts": spec["attempts"], **spec["retry"]},
             "providers": {"primary": provider(primary, 1), "fallback": provider(fallback, 2)},
         }
         cfg = self.InterpretSection.model_validate(data)

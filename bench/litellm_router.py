@@ -3,26 +3,29 @@
 The job: two OpenAI-compatible deployments of one model, the first the primary and the second the fallback, the
 same request (the daemon's own system prompt, tools and text), 3 attempts per provider (LiteLLM: ``num_retries=2``)
 and 4 s per attempt (LiteLLM: ``timeout=4``). gatewayd's side is its interpret chain as the daemon builds it from
-config.toml (retry policy, breakers, a SQLite store for the spend ledger, the local rules); LiteLLM's side is
-``litellm.Router`` with the two deployments as ``order`` 1 and 2 of one model group. Failures are met afresh by
-every request: gatewayd's breakers are reset before each, LiteLLM's Router has ``disable_cooldowns=True``.
+config.toml (retry policy with jittered pauses, breakers, a SQLite store for the spend ledger, the local rules);
+LiteLLM's side is ``litellm.Router`` with the two deployments as ``order`` 1 and 2 of one model group
+(``--litellm-routing fallbacks``: two model groups, the second in the first's ``fallbacks``). Failures are met
+afresh by every request: gatewayd's breakers are reset before each, LiteLLM's Router has ``disable_cooldowns``.
 
 The fake providers are real HTTP servers on 127.0.0.1 (gatewayd.interpret.simulator) served by this process,
 answering after ``--latency``; each side runs in fresh processes of its own (bench/failover_driver.py), gatewayd's
-with this venv's python, LiteLLM's with ``.venv-litellm/bin/python``, a venv this script makes on first use and
-reuses after (LiteLLM is never a dependency of gatewayd). Scenarios, each ``--requests`` requests after warm-up:
+with this venv's python, LiteLLM's with ``.venv-litellm/bin/python``, a venv this script makes with pip on first
+use and reuses after (LiteLLM is never a dependency of gatewayd). Scenarios, after one warm-up request each:
 
-- healthy: both providers answer; overhead = median latency - the provider latency;
-- refused: nothing listens on the primary's port; fallback overhead as above;
+- healthy (``--requests``): both providers answer; overhead = median latency - the provider latency;
+- refused (``--fault-requests``, as the rest): nothing listens on the primary's port; overhead as above;
 - 503, 429: the primary answers every request at once with that status (no Retry-After); as above;
 - all down: nothing listens on either port: how long until the caller has an answer, and what it is.
 
-Figures per side, medians over ``--runs`` fresh processes: time from spawning the process until it is ready to
-serve (imports, and the router or chain built), RSS then and after every scenario, the overheads, and the ratio
-gatewayd/LiteLLM of each. Nothing leaves the machine: each driver refuses and reports any connection or name
-lookup that is not loopback, and the run fails if there was one.
+Figures per side, medians over ``--runs`` fresh processes: the time from spawning the process until it is ready
+to serve (imports, router or chain built) and until its first answer, RSS then and after the requests, the
+overheads, attempts per request at each provider and the pauses between them (counted by the fakes), and the
+ratio gatewayd/LiteLLM of each. Nothing leaves the machine: each driver refuses and reports any connection or
+name lookup that is not loopback, and the run fails if there was one.
 
-    .venv/bin/python bench/litellm_router.py [--runs 3] [--requests 20] [--latency 0.05] [--json PATH]
+    .venv/bin/python bench/litellm_router.py [--runs 3] [--requests 20] [--fault-requests 8] [--json PATH]
+        [--retry-base S] [--litellm-routing order|fallbacks] [--latency 0.05] [--logs DIR]
 
 Exit status: 0 measured; 1 a side misbehaved (a wrong answer, a network attempt, a crash); 2 bad usage.
 """
@@ -49,6 +52,7 @@ from typing import Any
 import report  # bench/report.py: the script's own directory is on sys.path
 
 from gatewayd.config import load_config
+from gatewayd.config.models import ProviderConfig, RetrySettings
 from gatewayd.interpret.providers import OpenAIProvider, Prompt
 from gatewayd.interpret.registry import Registry
 from gatewayd.interpret.rules import load_rules
@@ -204,8 +208,9 @@ def ensure_litellm(venv: Path) -> str:
 # --- the job ----------------------------------------------------------------------------------------------------
 
 
-def request_body() -> dict[str, Any]:
-    """The chat request gatewayd sends for TEXT (system prompt, tools, tool_choice), for LiteLLM to send too."""
+def load_job() -> tuple[dict[str, Any], RetrySettings]:
+    """The chat request gatewayd sends for TEXT (system prompt, tools, tool_choice), for LiteLLM to send too, and
+    config.toml's retry policy for the providers."""
     loaded = load_config(CONFIG, environ={})
     profiles = {name: loaded.profiles[dev.profile] for name, dev in loaded.config.devices.items()}
     rules, problems = load_rules(loaded.config.interpret.rules_file, profiles)
@@ -214,10 +219,9 @@ def request_body() -> dict[str, Any]:
     descriptions = {name: dev.description for name, dev in loaded.config.devices.items()}
     registry = Registry.build(profiles, descriptions, rules)
     cfg = {"type": "openai", "base_url": "http://127.0.0.1:1/v1", "model": MODEL}
-    from gatewayd.config.models import ProviderConfig
-
     provider = OpenAIProvider("bench", ProviderConfig.model_validate(cfg), KEY)
-    return provider.request_body(Prompt(registry.prompt, TEXT, registry.tools, 256))
+    body = provider.request_body(Prompt(registry.prompt, TEXT, registry.tools, 256))
+    return body, loaded.config.interpret.retry
 
 
 class Fakes:
@@ -310,6 +314,8 @@ def spec_for(side: str, args: argparse.Namespace, fakes: Fakes, body: dict[str, 
         "warmup": WARMUP,
         "scenarios": scenarios,
         "bare": fakes.bare,
+        "routing": args.litellm_routing,
+        "retry": {} if args.retry_base is None else {"base_s": args.retry_base},
     }
 
 
@@ -518,15 +524,30 @@ built, imports included; 'first answer': until its first request was answered (w
 its first request counts here). RSS is VmRSS then, and after the healthy scenario; peak is VmHWM at the end."""
 
 
+def shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def render(
-    results: list[RunResult], all_down: dict[str, Any], args: argparse.Namespace, version: str, wall_s: float
+    results: list[RunResult],
+    all_down: dict[str, Any],
+    args: argparse.Namespace,
+    retry: RetrySettings,
+    version: str,
+    wall_s: float,
 ) -> str:
+    base_s = retry.base_s if args.retry_base is None else args.retry_base
     load = (
         f"fake OpenAI-compatible providers on loopback (gatewayd.interpret.simulator) answering after "
         f"{args.latency * 1000:g} ms, failing ones at once; per run and side one fresh process: {args.requests} "
         f"healthy requests and {args.fault_requests} per fault scenario, after {WARMUP} warm-up; {args.runs} run(s), "
-        f"{wall_s:.1f} s in all; {ATTEMPTS} attempts per provider, {TIMEOUT_S:g} s per attempt; litellm {version} "
-        f"(with its mcp extra) in {os.path.relpath(args.litellm_venv, ROOT)}"
+        f"{wall_s:.1f} s in all; {ATTEMPTS} attempts per provider, {TIMEOUT_S:g} s per attempt. gatewayd: pauses "
+        f"{retry.jitter} jitter, base {base_s:g} s, cap {retry.cap_s:g} s"
+        f"{' (config.toml)' if args.retry_base is None else ' (--retry-base)'}; LiteLLM {version} (with its mcp "
+        f"extra, in {shown(args.litellm_venv)}): Router, routing '{args.litellm_routing}', "
+        f"num_retries={ATTEMPTS - 1}, timeout={TIMEOUT_S:g}, its own pauses"
     )
     lines = report.header("gatewayd failover chain vs LiteLLM Router", report.machine_info(), load)
     lines += report.runs_table(rows(args.requests), results)
@@ -562,11 +583,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep each driver's stderr in DIR")
     parser.add_argument(
+        "--retry-base",
+        type=float,
+        metavar="S",
+        help="gatewayd's retry base_s instead of config.toml's (0: retry at once, as LiteLLM does with 'order')",
+    )
+    parser.add_argument(
+        "--litellm-routing",
+        choices=("order", "fallbacks"),
+        default="order",
+        help="LiteLLM's set-up: one model group with deployments of order 1 and 2 (default), or two model groups, "
+        "the second in the first's fallbacks",
+    )
+    parser.add_argument(
         "--litellm-venv", type=Path, default=LITELLM_VENV, help="LiteLLM's own venv (default .venv-litellm)"
     )
     args = parser.parse_args(argv)
     if not 0 < args.latency <= 2:
         parser.error("--latency must be above 0 and at most 2")
+    if args.retry_base is not None and not 0 <= args.retry_base <= 2:
+        parser.error("--retry-base must be from 0 to 2")
     for name, hi in (("runs", 20), ("requests", 1000), ("fault_requests", 100)):
         if not 1 <= getattr(args, name) <= hi:
             parser.error(f"--{name.replace('_', '-')} must be from 1 to {hi}")
@@ -592,13 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = report.machine_info()
     try:
         version = ensure_litellm(args.litellm_venv)
-        body = request_body()
+        body, retry = load_job()
         started = time.monotonic()
         results, all_down = asyncio.run(bench(args, body))
     except BenchError as err:
         print(f"litellm_router: FAILED: {err}", file=sys.stderr)
         return 1
-    print(render(results, all_down, args, version, time.monotonic() - started))
+    print(render(results, all_down, args, retry, version, time.monotonic() - started))
     if args.json is not None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
         payload = {
