@@ -642,10 +642,11 @@ def main(argv: list[str] | None = None) -> int:
             "command_line": shlex.join(sys.orig_argv),
             "settings": {
                 **settings,
-                "litellm": version,
+                "litellm": LITELLM_REQUIREMENT.replace(LITELLM_PIN, version),
                 "attempts": ATTEMPTS,
                 "timeout_s": TIMEOUT_S,
                 "warmup": WARMUP,
+                "gatewayd_retry": retry.model_dump() | ({} if args.retry_base is None else {"base_s": args.retry_base}),
             },
             "runs": [asdict(r) for r in results],
             "median": report.medians(rows(args.requests), results),
