@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -610,6 +611,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, body: dict[str, Any]) -> tuple[list[RunResult], dict[str, Any]]:
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM cleans up like Ctrl-C: the driver running is killed, the fakes stopped, the temp dir removed.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     results: list[RunResult] = []
     all_down: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gatewayd-bench-litellm-") as tmp:
@@ -634,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as err:
         print(f"litellm_router: FAILED: {err}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("litellm_router: interrupted; the drivers were killed", file=sys.stderr)
+        return 130
     print(render(results, all_down, args, retry, version, time.monotonic() - started))
     if args.json is not None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
