@@ -575,6 +575,49 @@ def render(
     return "\n".join(lines)
 
 
+def summary_rows(
+    median: dict[str, float], all_down: dict[str, Any], args: argparse.Namespace, retry: RetrySettings
+) -> list[list[str]]:
+    """The headline figures for bench/all.py's summary table: [label, value] pairs, gatewayd first."""
+    m = median
+    base_s = retry.base_s if args.retry_base is None else args.retry_base
+    ll_pauses = "retries at once" if args.litellm_routing == "order" else "exponential backoff between retries"
+    n = args.requests + WARMUP + 1
+    gw_down = all_down["gatewayd"]
+    gw_answer = f"answers from its {gw_down.get('by', '?')} rules" if "error" not in gw_down else gw_down["error"]
+    ll_down = all_down["litellm"]
+    ll_answer = f"raises {ll_down['error'].rsplit('.', 1)[-1]}" if "error" in ll_down else "answers"
+    return [
+        [
+            "vs LiteLLM Router: spawn to first answer, gatewayd / LiteLLM (s)",
+            f"{m['gw_first_s']:.2f} / {m['ll_first_s']:.2f}",
+        ],
+        [
+            f"vs LiteLLM Router: RSS after {n} requests, gatewayd / LiteLLM (MiB)",
+            f"{m['gw_rss_after_mib']:.1f} / {m['ll_rss_after_mib']:.1f}",
+        ],
+        [
+            f"vs LiteLLM Router: per-request overhead over a {args.latency * 1000:g} ms provider, gatewayd / LiteLLM "
+            "(ms)",
+            f"{m['gw_overhead_ms']:.2f} / {m['ll_overhead_ms']:.2f}",
+        ],
+        [
+            "vs LiteLLM Router: failover from a refusing / 503 / 429 primary, gatewayd (ms; full-jitter pauses "
+            f"between retries, base {base_s:g} s)",
+            f"{m['gw_refused_ms']:.0f} / {m['gw_503_ms']:.0f} / {m['gw_429_ms']:.0f}",
+        ],
+        [
+            f"vs LiteLLM Router: the same, LiteLLM (ms; routing '{args.litellm_routing}': {ll_pauses})",
+            f"{m['ll_refused_ms']:.0f} / {m['ll_503_ms']:.0f} / {m['ll_429_ms']:.0f}",
+        ],
+        [
+            "vs LiteLLM Router: every provider down",
+            f"gatewayd {gw_answer} after {m['gw_all_down_ms']:.0f} ms; LiteLLM {ll_answer} after "
+            f"{m['ll_all_down_ms']:.0f} ms",
+        ],
+    ]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per side; medians over them (default 3)")
@@ -644,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(render(results, all_down, args, retry, version, time.monotonic() - started))
     if args.json is not None:
+        median = report.medians(rows(args.requests), results)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
         payload = {
             "machine": machine,
@@ -657,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
                 "gatewayd_retry": retry.model_dump() | ({} if args.retry_base is None else {"base_s": args.retry_base}),
             },
             "runs": [asdict(r) for r in results],
-            "median": report.medians(rows(args.requests), results),
+            "median": median,
+            "passed": True,  # a run that failed a check exits 1 without figures
+            "summary": summary_rows(median, all_down, args, retry),
             "all_down_answers": all_down,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
