@@ -90,7 +90,7 @@ class DiskSpace:
     @property
     def reason(self) -> str | None:
         if self._low:
-            return f"{_size(self.free)} free on {self.path}, below the {_size(self.min_free_bytes)} reserve"
+            return f"{size_text(self.free)} free on {self.path}, below the {size_text(self.min_free_bytes)} reserve"
         if self.store.full_reason is not None:
             return f"the database cannot grow ({self.store.full_reason})"
         return None
@@ -171,7 +171,7 @@ class DiskSpace:
             await self.check()
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
     if n is None:
         return "unknown"
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
