@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -97,6 +98,15 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
         conn.close()
         if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
             raise StoreError(f"cannot open database {path}: {err}") from err
+        if _io_failure(err):
+            # Not a verdict on the file: telling someone to move a sound database aside would lose its commands.
+            if is_full(err) or _free_bytes(path.parent) < _OPEN_ROOM:
+                raise StorageFull(
+                    f"cannot open database {path}: no room left on its filesystem ({err}); free some space, "
+                    "the database itself is not damaged",
+                    details={"path": str(path)},
+                ) from err
+            raise StoreError(f"cannot open database {path}: {err}", details={"path": str(path)}) from err
         raise StoreCorrupt(
             f"database {path} is not a usable SQLite database ({err}); move it aside to start with an empty one",
             details={"path": str(path)},
@@ -105,6 +115,23 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+_OPEN_ROOM = 1024 * 1024  # less free than this, an I/O error on open is most likely the disk being full
+_IO_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY}
+
+
+def _io_failure(err: sqlite3.Error) -> bool:
+    """The disk or the lock failed us, as opposed to the file's content being wrong (corrupt, not a database)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _IO_CODES
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return _OPEN_ROOM  # unknown: do not claim the disk is full
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
