@@ -11,6 +11,8 @@ whose retries meet an open breaker or a vanished device goes back to the queue r
 Every state change is committed before the next step: ``dispatched`` before the device is asked, the final
 state before waiters hear of it. A command cut off by a crash or a forced stop stays ``dispatched`` in the store
 and is sent again after restart with the same id; devices use the id to answer a repeat without acting twice.
+A change the store cannot take (the disk full) is tried again every ``STORE_RETRY_S`` until it can, logged once
+per command and once more when it is recorded.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+        self._unrecorded: set[str] = set()  # commands whose last state change the store refused
         self._tasks = TaskOwner("dispatcher")
         self.executed = 0
         self._rclock = rclock
@@ -131,7 +134,11 @@ class Dispatcher:
             return
         if rec.state is not State.QUEUED:
             detail = "requeued after restart" if rec.state is State.DISPATCHED else "queued after restart"
-            await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.QUEUED, detail)))
+            try:
+                await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.QUEUED, detail)))
+            except StoreUnavailable as err:
+                # Start anyway (a full disk must not stop the gateway): the next state change is recorded instead.
+                self._store_failed(rec, "requeue_not_recorded", err)
             rec.state = State.QUEUED
         self.push(rec)
 
@@ -251,11 +258,12 @@ class Dispatcher:
             try:
                 await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.DISPATCHED)))
             except StoreUnavailable as err:
-                log.error("dispatch_not_recorded", error=err.message)
+                self._store_failed(rec, "dispatch_not_recorded", err)
                 await asyncio.sleep(STORE_RETRY_S)
                 self.push(rec)  # not dispatched: try again later, the store may recover
                 return
             rec.state = State.DISPATCHED
+            self._store_ok(rec)
             log.info("command_dispatched", action=rec.action)
             try:
                 result = await self._execute(device, rec)
@@ -354,9 +362,10 @@ class Dispatcher:
                 await self._store.write(lambda c: sql.transition(c, rec.seq, t))
                 break
             except StoreUnavailable as err:
-                log.error("requeue_not_recorded", error=err.message)
+                self._store_failed(rec, "requeue_not_recorded", err)
                 await asyncio.sleep(STORE_RETRY_S)
         rec.state, rec.updated_at = State.QUEUED, t.at
+        self._store_ok(rec)
         rec.transitions.append(t)
         log.info("command_requeued", reason=detail)
         self._queued[rec.id] = rec
@@ -389,14 +398,25 @@ class Dispatcher:
                 break
             except StoreUnavailable as err:
                 # The outcome must not be lost while we live; after a crash the device's memory of the id covers it.
-                log.error("final_state_not_recorded", command_id=rec.id, state=state.value, error=err.message)
+                self._store_failed(rec, "final_state_not_recorded", err, state=state.value)
                 await asyncio.sleep(STORE_RETRY_S)
         rec.state, rec.result, rec.error_code, rec.error_message = state, result, code, message
+        self._store_ok(rec)
         rec.updated_at = t.at
         rec.transitions.append(t)
         emit = log.info if state is State.SUCCEEDED else log.warning
         emit("command_finished", command_id=rec.id, device=rec.device, state=state.value, error_code=code)
         self._on_final(rec)
+
+    def _store_failed(self, rec: CommandRecord, event: str, err: StoreUnavailable, **extra: str) -> None:
+        if rec.id not in self._unrecorded:
+            self._unrecorded.add(rec.id)
+            log.error(event, command_id=rec.id, code=err.code, error=err.message, retry_every_s=STORE_RETRY_S, **extra)
+
+    def _store_ok(self, rec: CommandRecord) -> None:
+        if rec.id in self._unrecorded:
+            self._unrecorded.discard(rec.id)
+            log.info("command_state_recorded", command_id=rec.id, state=rec.state.value)
 
     async def _sweep(self) -> None:
         """Expire queued commands whose deadline passed while they waited (a busy or absent device)."""
