@@ -316,9 +316,11 @@ class Summary:
     executions: Counter[str] = field(default_factory=Counter)  # execution-log lines per device
     result_messages: int = 0
     duplicate_results: int = 0
+    republished: int = 0  # duplicates with a new outbox seq: a redelivered MQTT command's result sent again
     telemetry_messages: int = 0
     answered_by: Counter[str] = field(default_factory=Counter)  # texts: who interpreted them
     requeued: Counter[str] = field(default_factory=Counter)  # transitions back to queued, by their detail
+    unknown_ran: Counter[int] = field(default_factory=Counter)  # outcome_unknown commands by executions (0 or 1)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -403,6 +405,8 @@ def verify(daemon: Daemon, sub: Subscriber, load: MixedLoad, *, seed: int, timeo
         if rec["device"] in runs:
             ran = runs[rec["device"]][s.id]
             expected = {"succeeded": (1,), "expired": (0,), "failed": (0, 1)}[rec["state"]]
+            if rec["state"] == "failed":
+                summary.unknown_ran[ran] += 1
             assert ran in expected, (
                 f"seed {seed}: {s.id} is {rec['state']} and ran {ran} times on {rec['device']}: {rec}"
             )
@@ -419,6 +423,7 @@ def verify(daemon: Daemon, sub: Subscriber, load: MixedLoad, *, seed: int, timeo
         copies = results[s.id]
         summary.result_messages += len(copies)
         summary.duplicate_results += len(copies) - 1
+        summary.republished += len({c["seq"] for c in copies}) - 1
         first = _without_seq(copies[0])
         assert all(_without_seq(c) == first for c in copies), f"seed {seed}: {s.id} results differ: {copies}"
         rec = final[s.id]
@@ -434,9 +439,11 @@ def report(title: str, seed: int, summary: Summary, **extra: Any) -> str:
         f"  acknowledged: {dict(summary.acked)} = {sum(summary.acked.values())}",
         f"  final states: {dict(summary.states)}",
         f"  executions:   {dict(summary.executions)} (execution-log lines)",
-        f"  results:      {summary.result_messages} messages, {summary.duplicate_results} duplicates",
+        f"  results:      {summary.result_messages} messages, {summary.duplicate_results} duplicates "
+        f"({summary.republished} republished with a new seq)",
         f"  texts:        {dict(summary.answered_by)} (interpreted by)",
         f"  requeued:     {dict(summary.requeued)}",
+        f"  unknown:      {dict(summary.unknown_ran)} (outcome_unknown commands by how often the device ran them)",
         f"  telemetry:    {summary.telemetry_messages} sensor1 messages",
         *(f"  {k}: {v}" for k, v in extra.items()),
     ]

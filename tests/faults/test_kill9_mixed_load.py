@@ -23,6 +23,10 @@ KILLS = 20
 LOAD_S = 60.0  # the kill instants are drawn over this much of the load
 
 
+def _telemetry(sub: Subscriber) -> int:
+    return sum(1 for topic, _, _ in sub.snapshot() if topic == f"{GW}/telemetry/sensor1")
+
+
 def _connected(daemon: Daemon) -> bool:
     return bool(daemon.get("/api/v1/stats")[1]["uplink"]["connected"])
 
@@ -52,17 +56,21 @@ def test_kill_9_at_20_random_instants_during_mixed_load_loses_nothing_and_runs_n
             killed = time.monotonic()
             d.start(timeout=30)
             down_s.append(time.monotonic() - killed)
+        readings_then = _telemetry(sub)
         time.sleep(3.0)  # some load on the last start too
+        readings_after_last_start = _telemetry(sub) - readings_then
         load.stop()
         loaded_s = time.monotonic() - began
         wait_until(lambda: _connected(d), timeout=30, what="the uplink connected at the end")
         summary = verify(d, sub, load, seed=seed, timeout=90)
         assert d.proc is not None and d.proc.poll() is None, "the daemon died by itself"
     # The texts were really interpreted by the provider (then served from the prompt cache, which lives in SQLite).
-    assert summary.answered_by["openai"] + summary.answered_by["cache"] > 0, summary.answered_by
+    assert summary.answered_by["openai"] > 0, summary.answered_by
     assert provider.completions() > 0
-    # Telemetry kept flowing across the restarts.
-    assert summary.telemetry_messages > 5 * loaded_s, summary.telemetry_messages
+    # The kills found commands on their way to the pump, which the restart sent again with the same id.
+    assert summary.requeued["requeued after restart"] > 0, summary.requeued
+    # Telemetry flows again after the last restart (3 s at 20 readings/s; a kill costs what was not yet written).
+    assert readings_after_last_start >= 20, readings_after_last_start
     print(
         report(
             "kill -9 during mixed load",
@@ -72,5 +80,6 @@ def test_kill_9_at_20_random_instants_during_mixed_load_loses_nothing_and_runs_n
             restarts=f"{d.starts - 1}, down {min(down_s):.2f}-{max(down_s):.2f} s (median "
             f"{sorted(down_s)[len(down_s) // 2]:.2f} s) from kill to ready",
             load=f"{loaded_s:.1f} s",
+            telemetry_in_the_3_s_after_the_last_start=readings_after_last_start,
         )
     )

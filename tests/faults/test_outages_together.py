@@ -10,6 +10,8 @@ Afterwards: every acknowledged command reached its final state (succeeded; expir
 1.5 s deadline that passed while its device was unplugged or the daemon busy), none ran twice, every result reached
 the broker; natural-language requests made while the provider was failing were answered by the local rules (and by
 the provider otherwise); and the gateway reports healthy: devices available, uplink connected, provider healthy.
+
+The timeline is fixed; the load's draws come from a printed seed (``GATEWAYD_FAULT_SEED=N`` repeats them).
 """
 
 from __future__ import annotations
