@@ -121,20 +121,19 @@ class ProviderThread:
         """Every request from now on meets ``fault`` (its health checks too, when the fault is an HTTP status)."""
 
         def script() -> None:
-            self.fake.faults.clear()
-            self.fake.faults.extend([fault] * 100_000)
+            self.fake.always = fault
             if fault.kind == "status":
                 self.fake.health_faults.clear()
-                self.fake.health_faults.extend([fault] * 100_000)
+                self.fake.health_faults.extend([fault] * 100_000)  # health checks take scripted faults only
 
         self._call(script)
 
     def heal(self) -> None:
-        def clear() -> None:
-            self.fake.faults.clear()
+        def mend() -> None:
+            self.fake.always = None
             self.fake.health_faults.clear()
 
-        self._call(clear)
+        self._call(mend)
         self._run(self.fake.up())
 
     def completions(self) -> int:
