@@ -114,7 +114,18 @@ def closed_port() -> int:
 
 
 def provider(url: str, **kw: Any) -> dict[str, Any]:
-    return {"type": "openai", "base_url": url, "model": "fake-model", "api_key_env": "BENCH_KEY", "cloud": True, **kw}
+    # rpm and tpm far above what the benchmark sends: the default (60/min) is the provider's own limit, and a refusing
+    # provider retried 3 times per request would meet it within a run and measure the limiter, not the failover.
+    return {
+        "type": "openai",
+        "base_url": url,
+        "model": "fake-model",
+        "api_key_env": "BENCH_KEY",
+        "cloud": True,
+        "rpm": 100_000,
+        "tpm": 100_000_000,
+        **kw,
+    }
 
 
 class Bench:
