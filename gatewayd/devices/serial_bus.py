@@ -14,6 +14,10 @@ What a device sends on its own (``T`` telemetry, ``E`` events) goes through a pe
 loop; frames over it are dropped and counted, and the throttling is logged once when it starts and once when it
 ends. Replies to our requests never go through it. Admitted frames become records in the telemetry sink (the
 outbox), stamped with the monotonic time they arrived.
+
+A line that is not a valid frame (noise, a bad CRC, a reply cut short) is dropped and counted by its reason
+(``gatewayd_serial_bad_frames_total{bus,reason}``); a noisy line is logged once, then summarised at most once a
+minute, so a bad cable cannot fill the journal.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
-from gatewayd.observability.metrics import SERIAL_INBOUND_DROPPED, counter
+from gatewayd.observability.metrics import SERIAL_BAD_FRAMES, SERIAL_INBOUND_DROPPED, counter
 from gatewayd.resilience.bucket import BucketSpec, TokenBucket
 from gatewayd.resilience.classify import Verdict, classify
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
@@ -50,6 +54,8 @@ _REOPEN_ATTEMPTS = 2**31
 # A throttled device is back to normal once its bucket has refilled this far (a fraction of the burst): an
 # exact "allowed again" test would flap, and log, on every frame of a steady flood.
 _THROTTLE_END_LEVEL = 0.5
+# Bad frames are logged at most this often per bus (the metric counts every one).
+_BAD_FRAME_LOG_S = 60.0
 
 
 def port_verdict(err: BaseException) -> Verdict:
@@ -99,7 +105,9 @@ class SerialBus:
         self.sink: TelemetrySink = sink if sink is not None else MemorySink()
         self.names: dict[int, str] = {}  # address -> device name, for the records of unsolicited frames
         self.availability = Availability(f"bus:{name}", since=0)
-        self.decoder = Decoder()
+        self.decoder = Decoder(on_drop=self._bad_frame)
+        self._bad_unlogged: Counter[str] = Counter()  # bad frames by reason since the last log line
+        self._bad_logged_at: float | None = None
         self.transactions = 0
         self.timeouts = 0
         self.opens = 0
@@ -161,7 +169,7 @@ class SerialBus:
             self.availability.down(reason)  # logged on the first failure of an outage only
             raise
         self._writer = writer
-        self.decoder = Decoder()  # the stub of a frame cut by the unplug must not prefix the first new one
+        self.decoder = Decoder(on_drop=self._bad_frame)  # a stub cut by the unplug must not prefix a new frame
         self.opens += 1
         log.info("serial_opened", bus=self.name, port=self.port, baudrate=self.cfg.baudrate, opens=self.opens)
         self.availability.up()
@@ -199,6 +207,17 @@ class SerialBus:
             log.exception("serial_receive_failed", bus=self.name)
             return f"receive failed: {err!r}"
         return "port closed"
+
+    def _bad_frame(self, reason: str, message: str) -> None:
+        counter(SERIAL_BAD_FRAMES, self.name, reason).inc()
+        self._bad_unlogged[reason] += 1
+        now = self._clock.monotonic()
+        if self._bad_logged_at is None or now - self._bad_logged_at >= _BAD_FRAME_LOG_S:
+            log.warning(
+                "serial_bad_frames", bus=self.name, reason=reason, error=message, dropped=dict(self._bad_unlogged)
+            )
+            self._bad_unlogged.clear()
+            self._bad_logged_at = now
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.kind in (Kind.REPLY, Kind.NAK):
