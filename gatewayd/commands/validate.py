@@ -6,6 +6,7 @@ at once: ``{"code": "validation_failed", "details": {"errors": [{"field": "param
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,41 @@ from pydantic import ValidationError
 from gatewayd.commands.model import CommandRequest
 from gatewayd.config.profiles import ParamSpec, Profile
 from gatewayd.errors import BadRequest, UnknownDevice, ValidationFailed
+
+# A command is flat (params hold numbers, strings and booleans); this much nesting is already nonsense, and far
+# below where decoding, validating or echoing a value back in an error would hit Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def decode_json(raw: bytes | bytearray, what: str) -> Any:
+    """A client's JSON (an HTTP body, an MQTT payload), or BadRequest: never another exception, however broken,
+    huge or deeply nested the bytes are."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        value = None
+        too_deep = True
+    else:
+        too_deep = _depth_over(value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise BadRequest(
+            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", details={"max_depth": MAX_JSON_DEPTH}
+        )
+    return value
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep (without recursion: the input may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 @dataclass(frozen=True)

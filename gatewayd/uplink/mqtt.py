@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import ssl
 import time
@@ -35,6 +34,7 @@ import structlog
 
 from gatewayd.commands.model import CommandRecord
 from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import MqttSection
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StoreUnavailable
@@ -356,10 +356,7 @@ def _parse(payload: Any, limit: int) -> dict[str, Any]:
         raise BadRequest("the command payload is empty")
     if len(payload) > limit:
         raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {limit}", details={"limit": limit})
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the command is not valid JSON: {err}") from None
+    body = decode_json(payload, "the command")
     if not isinstance(body, dict):
         raise BadRequest("the command must be a JSON object")
     return body

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gatewayd.commands.model import State
 from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
@@ -97,10 +97,7 @@ async def _json_body(request: web.Request) -> Any:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the request body is not valid JSON: {err}") from None
+    return decode_json(raw, "the request body")
 
 
 def _query_float(request: web.Request, name: str, lo: float, hi: float) -> float | None:
