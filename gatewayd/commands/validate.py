@@ -139,18 +139,23 @@ def check_param(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
     if spec.type in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None, f"must be a number ({spec.type})"
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return None, "must be a finite number"
         if spec.type == "int":
             if isinstance(value, float) and not value.is_integer():
                 return None, "must be a whole number"
             value = int(value)
-        else:
-            value = float(value)
+        # Compared before any conversion to float: Python compares an int of any size with a float exactly, while
+        # float() of a JSON integer with 400 digits raises OverflowError.
         if spec.min is not None and value < spec.min:
             return None, f"must be at least {spec.min:g}{_unit(spec)}"
         if spec.max is not None and value > spec.max:
             return None, f"must be at most {spec.max:g}{_unit(spec)}"
+        if spec.type == "float":
+            try:
+                value = float(value)
+            except OverflowError:
+                return None, "must be a finite number"
         return value, None
     if not isinstance(value, str):
         return None, "must be a string"
