@@ -95,6 +95,11 @@ async def _json_body(request: web.Request) -> Any:
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[MAX_BODY]
         raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
+    except web.RequestPayloadError:  # e.g. Content-Encoding: gzip on bytes that are not gzip
+        encoding = request.headers.get("Content-Encoding", "identity")
+        raise BadRequest(
+            f"the request body cannot be decoded (Content-Encoding: {encoding})", details={"encoding": encoding}
+        ) from None
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
     return decode_json(raw, "the request body")
