@@ -269,7 +269,9 @@ class Uplink:
             body = _parse(message.payload, self.cfg.max_payload_bytes)
             if isinstance(body.get("id"), str):
                 command_id = body["id"]
-            if isinstance(body.get("device"), str):
+            if isinstance(body.get("device"), str) and body["device"] in self._devices():
+                # Only a configured device: the recorder keeps each device's last event in memory, and a
+                # name from every bad payload would grow that without bound.
                 device = body["device"]
             if "text" in body:  # natural language, as over HTTP: interpreted, then the same durable submit
                 if self.interpret is None:
@@ -284,9 +286,9 @@ class Uplink:
             raise _LinkLost(f"command not committed: {err.message}") from err
         except GatewayError as err:
             counter(UPLINK_COMMANDS, "rejected").inc()
-            log.warning("mqtt_command_rejected", command_id=command_id, code=err.code, error=err.message)
-            data = {"id": command_id, **err.to_dict()}
-            self._recorder.put(Record.of_event(device[:64], "command_rejected", data, severity="warning"))
+            data = _clip({"id": command_id, **err.to_dict()})
+            log.warning("mqtt_command_rejected", command_id=data["id"], code=err.code, error=data["message"])
+            self._recorder.put(Record.of_event(device, "command_rejected", data, severity="warning"))
         else:
             if created:
                 counter(UPLINK_COMMANDS, "accepted").inc()
@@ -360,6 +362,22 @@ def _parse(payload: Any, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the command must be a JSON object")
     return body
+
+
+_CLIP_CHARS = 200  # of any string a rejection echoes back (an id, a parameter's value, a message quoting them)
+_CLIP_ITEMS = 20  # of any list or object in it
+
+
+def _clip(value: Any) -> Any:
+    """A rejection event echoes what the sender got wrong, not all of it: up to 64 KiB of someone's junk in
+    every event would cost the outbox, the broker and the daemon's memory for nothing."""
+    if isinstance(value, str):
+        return value if len(value) <= _CLIP_CHARS else value[:_CLIP_CHARS] + "..."
+    if isinstance(value, dict):
+        return {_clip(str(k)): _clip(v) for k, v in list(value.items())[:_CLIP_ITEMS]}
+    if isinstance(value, list | tuple):
+        return [_clip(v) for v in value[:_CLIP_ITEMS]]
+    return value
 
 
 def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
