@@ -52,7 +52,7 @@ def _parse_env_value(raw: str) -> Any:
     """Values are TOML literals when they parse as one (``8081``, ``true``, ``[1, 2]``), strings otherwise."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # tomllib recurses into nested arrays and tables
         return raw
 
 
@@ -112,6 +112,9 @@ def _read_toml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | No
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         problems.append(ConfigProblem(str(path), "", f"not valid TOML: {err}"))
+        return None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        problems.append(ConfigProblem(str(path), "", "not valid TOML: arrays or tables nested too deeply"))
         return None
 
 
