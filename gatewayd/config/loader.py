@@ -60,6 +60,9 @@ def _apply_overrides(
     data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, str]], problems: list[ConfigProblem]
 ) -> None:
     for path, (var, raw) in sorted(overrides.items()):
+        if "" in path:  # GATEWAYD_HTTP____PORT, GATEWAYD___X: a part missing between the separators
+            problems.append(ConfigProblem(f"env {var}", ".".join(path), "not a key: a part between '__' is empty"))
+            continue
         node: Any = data
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
@@ -93,7 +96,8 @@ def _validation_problems(
         loc = tuple(str(p) for p in err["loc"])
         source = file
         for path, (var, _) in (overrides or {}).items():
-            if loc[: len(path)] == path:
+            # The override's own key, or an unknown section it created (GATEWAYD_HTPP__PORT: 'htpp').
+            if loc[: len(path)] == path or (err["type"] == "extra_forbidden" and path[: len(loc)] == loc):
                 source = f"env {var}"
         problems.append(ConfigProblem(source, _loc(err["loc"]), _describe(err)))
     return problems
