@@ -82,6 +82,7 @@ def test_promtool_accepts_the_metrics(daemon: Daemon) -> None:
         "gatewayd_outbox_rows",
         "gatewayd_device_available",
         "gatewayd_queue_depth",
+        "gatewayd_asyncio_tasks",
     ):
         assert name in text, name
     proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)

@@ -1,8 +1,10 @@
 """Metrics read from the components when Prometheus scrapes, instead of kept up to date on every change:
-device availability, queue depth per device, and the uplink's state."""
+device availability, queue depth per device, and the asyncio tasks alive in the daemon's event loop (the soak,
+bench/soak.py, watches that count: a number that keeps growing under steady load is a leak)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -14,8 +16,10 @@ if TYPE_CHECKING:
 
 
 class GatewayCollector(Collector):
-    def __init__(self, sup: Supervisor):
+    def __init__(self, sup: Supervisor, loop: asyncio.AbstractEventLoop | None = None):
         self._sup = sup
+        # The daemon's loop, taken now: a scrape may also come from a thread without a running loop (tests).
+        self._loop = loop or asyncio.get_running_loop()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         available = GaugeMetricFamily(
@@ -36,6 +40,12 @@ class GatewayCollector(Collector):
             for name, state in dispatcher.snapshot()["per_device"].items():
                 queued.add_metric([name], float(state["queued"]))
                 executing.add_metric([name], 0.0 if state["executing"] is None else 1.0)
+        tasks = GaugeMetricFamily(
+            "gatewayd_asyncio_tasks",
+            "Asyncio tasks not yet done in the daemon's event loop (components' tasks, HTTP connections, streams).",
+            value=float(len(asyncio.all_tasks(self._loop))),  # all_tasks: the ones not done
+        )
         yield available
         yield queued
         yield executing
+        yield tasks

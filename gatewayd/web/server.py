@@ -21,7 +21,15 @@ from gatewayd.commands.service import CommandService
 from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
+from gatewayd.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    StorageFull,
+    StoreUnavailable,
+)
 from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import CircuitOpenError, RateLimited
@@ -64,10 +72,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except GatewayError as err:
-        if err.status >= 500:
+        if err.status >= 500 and not isinstance(err, StorageFull):  # that one is logged once, when it begins
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
         # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
-        return error_response(err, err.headers() if isinstance(err, RateLimited | CircuitOpenError) else None)
+        headers = err.headers() if isinstance(err, RateLimited | CircuitOpenError | StorageFull) else None
+        return error_response(err, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -278,9 +287,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = _ctx(request).service.accepting
-    body = {"status": "ready" if ready else "not_ready", "phase": _ctx(request).status()["phase"]}
-    return web.json_response(body, status=200 if ready else 503)
+    """Ready = taking new commands: not while starting or stopping, nor while the storage is full (alive then,
+    and /healthz says so: a restart would not free the disk)."""
+    service = _ctx(request).service
+    status = _ctx(request).status()
+    body: dict[str, Any] = {"status": "ready", "phase": status["phase"]}
+    if not service.accepting:
+        body["status"] = "not_ready"
+    elif service.storage_full:
+        body.update(status="not_ready", reason="storage_full", storage=status["storage"])
+    return web.json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
