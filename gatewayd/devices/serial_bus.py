@@ -15,6 +15,10 @@ loop; frames over it are dropped and counted, and the throttling is logged once 
 ends. Telemetry and events have a bucket each: a flood of readings must not take with it the rare event (an
 alarm) that the device sends right after one of them. Replies to our requests never go through them. Admitted
 frames become records in the telemetry sink (the outbox), stamped with the monotonic time they arrived.
+
+A line that is not a valid frame (noise, a bad CRC, a reply cut short) is dropped and counted by its reason
+(``gatewayd_serial_bad_frames_total{bus,reason}``); a noisy line is logged once, then summarised at most once a
+minute, so a bad cable cannot fill the journal.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
-from gatewayd.observability.metrics import SERIAL_INBOUND_DROPPED, counter
+from gatewayd.observability.metrics import SERIAL_BAD_FRAMES, SERIAL_INBOUND_DROPPED, counter
 from gatewayd.resilience.bucket import BucketSpec, TokenBucket
 from gatewayd.resilience.classify import Verdict, classify
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
@@ -51,6 +55,8 @@ _REOPEN_ATTEMPTS = 2**31
 # A throttled device is back to normal once its bucket has refilled this far (a fraction of the burst): an
 # exact "allowed again" test would flap, and log, on every frame of a steady flood.
 _THROTTLE_END_LEVEL = 0.5
+# Bad frames are logged at most this often per bus (the metric counts every one).
+_BAD_FRAME_LOG_S = 60.0
 
 
 def port_verdict(err: BaseException) -> Verdict:
@@ -100,7 +106,9 @@ class SerialBus:
         self.sink: TelemetrySink = sink if sink is not None else MemorySink()
         self.names: dict[int, str] = {}  # address -> device name, for the records of unsolicited frames
         self.availability = Availability(f"bus:{name}", since=0)
-        self.decoder = Decoder()
+        self.decoder = Decoder(on_drop=self._bad_frame)
+        self._bad_unlogged: Counter[str] = Counter()  # bad frames by reason since the last log line
+        self._bad_logged_at: float | None = None
         self.transactions = 0
         self.timeouts = 0
         self.opens = 0
@@ -163,7 +171,7 @@ class SerialBus:
             self.availability.down(reason)  # logged on the first failure of an outage only
             raise
         self._writer = writer
-        self.decoder = Decoder()  # the stub of a frame cut by the unplug must not prefix the first new one
+        self.decoder = Decoder(on_drop=self._bad_frame)  # a stub cut by the unplug must not prefix a new frame
         self.opens += 1
         log.info("serial_opened", bus=self.name, port=self.port, baudrate=self.cfg.baudrate, opens=self.opens)
         self.availability.up()
@@ -201,6 +209,17 @@ class SerialBus:
             log.exception("serial_receive_failed", bus=self.name)
             return f"receive failed: {err!r}"
         return "port closed"
+
+    def _bad_frame(self, reason: str, message: str) -> None:
+        counter(SERIAL_BAD_FRAMES, self.name, reason).inc()
+        self._bad_unlogged[reason] += 1
+        now = self._clock.monotonic()
+        if self._bad_logged_at is None or now - self._bad_logged_at >= _BAD_FRAME_LOG_S:
+            log.warning(
+                "serial_bad_frames", bus=self.name, reason=reason, error=message, dropped=dict(self._bad_unlogged)
+            )
+            self._bad_unlogged.clear()
+            self._bad_logged_at = now
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.kind in (Kind.REPLY, Kind.NAK):

@@ -138,6 +138,13 @@ SERIAL_INBOUND_DROPPED = Counter(
     ["bus"],
     registry=REGISTRY,
 )
+SERIAL_BAD_FRAMES = Counter(
+    "gatewayd_serial_bad_frames",
+    "Lines a serial bus received that were not a valid frame, by reason (gatewayd.devices.framing.REASONS: "
+    "no_start, no_checksum, bad_checksum, malformed, not_object, too_long).",
+    ["bus", "reason"],
+    registry=REGISTRY,
+)
 
 # --- telemetry and the outbox ----------------------------------------------------------------------------------
 

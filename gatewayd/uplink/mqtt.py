@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import ssl
 import time
@@ -40,6 +39,7 @@ import structlog
 
 from gatewayd.commands.model import CommandRecord
 from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import MqttSection
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StorageFull, StoreUnavailable
@@ -280,7 +280,9 @@ class Uplink:
             body = _parse(message.payload, self.cfg.max_payload_bytes)
             if isinstance(body.get("id"), str):
                 command_id = body["id"]
-            if isinstance(body.get("device"), str):
+            if isinstance(body.get("device"), str) and body["device"] in self._devices():
+                # Only a configured device: the recorder keeps each device's last event in memory, and a
+                # name from every bad payload would grow that without bound.
                 device = body["device"]
             if "text" in body:  # natural language, as over HTTP: interpreted, then the same durable submit
                 if self.interpret is None:
@@ -291,7 +293,7 @@ class Uplink:
         except StorageFull as err:
             # Refused for lack of room, logged once when the storage filled up: the sender hears of it at once.
             counter(UPLINK_COMMANDS, "rejected").inc()
-            log.debug("mqtt_command_rejected", command_id=command_id, code=err.code, error=err.message)
+            log.debug("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
             await self._rejected(client, device, command_id, err)
         except (ShuttingDown, StoreUnavailable) as err:
             # Not committed, and not for anything the sender did: no PUBACK, so the broker delivers it again.
@@ -300,7 +302,7 @@ class Uplink:
             raise _LinkLost(f"command not committed: {err.message}") from err
         except GatewayError as err:
             counter(UPLINK_COMMANDS, "rejected").inc()
-            log.warning("mqtt_command_rejected", command_id=command_id, code=err.code, error=err.message)
+            log.warning("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
             await self._rejected(client, device, command_id, err)
         else:
             if created:
@@ -315,8 +317,8 @@ class Uplink:
     async def _rejected(self, client: aiomqtt.Client, device: str, command_id: str | None, err: GatewayError) -> None:
         """The ``command_rejected`` event: through the outbox as a rule; published at once, before the command's
         PUBACK, while the storage is full (the outbox would have no room for it, or eat the reserve)."""
-        data = {"id": command_id, **err.to_dict()}
-        record = Record.of_event(device[:64], "command_rejected", data, severity="warning")
+        data = _clip({"id": command_id, **err.to_dict()})
+        record = Record.of_event(device, "command_rejected", data, severity="warning")
         if not isinstance(err, StorageFull) and not self._service.storage_full:
             self._recorder.put(record)
             return
@@ -407,13 +409,26 @@ def _parse(payload: Any, limit: int) -> dict[str, Any]:
         raise BadRequest("the command payload is empty")
     if len(payload) > limit:
         raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {limit}", details={"limit": limit})
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the command is not valid JSON: {err}") from None
+    body = decode_json(payload, "the command")
     if not isinstance(body, dict):
         raise BadRequest("the command must be a JSON object")
     return body
+
+
+_CLIP_CHARS = 200  # of any string a rejection echoes back (an id, a parameter's value, a message quoting them)
+_CLIP_ITEMS = 20  # of any list or object in it
+
+
+def _clip(value: Any) -> Any:
+    """A rejection event echoes what the sender got wrong, not all of it: up to 64 KiB of someone's junk in
+    every event would cost the outbox, the broker and the daemon's memory for nothing."""
+    if isinstance(value, str):
+        return value if len(value) <= _CLIP_CHARS else value[:_CLIP_CHARS] + "..."
+    if isinstance(value, dict):
+        return {_clip(str(k)): _clip(v) for k, v in list(value.items())[:_CLIP_ITEMS]}
+    if isinstance(value, list | tuple):
+        return [_clip(v) for v in value[:_CLIP_ITEMS]]
+    return value
 
 
 def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gatewayd.commands.model import State
 from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import (
@@ -99,17 +100,37 @@ MAX_BODY = web.AppKey("max_body", int)
 
 
 async def _json_body(request: web.Request) -> Any:
+    limit = request.app[MAX_BODY]
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
         raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
+    raw = _decoded(raw, request.headers.get("Content-Encoding", ""), limit)
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
+    return decode_json(raw, "the request body")
+
+
+def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
+    """A body sent with ``Content-Encoding: gzip`` or ``deflate``, decoded here, to at most ``limit`` bytes and only
+    if the stream is whole. aiohttp's own decoding is off (``auto_decompress=False``): it answered some broken
+    streams with a plain-text 400 before any handler ran, and took a stream cut short for the whole body."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return raw
+    if name not in ("gzip", "x-gzip", "deflate"):
+        message = f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or none"
+        raise BadRequest(message, details={"encoding": encoding})
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in name else zlib.MAX_WBITS)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the request body is not valid JSON: {err}") from None
+        out = stream.decompress(raw, limit + 1)
+    except zlib.error as err:
+        raise BadRequest(f"the request body is not {name}: {err}", details={"encoding": encoding}) from None
+    if len(out) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes once decoded", details={"max_bytes": limit})
+    if not stream.eof or stream.unused_data:
+        raise BadRequest(f"the request body is not a whole {name} stream", details={"encoding": encoding})
+    return out
 
 
 def _query_float(request: web.Request, name: str, lo: float, hi: float) -> float | None:
@@ -339,7 +360,9 @@ class WebServer:
 
     async def __aenter__(self) -> WebServer:
         app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=2.0, auto_decompress=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
         try:
