@@ -147,6 +147,11 @@ BENCHES: tuple[Bench, ...] = (
         "The daemon with the bundled `config.toml` on mock hardware (its pollers and simulators running: that is "
         "the idle a user gets), started with `NOTIFY_SOCKET` as systemd starts it: start to READY=1, RSS, idle CPU "
         "over a minute, then SIGTERM.",
+        (
+            ("footprint: start to READY=1 (s)", "start_to_ready_s", "{:.2f}"),
+            ("footprint: steady / peak RSS (MiB)", "steady_rss_mib|peak_rss_mib", "{:.1f}"),
+            ("footprint: idle CPU over a minute (% of one core)", "idle_cpu_pct", "{:.2f}"),
+        ),
     ),
     Bench(
         "resilience",
@@ -291,7 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = [run_one(b, args.quick, Path(tmp)) for b in chosen]
     text = render(outcomes, args.quick, time.monotonic() - started, summary_from_json)
     args.out.write_text(text, encoding="utf-8")
-    print(f"wrote {args.out}", file=sys.stderr)
+    # The same figures for machines: each benchmark's command, exit status, printed output and JSON.
+    raw = args.out.with_suffix(".json")
+    raw.write_text(
+        json.dumps(
+            [
+                {"name": o.bench.name, "command": o.command, "exit": o.returncode, "wall_s": round(o.wall_s, 1)}
+                | {"stdout": o.stdout, "data": o.data}
+                for o in outcomes
+            ],
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    print(f"wrote {args.out} and {raw}", file=sys.stderr)
     return 1 if any(o.returncode != 0 for o in outcomes) else 0
 
 
