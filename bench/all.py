@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -224,7 +225,13 @@ def figure(data: dict[str, Any], keys: str, fmt: str) -> str:
     return " / ".join(out)
 
 
-def render(outcomes: list[Outcome], quick: bool, wall_s: float, extra_summary: Callable[[Outcome], list[str]]) -> str:
+def render(
+    outcomes: list[Outcome],
+    quick: bool,
+    wall_s: float,
+    extra_summary: Callable[[Outcome], list[str]],
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+) -> str:
     machine = report.machine_info()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -238,6 +245,8 @@ def render(outcomes: list[Outcome], quick: bool, wall_s: float, extra_summary: C
         f"Python {machine['python']}",
         "- Figures are medians over each benchmark's runs (every run is in its section). This machine is shared "
         "and noisy: compare figures of one run with each other, not across runs.",
+        f"- Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load[0])}; at the end: "
+        f"{', '.join(f'{x:.2f}' for x in load[1])} (the benchmarks themselves load the machine too)",
     ]
     if quick:
         lines += ["", "**`--quick` run: fewer and shorter runs, to check the pipeline; not figures to quote.**"]
@@ -291,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
         chosen = [b for b in BENCHES if b.name in names]
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gatewayd-bench-all-") as tmp:
         outcomes = [run_one(b, args.quick, Path(tmp)) for b in chosen]
-    text = render(outcomes, args.quick, time.monotonic() - started, summary_from_json)
+    load = (load_before, os.getloadavg())
+    text = render(outcomes, args.quick, time.monotonic() - started, summary_from_json, load)
     args.out.write_text(text, encoding="utf-8")
     # The same figures for machines: each benchmark's command, exit status, printed output and JSON.
     raw = args.out.with_suffix(".json")
