@@ -6,7 +6,12 @@ MockFactory) with bounded concurrency, waits until every command is final, and r
 throughput, accept-to-succeeded latency, exactly-once execution on the pump, the daemon's memory and CPU time, and
 a clean SIGTERM exit. Repeats with a fresh daemon per run and prints per-run figures and medians.
 
-    .venv/bin/python bench/command_path.py [--commands 2000] [--concurrency 32] [--runs 3] [--json PATH]
+With ``--via mqtt`` the same commands are published QoS 1 on ``gatewayd/<id>/cmd`` to a Mosquitto the benchmark
+starts on loopback (each counted as sent once the broker has PUBACKed it), and a subscriber on ``result/#`` also
+times each publish to its result: what an MQTT client sees end to end.
+
+    .venv/bin/python bench/command_path.py [--via http|mqtt] [--commands 2000] [--concurrency 32] [--runs 3]
+                                           [--json PATH]
 
 Exit status: 0 every check passed; 1 a check failed or the daemon misbehaved; 2 bad usage. Linux only (/proc).
 """
@@ -38,10 +43,14 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
+import aiomqtt
 import report  # bench/report.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.toml"
+sys.path.insert(0, str(ROOT))
+
+from tests.mqtt_broker import GW, Broker  # noqa: E402  (the tests' broker: Mosquitto on a free loopback port)
 
 READY_TIMEOUT_S = 10.0
 FINAL_TIMEOUT_S = 120.0  # from the first POST until every command is final
@@ -100,7 +109,8 @@ def _die_with_parent() -> None:
 class Daemon:
     """One gatewayd process with its own data directory and loopback port; never outlives the ``async with``."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None):
+        self.extra_env = extra_env or {}
         self.data_dir = workdir / "data"
         self.log_path = workdir / "daemon.log"
         self.port = free_port()
@@ -130,6 +140,7 @@ class Daemon:
                 "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
                 "GATEWAYD_MQTT__ENABLED": "false",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+                **self.extra_env,
             }
         )
         return env
@@ -259,6 +270,41 @@ async def submit(session: aiohttp.ClientSession, url: str, spec: Spec) -> Submit
             return Submitted(spec, resp.status, body, retries)
 
 
+class MqttClient:
+    """Publishes commands QoS 1 (sent = PUBACKed by the broker) and records when each ``result/<id>`` arrives."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sent_at: dict[str, float] = {}
+        self.result_at: dict[str, float] = {}
+        self.result_state: dict[str, str] = {}
+
+    async def run_subscriber(self, subscribed: asyncio.Event) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier="bench-results") as client:
+            await client.subscribe(f"{GW}/result/#", qos=1)
+            subscribed.set()
+            async for message in client.messages:
+                cid = str(message.topic).rsplit("/", 1)[1]
+                self.result_at.setdefault(cid, time.monotonic())
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    self.result_state.setdefault(cid, json.loads(bytes(message.payload))["state"])  # type: ignore[arg-type]
+
+    async def submit(self, client: aiomqtt.Client, spec: Spec) -> Submitted:
+        self.sent_at[spec.id] = time.monotonic()
+        await client.publish(f"{GW}/cmd", json.dumps(spec.body()), qos=1, timeout=REQUEST_TIMEOUT_S)
+        return Submitted(spec, 202, {"id": spec.id}, 0)
+
+    async def wait_results(self, ids: list[str], deadline: float) -> float:
+        """Monotonic time at which the last of ``ids`` had its result delivered."""
+        while True:
+            missing = [cid for cid in ids if cid not in self.result_at]
+            if not missing:
+                return max(self.result_at[cid] for cid in ids)
+            if time.monotonic() >= deadline:
+                raise BenchError(f"{len(missing)} result(s) never reached the subscriber, e.g. {missing[:3]}")
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+
 async def wait_drained(session: aiohttp.ClientSession, url: str, deadline: float) -> float:
     """Monotonic time at which the daemon reports nothing queued and nothing executing.
 
@@ -384,6 +430,9 @@ class RunResult:
     latency_p90_ms: float
     latency_p99_ms: float
     latency_max_ms: float
+    e2e_p50_ms: float  # --via mqtt: publish -> result received by a subscriber
+    e2e_p99_ms: float
+    throughput_results_cps: float  # --via mqtt: commands / (first publish -> last result received)
     not_succeeded: int
     final_states: dict[str, int]
     pump_commands: int
@@ -406,17 +455,43 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
     workdir = Path(tempfile.mkdtemp(prefix=f"gatewayd-bench-{run}-"))
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=args.concurrency)
-    daemon = Daemon(workdir)
+    broker: Broker | None = None
+    mqtt: MqttClient | None = None
+    extra_env: dict[str, str] = {}
+    if args.via == "mqtt":
+        broker = Broker(workdir / "broker")
+        broker.start()
+        mqtt = MqttClient(broker.port)
+        extra_env = {
+            "GATEWAYD_MQTT__ENABLED": "true",
+            "GATEWAYD_MQTT__PORT": str(broker.port),
+            "GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S": "0",  # results as fast as the broker takes them
+        }
+    daemon = Daemon(workdir, extra_env)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, daemon:
+            subscriber: asyncio.Task[None] | None = None
             try:
                 ready_s = await daemon.wait_ready(session)
+                if mqtt is not None:
+                    subscribed = asyncio.Event()
+                    subscriber = asyncio.create_task(mqtt.run_subscriber(subscribed), name="bench.results")
+                    await asyncio.wait_for(subscribed.wait(), READY_TIMEOUT_S)
+                    await wait_uplink_connected(session, daemon.url)
                 cpu_before = proc_cpu_s(daemon.pid)
 
                 first_post_wall, first_post_mono = time.time(), time.monotonic()
                 deadline = first_post_mono + FINAL_TIMEOUT_S
-                submitted = await bounded_map(lambda s: submit(session, daemon.url, s), specs, args.concurrency)
+                results_mono = math.nan
+                if mqtt is not None:
+                    assert broker is not None
+                    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"bench-cmd-{run}") as client:
+                        submitted = await bounded_map(lambda s: mqtt.submit(client, s), specs, args.concurrency)
+                else:
+                    submitted = await bounded_map(lambda s: submit(session, daemon.url, s), specs, args.concurrency)
                 post_phase_s = time.monotonic() - first_post_mono
+                if mqtt is not None:
+                    results_mono = await mqtt.wait_results([s.id for s in specs], deadline)
                 drained_mono = await wait_drained(session, daemon.url, deadline)
                 cpu_s = proc_cpu_s(daemon.pid) - cpu_before
                 peak_rss, rss = proc_status_mib(daemon.pid, "VmHWM"), proc_status_mib(daemon.pid, "VmRSS")
@@ -430,6 +505,10 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
                     session, daemon.url, [s.spec.id for s in accepted], args.concurrency, deadline
                 )
                 exit_code = await daemon.stop()
+                if subscriber is not None:
+                    subscriber.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await subscriber
             except BenchError as err:
                 raise BenchError(
                     f"run {run}: {err}\n  daemon log ({daemon.log_path}), last lines:\n{daemon.log_tail()}"
@@ -479,6 +558,12 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
         if exit_code != 0:
             problems.append(f"the daemon exited with code {exit_code} after SIGTERM (expected 0)")
 
+        e2e: list[float] = []
+        if mqtt is not None:
+            e2e = sorted(1000 * (mqtt.result_at[s.id] - mqtt.sent_at[s.id]) for s in specs if s.id in mqtt.result_at)
+            wrong = [cid for cid, state in mqtt.result_state.items() if state != "succeeded"]
+            if wrong:
+                problems.append(f"{len(wrong)} result message(s) not succeeded, e.g. {wrong[:3]}")
         scan = scan_log(daemon.log_path)
         return RunResult(
             run=run,
@@ -493,6 +578,9 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
             latency_p90_ms=percentile(latencies, 0.90),
             latency_p99_ms=percentile(latencies, 0.99),
             latency_max_ms=latencies[-1] if latencies else math.nan,
+            e2e_p50_ms=percentile(e2e, 0.50) if e2e else math.nan,
+            e2e_p99_ms=percentile(e2e, 0.99) if e2e else math.nan,
+            throughput_results_cps=args.commands / (results_mono - first_post_mono) if mqtt else math.nan,
             not_succeeded=not_succeeded,
             final_states=dict(states),
             pump_commands=len(pump_ids),
@@ -509,7 +597,22 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
             problems=problems,
         )
     finally:
+        if broker is not None:
+            broker.kill9()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def wait_uplink_connected(session: aiohttp.ClientSession, url: str) -> None:
+    """Until the daemon's MQTT session is up: before its first connect, the broker has no session to queue for."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        async with session.get(f"{url}/api/v1/stats") as resp:
+            stats = await resp.json()
+        if (stats.get("uplink") or {}).get("connected"):
+            return
+        if time.monotonic() >= deadline:
+            raise BenchError(f"the daemon did not connect to the broker within {READY_TIMEOUT_S:g} s")
+        await asyncio.sleep(POLL_INTERVAL_S)
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -538,20 +641,36 @@ ROWS: list[tuple[str, str, str]] = [
     ("daemon log non-JSON lines", "log_not_json", "{:.0f}"),
 ]
 
+MQTT_ROWS: list[tuple[str, str, str]] = [
+    ("throughput, publish->result (cmd/s) [5]", "throughput_results_cps", "{:.1f}"),
+    ("publish->result received p50 (ms) [6]", "e2e_p50_ms", "{:.1f}"),
+    ("publish->result received p99 (ms)", "e2e_p99_ms", "{:.1f}"),
+]
+
+
+def rows_for(via: str) -> list[tuple[str, str, str]]:
+    return ROWS[:4] + MQTT_ROWS + ROWS[4:] if via == "mqtt" else ROWS
+
+
 NOTES = """\
 [1] primary: commands / (last `succeeded` transition timestamp - wall clock of the first POST); same host clock.
 [2] commands / (first POST until /api/v1/queue reports nothing queued or executing; polled every 10 ms).
 [3] per command, `succeeded.at - accepted.at` from the record's transitions; timestamps have 1 ms precision,
     so each latency is +-1 ms. Percentiles interpolate linearly between ranks.
-[4] utime+stime of the daemon process from the first POST until the queue drained (/proc/<pid>/stat)."""
+[4] utime+stime of the daemon process from the first POST until the queue drained (/proc/<pid>/stat).
+--via mqtt: "POST" reads "publish" (QoS 1, sent when the broker PUBACKs), and
+[5] commands / (first publish until the subscriber on result/# has every command's result).
+[6] per command, from the publish call to the arrival of its result/<id> at the subscriber (same process clock)."""
 
 
 def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
     load = (
-        f"{args.commands} commands per run (pump1 set_speed random percent / relay1 on|off, about 50/50), "
+        f"over {args.via.upper()}: {args.commands} commands per run "
+        "(pump1 set_speed random percent / relay1 on|off, about 50/50), "
         f"{args.concurrency} in flight, {args.runs} run(s), seed {args.seed}; config {CONFIG.relative_to(ROOT)}"
     )
-    lines = report.header("gatewayd command-path benchmark", machine, load) + report.runs_table(ROWS, results)
+    lines = report.header("gatewayd command-path benchmark", machine, load)
+    lines += report.runs_table(rows_for(args.via), results)
     lines += ["", NOTES, ""]
     for r in results:
         if r.log_events:
@@ -564,6 +683,7 @@ def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--via", choices=("http", "mqtt"), default="http", help="how commands are sent (default http)")
     parser.add_argument("--commands", type=int, default=2000, help="commands per run (default 2000, max 20000)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32, max 256)")
     parser.add_argument("--runs", type=int, default=3, help="runs, each with a fresh daemon (default 3, max 10)")
@@ -606,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             "command_line": shlex.join(sys.orig_argv),
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "runs": [asdict(r) for r in results],
-            "median": report.medians(ROWS, results),
+            "median": report.medians(rows_for(args.via), results),
             "passed": not any(r.problems for r in results),
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -3,6 +3,7 @@ median. Imported by the scripts in this directory (their own directory is on ``s
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -68,3 +69,25 @@ def runs_table(rows: Sequence[Row], results: Sequence[Any]) -> list[str]:
         cells = [fmt.format(float(getattr(r, name))) for r in results] + [fmt.format(mid[name])]
         lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{col_w}}" for c in cells))
     return lines
+
+
+def write_json(
+    path: Path | None,
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+    runs: Sequence[dict[str, Any]],
+    median: dict[str, float],
+    passed: bool = True,
+) -> None:
+    """The figures as bench/all.py reads them (one shape for every benchmark); nothing when ``path`` is None."""
+    if path is None:
+        return
+    payload = {
+        "machine": machine,
+        "command_line": shlex.join(sys.orig_argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items() if k != "json"},
+        "runs": list(runs),
+        "median": median,
+        "passed": passed,
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

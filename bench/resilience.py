@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import report  # bench/report.py: the script's own directory is on sys.path
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
@@ -229,6 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=20_000, help="calls per case per run (default 20000)")
     parser.add_argument("--runs", type=int, default=5, help="runs; the table shows their median (default 5)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
     args = parser.parse_args(argv)
     for name, hi in (("calls", 1_000_000), ("runs", 50)):
         if not 1 <= getattr(args, name) <= hi:
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resilience: FAILED: {err}", file=sys.stderr)
         return 1
     print(render(per_call, args, time.monotonic() - started))
+    # JSON: microseconds per call, per case; the runs as one dict of case -> us/call each.
+    runs = [{label: values[i] / 1000 for label, values in per_call.items()} for i in range(args.runs)]
+    median = {label: statistics.median(values) / 1000 for label, values in per_call.items()}
+    report.write_json(args.json, report.machine_info(), vars(args), runs, median)
     return 0
 
 

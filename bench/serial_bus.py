@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -253,15 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     print(render(results, args, machine))
-    if args.json is not None:
-        payload = {
-            "machine": machine,
-            "command_line": shlex.join(sys.orig_argv),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "runs": [asdict(r) for r in results],
-            "passed": not problems(results),
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    runs = [asdict(r) for r in results]
+    median = {name: statistics.median(float(run[name]) for run in runs) for name in runs[0] if name != "run"}
+    report.write_json(args.json, machine, vars(args), runs, median, passed=not problems(results))
     return 1 if problems(results) else 0
 
 

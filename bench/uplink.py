@@ -19,6 +19,7 @@ Exit status 0 when every run completed and every record arrived; 1 otherwise. Li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="commands per second for the latency part")
     parser.add_argument("--telemetry-hz", type=float, default=40.0)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the disk window")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.backlog < 1 or args.commands < 1 or args.rate <= 0 or args.telemetry_hz <= 0:
         parser.error("counts and rates must be positive")
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"run {run} done", flush=True)
     print("\n".join(report.runs_table(ROWS, results)))
+    runs = [dataclasses.asdict(r) for r in results]
+    report.write_json(args.json, report.machine_info(), vars(args), runs, report.medians(ROWS, results))
     return 0
 
 

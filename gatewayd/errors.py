@@ -7,6 +7,7 @@ same thing can never succeed). Foreign errors are translated at the boundary wit
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -77,6 +78,23 @@ class StoreUnavailable(TransientError):
     """The database cannot take writes right now (disk full, I/O error, closing)."""
 
     code = "store_unavailable"
+
+
+class StorageFull(StoreUnavailable):
+    """The data directory's filesystem is full, or below the reserve kept for commands already accepted
+    (``[store] min_free_bytes``): new work is refused until space is freed. SQLite's SQLITE_FULL ("database or
+    disk is full") and ENOSPC become this too. ``retry_after_s`` is a hint for the client: freeing space usually
+    takes someone's action, so it is not short."""
+
+    code = "storage_full"
+    status = 503
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None, retry_after_s: float = 30.0):
+        super().__init__(message, details={**(details or {}), "retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 # --- requests and commands -----------------------------------------------------------------------------------

@@ -101,10 +101,21 @@ def test_cross_checks_and_profile_errors_are_all_reported(tmp_path: Path) -> Non
 
 def test_bad_overrides_name_the_variable() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(CONFIG, environ={"GATEWAYD_HTTP__PROT": "1", "GATEWAYD_HTTP__PORT": "x"})
+        load_config(
+            CONFIG,
+            environ={
+                "GATEWAYD_HTTP__PROT": "1",
+                "GATEWAYD_HTTP__PORT": "x",
+                "GATEWAYD_HTPP__PORT": "1",  # an unknown section: the variable's fault, not the file's
+                "GATEWAYD_LOG____LEVEL": "debug",  # an empty part between the separators
+            },
+        )
     found = {str(p) for p in info.value.problems}
     assert "env GATEWAYD_HTTP__PROT: http.prot: unknown key" in found
     assert any(p.startswith("env GATEWAYD_HTTP__PORT: http.port:") for p in found)
+    assert "env GATEWAYD_HTPP__PORT: htpp: unknown key" in found
+    assert "env GATEWAYD_LOG____LEVEL: log..level: not a key: a part between '__' is empty" in found
+    assert len(found) == 4, found
 
 
 def test_unreadable_and_missing_files(tmp_path: Path) -> None:

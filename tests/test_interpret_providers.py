@@ -24,7 +24,7 @@ from gatewayd.interpret.providers import (
     answer_of,
     build_provider,
 )
-from gatewayd.interpret.simulator import FakeProvider
+from gatewayd.interpret.simulator import FakeProvider, Fault
 from gatewayd.resilience import HttpStatusError, classify
 from tests.interpret_kit import KEY, START_PUMP, registry
 
@@ -130,6 +130,24 @@ async def test_an_unknown_model_is_a_permanent_404() -> None:
         with pytest.raises(HttpStatusError) as caught:
             await p.complete(session, prompt(), aiohttp.ClientTimeout(total=2))
     assert caught.value.http_status == 404 and "try pulling it" in caught.value.message
+
+
+async def test_a_fake_that_stays_broken_answers_every_request_with_its_fault_until_mended() -> None:
+    async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as fake, aiohttp.ClientSession() as session:
+        p = build_provider("p", cfg("openai", fake.base_url), KEY)
+        limits = aiohttp.ClientTimeout(total=2)
+        fake.always = Fault.http(503)
+        fake.script(Fault.http(429, retry_after="1"))  # a scripted fault still comes first
+        statuses = []
+        for _ in range(4):
+            with pytest.raises(HttpStatusError) as caught:
+                await p.complete(session, prompt(), limits)
+            statuses.append(caught.value.http_status)
+        assert statuses == [429, 503, 503, 503]
+        fake.always = None
+        mended = await p.complete(session, prompt(), limits)
+    assert mended.call is not None and mended.call.arguments == START_PUMP
+    assert len(fake.completions()) == 5
 
 
 async def test_an_endless_answer_is_cut_off() -> None:

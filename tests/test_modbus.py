@@ -158,7 +158,7 @@ def _cfg(**overrides: Any) -> SerialBusConfig:
         "port": "set-at-open",
         "protocol": "modbus_rtu",
         "baudrate": 9600,
-        "response_timeout_s": 0.15,
+        "response_timeout_s": 0.4,  # a reply takes a few ms; a loaded CI machine has been seen past 0.15 s
         "reconnect_base_s": 0.01,
         "reconnect_cap_s": 0.05,
         **overrides,

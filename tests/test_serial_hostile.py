@@ -25,6 +25,7 @@ from gatewayd.devices.serial_bus import SerialBus
 from gatewayd.devices.simulator import Faults, PtySimulator, SimulatedDevice, main
 from gatewayd.errors import DeviceTimeout
 from gatewayd.observability.metrics import REGISTRY
+from gatewayd.telemetry import MemorySink
 
 
 def _cfg(**overrides: Any) -> SerialBusConfig:
@@ -244,3 +245,26 @@ def test_simulator_cli_refuses_bad_fault_flags(tmp_path: Path, bad: list[str]) -
 def test_faults_are_validated() -> None:
     with pytest.raises(ValueError):
         Faults(corrupt=-0.1)
+
+
+async def test_an_alarm_gets_through_while_the_same_device_floods_readings(tmp_path: Path) -> None:
+    """Telemetry and events have a bucket each: the one alarm a flooding node sends right after a reading is not
+    dropped with the readings over the limit."""
+    rate, burst = 20.0, 10
+    node = SimulatedDevice("node1", "sensor_node", tmp_path / "node1.jsonl", faults=Faults(telemetry_hz=10 * rate))
+    sink = MemorySink(maxlen=10_000)
+    cfg = _cfg(response_timeout_s=0.5, inbound_frames_per_s=rate, inbound_burst=burst)
+    async with PtySimulator("hostile", {1: node}) as sim, SerialBus("hostile", cfg, sim.port, sink=sink) as bus:
+        bus.names[1] = "node1"  # records are kept for the devices the bus knows
+        deadline = time.monotonic() + 3
+        while bus.inbound_dropped[1] < 10 * burst:  # well into the throttling
+            assert time.monotonic() < deadline, bus.inbound_dropped
+            await asyncio.sleep(0.02)
+        await bus.transact(1, {"id": "alarm", "action": "set_alarm", "params": {"above_c": -40}})
+        await asyncio.sleep(0.3)
+        await bus.transact(1, {"id": "again", "action": "set_alarm", "params": {"above_c": -30}})  # a new alarm
+        await asyncio.sleep(0.3)
+        dropped = bus.inbound_dropped[1]
+    events = [(r.event, r.data["above_c"]) for r in sink if r.kind == "event"]
+    assert events == [("temperature_alarm", -40.0), ("temperature_alarm", -30.0)], events
+    assert dropped > 10 * burst  # the readings were throttled all along

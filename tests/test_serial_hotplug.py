@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from gatewayd.devices.base import Availability
 from gatewayd.devices.serial_bus import SerialBus
 from gatewayd.devices.simulator import PtySimulator, SimulatedDevice
 from gatewayd.errors import DeviceUnavailable
-from tests.conftest import ROOT, Daemon
+from tests.conftest import ROOT, Daemon, http
 
 CYCLES = 50
 
@@ -123,6 +124,7 @@ class SimProcess:
         self.link, self.sim_dir, self.log_path = link, sim_dir, log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        self.args: list[str] = []  # more command-line options (--latency 0.5)
 
     def start(self, timeout: float = 5.0) -> float:
         """Start and wait until the link is published; returns the monotonic time the process was started."""
@@ -137,6 +139,7 @@ class SimProcess:
                     str(self.link),
                     "--sim-dir",
                     str(self.sim_dir),
+                    *self.args,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -248,3 +251,66 @@ def test_fifty_unplug_replug_cycles(make_daemon: Any, sim_process: SimProcess) -
     )
     assert worst < 2.0, reconnect_s
     assert took < 60, took
+
+
+# --- a request that reached the device before the gateway lost track of it ---------------------------------------
+
+
+def _wait_dispatched(d: Daemon, command_id: str) -> None:
+    deadline = time.monotonic() + 5
+    while d.command(command_id)["state"] != "dispatched":
+        assert time.monotonic() < deadline, d.command(command_id)
+        time.sleep(0.01)
+
+
+def test_a_reply_lost_to_an_unplug_and_a_deadline_passing_after_it_is_outcome_unknown_not_expired(
+    make_daemon: Any,
+) -> None:
+    """The pump received the request and acted, but its reply was lost with the cable; the command went back to
+    the queue and its deadline passed before the pump was back. ``expired`` would say it never ran."""
+    d: Daemon = make_daemon({"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.5"})
+    d.start()
+    body = {"id": "lost-reply", "device": "pump1", "action": "set_speed", "params": {"percent": 61}, "ttl_s": 1.5}
+    assert d.post(body)[0] == 202
+    _wait_dispatched(d, "lost-reply")
+    time.sleep(0.1)  # the pump has the request and is working on it (0.5 s)
+    unplugged: list[Any] = []
+    url = f"{d.url}/api/v1/admin/test/serial_unplug?duration_s=3"
+    unplug = threading.Thread(target=lambda: unplugged.append(http("POST", url, {}, timeout=30)))
+    unplug.start()
+    try:
+        time.sleep(0.2)
+        waiting = {"id": "never-sent", "device": "pump1", "action": "set_speed", "params": {"percent": 5}, "ttl_s": 1}
+        assert d.post(waiting)[0] == 202  # queued while unplugged: never reaches the pump
+        lost = d.wait_final("lost-reply", timeout=10)
+        never = d.wait_final("never-sent", timeout=10)
+    finally:
+        unplug.join(30)
+    assert unplugged and unplugged[0][0] == 200 and unplugged[0][1]["recovered"] is True, unplugged
+    assert d.executions("lost-reply") == 1  # the pump did act
+    assert lost["state"] == "failed" and lost["error"]["code"] == "outcome_unknown", lost
+    assert "whether it acted is unknown" in lost["error"]["message"]
+    assert never["state"] == "expired" and never["error"]["code"] == "expired", never
+    assert "dispatched" not in [t["state"] for t in never["transitions"]] and d.executions("never-sent") == 0
+
+
+def test_kill_9_with_a_request_on_the_wire_and_a_restart_after_its_deadline_is_outcome_unknown_not_expired(
+    make_daemon: Any, sim_process: SimProcess
+) -> None:
+    """The device runs on its own power (a process of its own): it acts on the request the gateway sent just
+    before it was killed. Started again after the command's deadline, the gateway must neither send it again
+    (the deadline) nor report it ``expired`` (the pump did act)."""
+    sim = sim_process
+    sim.args = ["--latency", "0.5"]
+    sim.start()
+    d: Daemon = make_daemon({"GATEWAYD_SERIAL__BUS0__SIMULATE": "false", "GATEWAYD_SERIAL__BUS0__PORT": str(sim.link)})
+    d.start()
+    assert d.post({"id": "on-the-wire", "device": "pump1", "action": "start", "ttl_s": 1.0})[0] == 202
+    _wait_dispatched(d, "on-the-wire")
+    d.kill9()
+    time.sleep(1.2)  # the deadline passes while the gateway is down; the pump acts meanwhile
+    d.start()
+    rec = d.wait_final("on-the-wire", timeout=10)
+    assert rec["state"] == "failed" and rec["error"]["code"] == "outcome_unknown", rec
+    executed = [json.loads(line)["id"] for line in (sim.sim_dir / "pump1.jsonl").read_text().splitlines()]
+    assert executed == ["on-the-wire"]  # it ran once, before the deadline, and was not sent again

@@ -37,6 +37,7 @@ from gatewayd.observability.collector import GatewayCollector
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import ResilienceState
 from gatewayd.store import Store
+from gatewayd.store.space import DiskSpace
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.uplink.mqtt import Uplink
@@ -60,6 +61,7 @@ class Supervisor:
         self._main: asyncio.Task[Any] | None = None
         self._forced = False
         self.store: Store | None = None
+        self.space: DiskSpace | None = None
         self.devices: DeviceManager | None = None
         self.recorder: Recorder | None = None
         self.uplink: Uplink | None = None
@@ -137,12 +139,27 @@ class Supervisor:
             self.store = await stack.enter_async_context(
                 Store(cfg.db_path, synchronous=cfg.store.synchronous, max_batch=cfg.store.max_batch)
             )
+            self.space = await stack.enter_async_context(
+                DiskSpace(
+                    self.store,
+                    cfg.db_path.parent,
+                    min_free_bytes=cfg.store.min_free_bytes,
+                    check_s=cfg.store.space_check_s,
+                )
+            )
             self.recorder = await stack.enter_async_context(
-                Recorder(self.store, cfg.outbox, cfg.telemetry, cfg.gateway.data_dir, boot_id=self.clock.boot_id)
+                Recorder(
+                    self.store,
+                    cfg.outbox,
+                    cfg.telemetry,
+                    cfg.gateway.data_dir,
+                    boot_id=self.clock.boot_id,
+                    space=self.space,
+                )
             )
             self.devices = await stack.enter_async_context(DeviceManager(self.loaded, sink=self.recorder))
             self.recorder.attach(self.devices.profiles)
-            self.service = CommandService(self.store, self.devices, cfg.commands, self.clock)
+            self.service = CommandService(self.store, self.devices, cfg.commands, self.clock, self.space)
             dispatcher = Dispatcher(
                 self.store,
                 self.devices.devices,
@@ -307,9 +324,10 @@ class Supervisor:
         if self.devices is None or self.dispatcher is None:
             return self.phase
         up = sum(1 for d in self.devices.devices.values() if d.availability.available)
+        storage = ", STORAGE FULL: new commands refused" if self.space is not None and self.space.full else ""
         return (
             f"{self.phase}: {up}/{len(self.devices.devices)} devices available, "
-            f"{self.dispatcher.queued()} queued, {self.dispatcher.executed} executed"
+            f"{self.dispatcher.queued()} queued, {self.dispatcher.executed} executed{storage}"
         )
 
     def status(self) -> dict[str, Any]:
@@ -328,6 +346,7 @@ class Supervisor:
                 "commits": store.commits if store else 0,
                 "stalled_s": round(store.stalled_for, 3) if store else 0.0,
             },
+            "storage": self.space.status() if self.space else None,
             "outbox": self._outbox_status(),
             "clock": {"synchronised": self.recorder.stamper.synced if self.recorder else None},
             "uplink": self.uplink.status() if self.uplink else None,

@@ -11,6 +11,13 @@ whose retries meet an open breaker or a vanished device goes back to the queue r
 Every state change is committed before the next step: ``dispatched`` before the device is asked, the final
 state before waiters hear of it. A command cut off by a crash or a forced stop stays ``dispatched`` in the store
 and is sent again after restart with the same id; devices use the id to answer a repeat without acting twice.
+A change the store cannot take (the disk full) is tried again every ``STORE_RETRY_S`` until it can, logged once
+per command and once more when it is recorded.
+
+``expired`` means never executed. A command whose request may already have reached its device (it was cut off by
+a crash, or its reply was lost when the device went away, and it went back to the queue) and whose deadline then
+passes is not sent again, since the device might act on it late; the gateway cannot tell whether it acted, so it
+ends ``failed`` with code ``outcome_unknown`` rather than claim it never ran.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ log = structlog.get_logger("gatewayd.dispatcher")
 FinalCallback = Callable[[CommandRecord], None]
 OffRequest = Callable[[str, str], Awaitable[object]]  # (device, off action): submits the automatic off command
 STORE_RETRY_S = 1.0
+OUTCOME_UNKNOWN = "outcome_unknown"
 HOLD_RECHECK_S = 1.0  # a held worker looks again this often even if no wake-up came
 
 
@@ -77,9 +85,13 @@ class Dispatcher:
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, str]]] = {}
         self._queued: dict[str, CommandRecord] = {}  # command id -> record, for everything waiting in a queue
         self._busy: dict[str, CommandRecord] = {}  # device -> command being executed
+        # Open commands whose request may have reached the device: asked in this process, or dispatched before a
+        # restart. Their deadline passing is not "expired" (never executed): the outcome is unknown.
+        self._maybe_sent: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+        self._unrecorded: set[str] = set()  # commands whose last state change the store refused
         self._tasks = TaskOwner("dispatcher")
         self.executed = 0
         self._rclock = rclock
@@ -105,6 +117,7 @@ class Dispatcher:
         await self._tasks.open()
         try:
             recovered = await self._store.read(sql.open_commands)
+            self._maybe_sent = await self._store.read(sql.open_ever_dispatched)
             for rec in recovered:
                 await self._recover(rec)
             for name in self._devices:
@@ -131,7 +144,11 @@ class Dispatcher:
             return
         if rec.state is not State.QUEUED:
             detail = "requeued after restart" if rec.state is State.DISPATCHED else "queued after restart"
-            await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.QUEUED, detail)))
+            try:
+                await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.QUEUED, detail)))
+            except StoreUnavailable as err:
+                # Start anyway (a full disk must not stop the gateway): the next state change is recorded instead.
+                self._store_failed(rec, "requeue_not_recorded", err)
             rec.state = State.QUEUED
         self.push(rec)
 
@@ -238,7 +255,7 @@ class Dispatcher:
         with bound:
             why = rec.expired(self._clock)
             if why is not None:
-                await self._finish(rec, State.EXPIRED, code="expired", message=why)
+                await self._expire(rec, why)
                 return
             gate = self.safety[rec.device]
             if gate.profile is not device.profile:  # re-read on SIGHUP
@@ -251,11 +268,12 @@ class Dispatcher:
             try:
                 await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.DISPATCHED)))
             except StoreUnavailable as err:
-                log.error("dispatch_not_recorded", error=err.message)
+                self._store_failed(rec, "dispatch_not_recorded", err)
                 await asyncio.sleep(STORE_RETRY_S)
                 self.push(rec)  # not dispatched: try again later, the store may recover
                 return
             rec.state = State.DISPATCHED
+            self._store_ok(rec)
             log.info("command_dispatched", action=rec.action)
             try:
                 result = await self._execute(device, rec)
@@ -266,7 +284,7 @@ class Dispatcher:
             except _DeviceDown as err:
                 await self._requeue(rec, f"device unavailable: {err}")
             except DeadlineExceeded as err:
-                await self._finish(rec, State.EXPIRED, code="expired", message=err.message)
+                await self._expire(rec, err.message)
             except RetryExhausted as err:
                 last = err.last_error
                 code = last.code if isinstance(last, GatewayError) else "internal_error"
@@ -332,8 +350,10 @@ class Dispatcher:
                 if not critical:
                     raise
                 # An emergency stop is sent even to a device that has been failing: it may be the one that works.
+                self._maybe_sent.add(rec.id)
                 return await device.execute(rec.id, rec.action, rec.params)
             async with permit:
+                self._maybe_sent.add(rec.id)
                 return await device.execute(rec.id, rec.action, rec.params)
 
         return await self._retry.call(attempt, name=f"device:{rec.device}", deadline=self._deadline(rec))
@@ -354,13 +374,27 @@ class Dispatcher:
                 await self._store.write(lambda c: sql.transition(c, rec.seq, t))
                 break
             except StoreUnavailable as err:
-                log.error("requeue_not_recorded", error=err.message)
+                self._store_failed(rec, "requeue_not_recorded", err)
                 await asyncio.sleep(STORE_RETRY_S)
         rec.state, rec.updated_at = State.QUEUED, t.at
+        self._store_ok(rec)
         rec.transitions.append(t)
         log.info("command_requeued", reason=detail)
         self._queued[rec.id] = rec
         self._queues[rec.device].put_nowait((int(rec.priority), rec.seq, rec.id))
+
+    async def _expire(self, rec: CommandRecord, why: str) -> None:
+        """The deadline passed before the command could run (again)."""
+        if rec.id not in self._maybe_sent:
+            await self._finish(rec, State.EXPIRED, code="expired", message=why)
+            return
+        await self._finish(
+            rec,
+            State.FAILED,
+            code=OUTCOME_UNKNOWN,
+            message=f"{why}: its request may have reached the device before the gateway lost track of it (a restart "
+            "or the device going away), so whether it acted is unknown; it is not sent again after its deadline",
+        )
 
     async def _finish(
         self,
@@ -389,14 +423,26 @@ class Dispatcher:
                 break
             except StoreUnavailable as err:
                 # The outcome must not be lost while we live; after a crash the device's memory of the id covers it.
-                log.error("final_state_not_recorded", command_id=rec.id, state=state.value, error=err.message)
+                self._store_failed(rec, "final_state_not_recorded", err, state=state.value)
                 await asyncio.sleep(STORE_RETRY_S)
         rec.state, rec.result, rec.error_code, rec.error_message = state, result, code, message
+        self._store_ok(rec)
         rec.updated_at = t.at
+        self._maybe_sent.discard(rec.id)
         rec.transitions.append(t)
         emit = log.info if state is State.SUCCEEDED else log.warning
         emit("command_finished", command_id=rec.id, device=rec.device, state=state.value, error_code=code)
         self._on_final(rec)
+
+    def _store_failed(self, rec: CommandRecord, event: str, err: StoreUnavailable, **extra: str) -> None:
+        if rec.id not in self._unrecorded:
+            self._unrecorded.add(rec.id)
+            log.error(event, command_id=rec.id, code=err.code, error=err.message, retry_every_s=STORE_RETRY_S, **extra)
+
+    def _store_ok(self, rec: CommandRecord) -> None:
+        if rec.id in self._unrecorded:
+            self._unrecorded.discard(rec.id)
+            log.info("command_state_recorded", command_id=rec.id, state=rec.state.value)
 
     async def _sweep(self) -> None:
         """Expire queued commands whose deadline passed while they waited (a busy or absent device)."""
@@ -404,7 +450,7 @@ class Dispatcher:
             await asyncio.sleep(self._sweep_interval_s)
             for rec in [r for r in self._queued.values() if r.expired(self._clock) is not None]:
                 if self._queued.pop(rec.id, None) is not None:
-                    await self._finish(rec, State.EXPIRED, code="expired", message=rec.expired(self._clock))
+                    await self._expire(rec, rec.expired(self._clock) or "deadline passed")
 
 
 class _DeviceDown(Exception):

@@ -1,6 +1,9 @@
 """The front door for commands, shared by HTTP, the CLI (through HTTP) and later MQTT.
 
 Accept means committed: ``submit`` returns only after the command and its first transitions are in SQLite.
+While the storage is full (:mod:`gatewayd.store.space`), new commands are refused with ``storage_full``, except
+critical ones, which may use the reserve; a command sent again with the id of one already stored is still
+answered with its record, since that needs no room.
 """
 
 from __future__ import annotations
@@ -17,16 +20,25 @@ from gatewayd.commands.dispatcher import Dispatcher
 from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition, new_command_id
 from gatewayd.config.models import CommandsSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import Conflict, QueueFull, ShuttingDown, UnknownCommand
+from gatewayd.errors import Conflict, QueueFull, ShuttingDown, StorageFull, UnknownCommand
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
+from gatewayd.store.space import DiskSpace
 
 log = structlog.get_logger("gatewayd.commands")
 
 
 class CommandService:
-    def __init__(self, store: Store, devices: DeviceManager, cfg: CommandsSection, clock: Clock):
+    def __init__(
+        self,
+        store: Store,
+        devices: DeviceManager,
+        cfg: CommandsSection,
+        clock: Clock,
+        space: DiskSpace | None = None,
+    ):
         self._store = store
+        self.space = space
         self._devices = devices
         self._cfg = cfg
         self._clock = clock
@@ -47,6 +59,15 @@ class CommandService:
 
     def close_intake(self) -> None:
         self.accepting = False
+
+    @property
+    def storage_full(self) -> bool:
+        return self.space is not None and self.space.full
+
+    def refuse_if_full(self, priority: Priority) -> None:
+        """Raise ``storage_full`` for new work while the storage is full; a critical command may use the reserve."""
+        if self.space is not None and priority is not Priority.CRITICAL and self.space.full:
+            raise self.space.refusal()
 
     async def submit(
         self, payload: Any, *, source: str, user: str | None = None, interpretation: dict[str, Any] | None = None
@@ -100,7 +121,16 @@ class CommandService:
             assert existing is not None
             return existing, False
 
-        stored, created = await self._store.write(accept)
+        try:
+            self.refuse_if_full(rec.priority)
+        except StorageFull:
+            # No room for a new command; one we already have is answered from the store, which takes none.
+            found = await self._store.read(lambda c: sql.get(c, rec.id)) if request.id else None
+            if found is None:
+                raise
+            stored, created = found, False
+        else:
+            stored, created = await self._store.write(accept)
         if not created:
             if not stored.same_request(rec.device, rec.action, rec.params):
                 raise Conflict(

@@ -6,6 +6,7 @@ at once: ``{"code": "validation_failed", "details": {"errors": [{"field": "param
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,41 @@ from pydantic import ValidationError
 from gatewayd.commands.model import CommandRequest
 from gatewayd.config.profiles import ParamSpec, Profile
 from gatewayd.errors import BadRequest, UnknownDevice, ValidationFailed
+
+# A command is flat (params hold numbers, strings and booleans); this much nesting is already nonsense, and far
+# below where decoding, validating or echoing a value back in an error would hit Python's recursion limit.
+MAX_JSON_DEPTH = 32
+
+
+def decode_json(raw: bytes | bytearray, what: str) -> Any:
+    """A client's JSON (an HTTP body, an MQTT payload), or BadRequest: never another exception, however broken,
+    huge or deeply nested the bytes are."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        value = None
+        too_deep = True
+    else:
+        too_deep = _depth_over(value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise BadRequest(
+            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", details={"max_depth": MAX_JSON_DEPTH}
+        )
+    return value
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep (without recursion: the input may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 @dataclass(frozen=True)
@@ -103,18 +139,23 @@ def check_param(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
     if spec.type in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None, f"must be a number ({spec.type})"
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return None, "must be a finite number"
         if spec.type == "int":
             if isinstance(value, float) and not value.is_integer():
                 return None, "must be a whole number"
             value = int(value)
-        else:
-            value = float(value)
+        # Compared before any conversion to float: Python compares an int of any size with a float exactly, while
+        # float() of a JSON integer with 400 digits raises OverflowError.
         if spec.min is not None and value < spec.min:
             return None, f"must be at least {spec.min:g}{_unit(spec)}"
         if spec.max is not None and value > spec.max:
             return None, f"must be at most {spec.max:g}{_unit(spec)}"
+        if spec.type == "float":
+            try:
+                value = float(value)
+            except OverflowError:
+                return None, "must be a finite number"
         return value, None
     if not isinstance(value, str):
         return None, "must be a string"

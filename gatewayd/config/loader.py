@@ -52,7 +52,7 @@ def _parse_env_value(raw: str) -> Any:
     """Values are TOML literals when they parse as one (``8081``, ``true``, ``[1, 2]``), strings otherwise."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # tomllib recurses into nested arrays and tables
         return raw
 
 
@@ -60,6 +60,9 @@ def _apply_overrides(
     data: dict[str, Any], overrides: dict[tuple[str, ...], tuple[str, str]], problems: list[ConfigProblem]
 ) -> None:
     for path, (var, raw) in sorted(overrides.items()):
+        if "" in path:  # GATEWAYD_HTTP____PORT, GATEWAYD___X: a part missing between the separators
+            problems.append(ConfigProblem(f"env {var}", ".".join(path), "not a key: a part between '__' is empty"))
+            continue
         node: Any = data
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
@@ -93,7 +96,8 @@ def _validation_problems(
         loc = tuple(str(p) for p in err["loc"])
         source = file
         for path, (var, _) in (overrides or {}).items():
-            if loc[: len(path)] == path:
+            # The override's own key, or an unknown section it created (GATEWAYD_HTPP__PORT: 'htpp').
+            if loc[: len(path)] == path or (err["type"] == "extra_forbidden" and path[: len(loc)] == loc):
                 source = f"env {var}"
         problems.append(ConfigProblem(source, _loc(err["loc"]), _describe(err)))
     return problems
@@ -112,6 +116,9 @@ def _read_toml(path: Path, problems: list[ConfigProblem]) -> dict[str, Any] | No
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         problems.append(ConfigProblem(str(path), "", f"not valid TOML: {err}"))
+        return None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        problems.append(ConfigProblem(str(path), "", "not valid TOML: arrays or tables nested too deeply"))
         return None
 
 

@@ -137,6 +137,11 @@ class StoreSection(Section):
     filename: str = "gatewayd.sqlite3"
     synchronous: Literal["full", "normal"] = "full"
     max_batch: int = Field(default=512, ge=1, le=100_000)
+    # New commands are refused (503 storage_full) while the data directory's filesystem has less than this free:
+    # the rest is the reserve in which commands already accepted finish and their results reach the outbox.
+    # Keep it below outbox.min_free_bytes, so telemetry gives way first.
+    min_free_bytes: int = Field(default=32 * 1024 * 1024, ge=0, le=1024**4)
+    space_check_s: float = Field(default=2.0, gt=0, le=300)  # the free space is measured this often
 
 
 class BusSimulatorConfig(Section):

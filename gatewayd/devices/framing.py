@@ -6,7 +6,8 @@ A frame is one ASCII line::
 
 ``AA`` device address (hex, 01-F7), ``SS`` sequence number (hex, 00-FF), ``K`` frame kind, ``{json}`` a
 compact JSON object, ``CCCC`` the CRC-16/CCITT-FALSE (hex) of everything between ``:`` and ``*``. Bytes before
-a ``:`` are line noise and are skipped; a line that fails its CRC or does not parse is dropped and counted.
+a ``:`` are line noise and are skipped; a line that fails its CRC or does not parse is dropped and counted, by
+its reason (one of :data:`REASONS`, the ``reason`` in a :class:`ProtocolError`'s details).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import binascii
 import json
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -21,6 +24,19 @@ from typing import Any
 from gatewayd.errors import ProtocolError
 
 MAX_FRAME = 512  # bytes, start marker to newline included
+
+# Why a line was dropped: a short fixed list, so it can label a metric and a log line.
+NO_START = "no_start"  # no ':' followed by an address, a sequence number and a kind
+NO_CHECKSUM = "no_checksum"  # nothing like '*CCCC' at the end
+BAD_CHECKSUM = "bad_checksum"  # the CRC is not hex, or not the CRC of the body
+MALFORMED = "malformed"  # CRC right, but the header or the JSON does not parse
+NOT_OBJECT = "not_object"  # CRC right, JSON fine, but not an object
+TOO_LONG = "too_long"  # longer than MAX_FRAME
+REASONS = (NO_START, NO_CHECKSUM, BAD_CHECKSUM, MALFORMED, NOT_OBJECT, TOO_LONG)
+
+
+def _bad(message: str, reason: str) -> ProtocolError:
+    return ProtocolError(message, details={"reason": reason})
 
 
 class Kind(StrEnum):
@@ -59,25 +75,25 @@ class Frame:
         """Parse one line without its newline (a trailing ``\\r`` is tolerated)."""
         line = line.rstrip(b"\r")
         if not line.startswith(b":"):
-            raise ProtocolError("frame does not start with ':'")
+            raise _bad("frame does not start with ':'", NO_START)
         star = line.rfind(b"*")
         if star < 6 or len(line) - star != 5:
-            raise ProtocolError("frame has no '*CCCC' checksum")
+            raise _bad("frame has no '*CCCC' checksum", NO_CHECKSUM)
         body, crc_text = line[1:star], line[star + 1 :]
         try:
             crc = int(crc_text, 16)
         except ValueError:
-            raise ProtocolError("checksum is not hex") from None
+            raise _bad("checksum is not hex", BAD_CHECKSUM) from None
         if crc != crc16(body):
-            raise ProtocolError("checksum mismatch")
+            raise _bad("checksum mismatch", BAD_CHECKSUM)
         try:
             address, seq = int(body[0:2], 16), int(body[2:4], 16)
             kind = Kind(body[4:5].decode("ascii"))
             payload = json.loads(body[5:]) if len(body) > 5 else {}
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ProtocolError(f"malformed frame: {err}") from err
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise _bad(f"malformed frame: {err}", MALFORMED) from err
         if not isinstance(payload, dict):
-            raise ProtocolError("payload is not a JSON object")
+            raise _bad("payload is not a JSON object", NOT_OBJECT)
         return cls(address, seq, kind, payload)
 
 
@@ -90,7 +106,8 @@ class Decoder:
 
     Lines end at ``\n``, which compact JSON never contains, so a newline is always a safe place to resynchronise.
     Noise before a frame on the same line is skipped; a line longer than ``max_frame`` is discarded up to its
-    newline without being buffered.
+    newline without being buffered. Every dropped line is counted by its reason and handed to ``on_drop``
+    (reason, message), if set.
     """
 
     max_frame: int = MAX_FRAME
@@ -98,6 +115,8 @@ class Decoder:
     frame_bytes: int = 0  # bytes of the valid frames, ':' to '\n' inclusive (what a line-rate figure counts)
     dropped: int = 0
     last_error: str | None = None
+    on_drop: Callable[[str, str], None] | None = None
+    reasons: Counter[str] = field(default_factory=Counter)
     peak_buffered: int = 0  # most bytes ever held between two feeds: stays <= max_frame, whatever arrives
     _buf: bytearray = field(default_factory=bytearray)
     _discarding: bool = False
@@ -110,7 +129,7 @@ class Decoder:
             if end < 0:
                 if len(self._buf) > self.max_frame:
                     if not self._discarding:
-                        self._drop("frame too long")
+                        self._drop(TOO_LONG, "frame too long")
                     self._discarding = True
                     self._buf.clear()
                 if len(self._buf) > self.peak_buffered:
@@ -129,20 +148,20 @@ class Decoder:
         if not line.strip(b"\r\x00 "):
             return None  # an empty line is idle noise, not an error
         if len(line) + 1 > self.max_frame:
-            self._drop("frame too long")
+            self._drop(TOO_LONG, "frame too long")
             return None
-        error = "no frame start"
+        reason, error = NO_START, "no frame start"
         # Usually the first candidate is the frame; later ones cover a frame cut off by a sender that restarted.
         for match in _HEADER.finditer(line):
             try:
                 frame = Frame.from_line(line[match.start() :])
             except ProtocolError as err:
-                error = err.message
+                reason, error = err.details["reason"], err.message
                 continue
             self.frames += 1
             self.frame_bytes += len(line) - match.start() + 1
             return frame
-        self._drop(error)
+        self._drop(reason, error)
         return None
 
     @property
@@ -150,6 +169,9 @@ class Decoder:
         """Bytes held now, waiting for the rest of their line."""
         return len(self._buf)
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, reason: str, why: str) -> None:
         self.dropped += 1
+        self.reasons[reason] += 1
         self.last_error = why
+        if self.on_drop is not None:
+            self.on_drop(reason, why)

@@ -45,6 +45,7 @@ from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from gatewayd.config.profiles import BIT_TABLES, Profile
+from gatewayd.devices.linelog import LineLog
 from gatewayd.devices.modbus_codec import crc_ok, encode_registers, frame_length
 from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
 from gatewayd.devices.simulator import NO_FAULTS, Faults, PtySimulator
@@ -241,14 +242,13 @@ class WriteLog:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._lines = LineLog(path)
 
     def record(self, entry: dict[str, object]) -> None:
-        os.write(self._fd, json.dumps({"ts": time.time(), **entry}).encode() + b"\n")  # one write() per line
+        self._lines.append(json.dumps({"ts": time.time(), **entry}).encode())  # one write() per line
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._lines.close()
 
 
 class ModbusUnit:

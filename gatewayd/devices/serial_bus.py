@@ -9,11 +9,16 @@ The port may come and go (a USB adapter unplugged, a simulator restarted): one s
 fully jittered backoff, for as long as it takes). Availability is state: it goes down once, with the reason,
 when the port is lost, and up once when it is back; transactions in flight fail with ``DeviceUnavailable``.
 
-What a device sends on its own (``T`` telemetry, ``E`` events) goes through a per-address token bucket
+What a device sends on its own (``T`` telemetry, ``E`` events) goes through token buckets per address
 (``inbound_frames_per_s``, ``inbound_burst``), so one chattering device cannot flood the outbox or starve the
 loop; frames over it are dropped and counted, and the throttling is logged once when it starts and once when it
-ends. Replies to our requests never go through it. Admitted frames become records in the telemetry sink (the
-outbox), stamped with the monotonic time they arrived.
+ends. Telemetry and events have a bucket each: a flood of readings must not take with it the rare event (an
+alarm) that the device sends right after one of them. Replies to our requests never go through them. Admitted
+frames become records in the telemetry sink (the outbox), stamped with the monotonic time they arrived.
+
+A line that is not a valid frame (noise, a bad CRC, a reply cut short) is dropped and counted by its reason
+(``gatewayd_serial_bad_frames_total{bus,reason}``); a noisy line is logged once, then summarised at most once a
+minute, so a bad cable cannot fill the journal.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
-from gatewayd.observability.metrics import SERIAL_INBOUND_DROPPED, counter
+from gatewayd.observability.metrics import SERIAL_BAD_FRAMES, SERIAL_INBOUND_DROPPED, counter
 from gatewayd.resilience.bucket import BucketSpec, TokenBucket
 from gatewayd.resilience.classify import Verdict, classify
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
@@ -50,6 +55,8 @@ _REOPEN_ATTEMPTS = 2**31
 # A throttled device is back to normal once its bucket has refilled this far (a fraction of the burst): an
 # exact "allowed again" test would flap, and log, on every frame of a steady flood.
 _THROTTLE_END_LEVEL = 0.5
+# Bad frames are logged at most this often per bus (the metric counts every one).
+_BAD_FRAME_LOG_S = 60.0
 
 
 def port_verdict(err: BaseException) -> Verdict:
@@ -99,7 +106,9 @@ class SerialBus:
         self.sink: TelemetrySink = sink if sink is not None else MemorySink()
         self.names: dict[int, str] = {}  # address -> device name, for the records of unsolicited frames
         self.availability = Availability(f"bus:{name}", since=0)
-        self.decoder = Decoder()
+        self.decoder = Decoder(on_drop=self._bad_frame)
+        self._bad_unlogged: Counter[str] = Counter()  # bad frames by reason since the last log line
+        self._bad_logged_at: float | None = None
         self.transactions = 0
         self.timeouts = 0
         self.opens = 0
@@ -111,11 +120,12 @@ class SerialBus:
         self._inbound = KeyedLimiter(
             BucketSpec(cfg.inbound_burst, cfg.inbound_frames_per_s),
             name=f"serial.{name}.inbound",
-            max_keys=256,  # one key per address: the bound is never reached
+            max_keys=512,  # two keys per address (telemetry, events): the bound is never reached
             clock=clock,
         )
         self._dropped_metric = counter(SERIAL_INBOUND_DROPPED, name)
-        self._throttled: dict[int, int] = {}  # address -> frames dropped since its throttling started
+        # (address, "telemetry" | "event") -> frames dropped since its throttling started
+        self._throttled: dict[tuple[int, str], int] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
         self._seq = itertools.cycle(range(256))
@@ -161,7 +171,7 @@ class SerialBus:
             self.availability.down(reason)  # logged on the first failure of an outage only
             raise
         self._writer = writer
-        self.decoder = Decoder()  # the stub of a frame cut by the unplug must not prefix the first new one
+        self.decoder = Decoder(on_drop=self._bad_frame)  # a stub cut by the unplug must not prefix a new frame
         self.opens += 1
         log.info("serial_opened", bus=self.name, port=self.port, baudrate=self.cfg.baudrate, opens=self.opens)
         self.availability.up()
@@ -200,6 +210,17 @@ class SerialBus:
             return f"receive failed: {err!r}"
         return "port closed"
 
+    def _bad_frame(self, reason: str, message: str) -> None:
+        counter(SERIAL_BAD_FRAMES, self.name, reason).inc()
+        self._bad_unlogged[reason] += 1
+        now = self._clock.monotonic()
+        if self._bad_logged_at is None or now - self._bad_logged_at >= _BAD_FRAME_LOG_S:
+            log.warning(
+                "serial_bad_frames", bus=self.name, reason=reason, error=message, dropped=dict(self._bad_unlogged)
+            )
+            self._bad_unlogged.clear()
+            self._bad_logged_at = now
+
     def _on_frame(self, frame: Frame) -> None:
         if frame.kind in (Kind.REPLY, Kind.NAK):
             fut = self._pending.pop((frame.address, frame.seq), None)
@@ -207,7 +228,7 @@ class SerialBus:
                 fut.set_result(frame)
             else:
                 log.debug("serial_unmatched_reply", bus=self.name, address=frame.address, seq=frame.seq)
-        elif self._admit(frame.address):
+        elif self._admit(frame.address, "event" if frame.kind is Kind.EVENT else "telemetry"):
             self.unsolicited[frame.address] += 1
             self._record(frame)
         if self._throttled:
@@ -235,32 +256,33 @@ class SerialBus:
             )
         )
 
-    def _admit(self, address: int) -> bool:
-        """The inbound rate limit of one address: False (and counted) for a frame over it."""
-        if self._inbound.try_acquire(str(address)).allowed:
+    def _admit(self, address: int, kind: str) -> bool:
+        """The inbound rate limit of one address and kind of frame: False (and counted) for a frame over it."""
+        if self._inbound.try_acquire(_inbound_key(address, kind)).allowed:
             return True
         self.inbound_dropped[address] += 1
         self._dropped_metric.inc()
-        dropped = self._throttled.get(address)
+        dropped = self._throttled.get((address, kind))
         if dropped is None:
             dropped = 0
             log.warning(
                 "serial_inbound_throttled",
                 bus=self.name,
                 address=address,
+                kind=kind,
                 frames_per_s=self.cfg.inbound_frames_per_s,
                 burst=self.cfg.inbound_burst,
             )
-        self._throttled[address] = dropped + 1
+        self._throttled[(address, kind)] = dropped + 1
         return False
 
     def _end_throttling(self) -> None:
         """Checked on every frame while a device is throttled, so the end is logged even if it went quiet."""
         threshold = self.cfg.inbound_burst * _THROTTLE_END_LEVEL
-        for address, dropped in list(self._throttled.items()):
-            if self._inbound.peek(str(address)).remaining >= threshold:
-                del self._throttled[address]
-                log.info("serial_inbound_unthrottled", bus=self.name, address=address, dropped=dropped)
+        for (address, kind), dropped in list(self._throttled.items()):
+            if self._inbound.peek(_inbound_key(address, kind)).remaining >= threshold:
+                del self._throttled[(address, kind)]
+                log.info("serial_inbound_unthrottled", bus=self.name, address=address, kind=kind, dropped=dropped)
 
     def reset_counters(self) -> int:
         """An operator's reset: the inbound limits start full again and the counters from zero."""
@@ -333,6 +355,11 @@ class SerialBus:
                 details={"device_code": reply.payload.get("code"), "address": address},
             )
         return reply.payload
+
+
+def _inbound_key(address: int, kind: str) -> str:
+    """The inbound limiter's key: the address for telemetry (the common case), ``<address>:event`` for events."""
+    return str(address) if kind == "telemetry" else f"{address}:{kind}"
 
 
 async def _close(writer: asyncio.StreamWriter | None) -> None:

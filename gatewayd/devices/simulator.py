@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gatewayd.devices.framing import Decoder, Frame, Kind
+from gatewayd.devices.linelog import LineLog
 from gatewayd.tasks import TaskOwner
 
 if TYPE_CHECKING:
@@ -191,7 +192,8 @@ MODELS: dict[str, type[PumpModel] | type[SensorNodeModel]] = {"pump": PumpModel,
 
 
 class ExecutionLog:
-    """Append-only JSON-lines log of executed actions, and the memory of which ids were executed."""
+    """Append-only JSON-lines log of executed actions, and the memory of which ids were executed (lines that a
+    full disk held back are written later: :mod:`gatewayd.devices.linelog`)."""
 
     def __init__(self, path: Path, remember: int = 10_000):
         self.path = path
@@ -205,14 +207,14 @@ class ExecutionLog:
                     self._remember_result(entry["id"], entry["result"])
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line after a crash
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._lines = LineLog(path)
 
     def result_of(self, command_id: str) -> dict[str, Any] | None:
         return self._results.get(command_id)
 
     def record(self, command_id: str, action: str, params: dict[str, Any], result: dict[str, Any]) -> None:
         line = json.dumps({"ts": time.time(), "id": command_id, "action": action, "params": params, "result": result})
-        os.write(self._fd, line.encode() + b"\n")  # one write() of one line: survives kill -9 of this process
+        self._lines.append(line.encode())  # one write() of one line: survives kill -9 of this process
         self._remember_result(command_id, result)
 
     def _remember_result(self, command_id: str, result: dict[str, Any]) -> None:
@@ -222,7 +224,7 @@ class ExecutionLog:
             self._results.popitem(last=False)
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._lines.close()
 
 
 class SimulatedDevice:

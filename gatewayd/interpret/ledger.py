@@ -14,10 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from gatewayd.config.models import ProviderConfig
+from gatewayd.errors import StoreUnavailable
 from gatewayd.interpret.metrics import SPEND, SPEND_TODAY, TOKENS
 from gatewayd.interpret.providers import Usage
 from gatewayd.store import Store
+
+log = structlog.get_logger("gatewayd.interpret")
 
 KEEP_DAYS = 400  # rows older than this are deleted on start
 
@@ -54,14 +59,21 @@ class SpendLedger:
         day = utc_day(self._wall())
         horizon = utc_day(self._wall() - KEEP_DAYS * 86_400)
 
-        def job(conn: sqlite3.Connection) -> list[tuple[str, float]]:
-            conn.execute("DELETE FROM interpret_spend WHERE day < ?", (horizon,))
+        def totals_of(conn: sqlite3.Connection) -> list[tuple[str, float]]:
             rows = conn.execute(
                 "SELECT provider, sum(cost) FROM interpret_spend WHERE day = ? GROUP BY provider", (day,)
             )
             return [(str(r[0]), float(r[1])) for r in rows]
 
-        totals = await self._store.write(job)
+        def job(conn: sqlite3.Connection) -> list[tuple[str, float]]:
+            conn.execute("DELETE FROM interpret_spend WHERE day < ?", (horizon,))
+            return totals_of(conn)
+
+        try:
+            totals = await self._store.write(job)
+        except StoreUnavailable as err:  # a full disk must not stop the start: old rows go at the next one
+            log.warning("interpret_spend_not_pruned", error=err.message)
+            totals = await self._store.read(totals_of)
         self._day, self._today = day, dict(totals)
         SPEND_TODAY.set(self.today())
 

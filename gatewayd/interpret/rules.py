@@ -138,6 +138,8 @@ def read_rules(path: Path) -> tuple[RulesFile, list[tuple[str, str]]]:
         return EMPTY, [("", f"cannot read: {err}")]
     except tomllib.TOMLDecodeError as err:
         return EMPTY, [("", f"not valid TOML: {err}")]
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        return EMPTY, [("", "not valid TOML: arrays or tables nested too deeply")]
     try:
         return RulesFile.model_validate(data), []
     except ValidationError as exc:

@@ -367,6 +367,9 @@ class InterpretService:
             replay = await self._replay(req)
             if replay is not None:
                 return replay, False, headers
+        # A full disk refuses before a provider is paid for an answer that could not be kept.
+        envelope = {"device": "-", "action": "-"} | ({"priority": req.priority} if req.priority is not None else {})
+        self._service.refuse_if_full(parse_request(envelope).priority)
         outcome = await self.interpret(req.text)
         command = outcome.command
         registry = self.registry()

@@ -128,7 +128,9 @@ def naive_answer(text: str, tools: list[dict[str, Any]]) -> dict[str, Any] | Non
 class FakeProvider:
     """``async with FakeProvider("openai", api_key="sk-test") as fake:`` then point a provider at
     ``fake.base_url``. ``fake.script(Fault.http(429, retry_after="1"), None, ...)`` queues faults for the next
-    completion requests (``None``: answer normally)."""
+    completion requests (``None``: answer normally). ``fake.always = Fault.http(503)`` gives that fault to every
+    completion request with none scripted, until set back to ``None``: a provider that stays broken however often
+    it is asked."""
 
     def __init__(
         self,
@@ -153,6 +155,7 @@ class FakeProvider:
         self.host = host
         self.port = port
         self.faults: deque[Fault | None] = deque()
+        self.always: Fault | None = None
         self.health_faults: deque[Fault | None] = deque()
         self.seen: list[Seen] = []
         self.tokens_in = 0  # usage reported in successful answers, for comparing with the gateway's ledger
@@ -308,7 +311,7 @@ class FakeProvider:
 
     async def _prelude(self, request: web.Request) -> tuple[Any, Fault | None, web.StreamResponse | None]:
         """Record, apply latency and the scripted fault; a response here ends the request."""
-        fault = self.faults.popleft() if self.faults else None
+        fault = self.faults.popleft() if self.faults else self.always
         raw = await request.read()
         try:
             parsed = json.loads(raw) if raw else None

@@ -138,6 +138,13 @@ SERIAL_INBOUND_DROPPED = Counter(
     ["bus"],
     registry=REGISTRY,
 )
+SERIAL_BAD_FRAMES = Counter(
+    "gatewayd_serial_bad_frames",
+    "Lines a serial bus received that were not a valid frame, by reason (gatewayd.devices.framing.REASONS: "
+    "no_start, no_checksum, bad_checksum, malformed, not_object, too_long).",
+    ["bus", "reason"],
+    registry=REGISTRY,
+)
 
 # --- telemetry and the outbox ----------------------------------------------------------------------------------
 
@@ -150,7 +157,8 @@ TELEMETRY_RECORDS = Counter(
 TELEMETRY_DROPPED = Counter(
     "gatewayd_telemetry_dropped",
     "Telemetry records dropped, by reason: budget (outbox byte budget or disk-free watermark), "
-    "pending (more arrived between two flushes than may be held in memory), invalid (not an object).",
+    "pending (more arrived between two flushes than may be held in memory), invalid (not an object), "
+    "storage_full (not stored while the storage is full: the reserve is for accepted commands).",
     ["reason"],
     registry=REGISTRY,
 )
@@ -163,6 +171,18 @@ OUTBOX_OLDEST_AGE = Gauge(
 )
 CLOCK_SYNCED = Gauge(
     "gatewayd_clock_synchronised", "1 when the wall clock is synchronised (NTP), 0 before.", registry=REGISTRY
+)
+
+# --- storage ---------------------------------------------------------------------------------------------------
+
+STORAGE_FULL = Gauge(
+    "gatewayd_storage_full",
+    "1 while new commands are refused because the data directory's filesystem is below its reserve "
+    "([store] min_free_bytes) or SQLite said the disk is full.",
+    registry=REGISTRY,
+)
+STORAGE_FREE_BYTES = Gauge(
+    "gatewayd_storage_free_bytes", "Free bytes on the data directory's filesystem (last check).", registry=REGISTRY
 )
 
 # --- MQTT uplink -----------------------------------------------------------------------------------------------

@@ -156,5 +156,16 @@ def open_commands(conn: sqlite3.Connection) -> list[CommandRecord]:
     return [_record(r) for r in rows]
 
 
+def open_ever_dispatched(conn: sqlite3.Connection) -> set[str]:
+    """Ids of open commands that were dispatched at least once: their request may have reached the device."""
+    marks = ",".join("?" for _ in OPEN_STATES)
+    rows = conn.execute(
+        f"SELECT c.id FROM commands c WHERE c.state IN ({marks}) AND EXISTS "
+        "(SELECT 1 FROM transitions t WHERE t.command_seq = c.seq AND t.state = ?)",
+        [*(s.value for s in OPEN_STATES), State.DISPATCHED.value],
+    )
+    return {r[0] for r in rows}
+
+
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
     return {state: n for state, n in conn.execute("SELECT state, count(*) FROM commands GROUP BY state")}

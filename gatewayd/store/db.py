@@ -4,12 +4,19 @@ Writes go to one writer thread that commits whatever has queued up in one transa
 burst of commands costs one fsync, and the event loop never waits on the disk: it awaits a future that the
 writer resolves after COMMIT. Each job runs in its own savepoint, so one failing job does not spoil the batch.
 Reads run on a second thread with its own connection (WAL lets it read while the writer commits).
+
+A full disk is an error like any other, not the writer's end: SQLite answers SQLITE_FULL ("database or disk is
+full") and rolls the whole transaction back, every job of the batch is told :class:`StorageFull`, and the
+writer goes on with the next batch. ``full_reason`` says why the last write failed for lack of space until a
+write succeeds again; a failing streak is logged once, and once more when commits succeed again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -22,7 +29,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gatewayd.errors import GatewayError, StoreCorrupt, StoreError, StoreUnavailable
+from gatewayd.errors import GatewayError, StorageFull, StoreCorrupt, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
@@ -91,6 +98,15 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
         conn.close()
         if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
             raise StoreError(f"cannot open database {path}: {err}") from err
+        if _io_failure(err):
+            # Not a verdict on the file: telling someone to move a sound database aside would lose its commands.
+            if is_full(err) or _free_bytes(path.parent) < _OPEN_ROOM:
+                raise StorageFull(
+                    f"cannot open database {path}: no room left on its filesystem ({err}); free some space, "
+                    "the database itself is not damaged",
+                    details={"path": str(path)},
+                ) from err
+            raise StoreError(f"cannot open database {path}: {err}", details={"path": str(path)}) from err
         raise StoreCorrupt(
             f"database {path} is not a usable SQLite database ({err}); move it aside to start with an empty one",
             details={"path": str(path)},
@@ -99,6 +115,23 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+_OPEN_ROOM = 1024 * 1024  # less free than this, an I/O error on open is most likely the disk being full
+_IO_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY}
+
+
+def _io_failure(err: sqlite3.Error) -> bool:
+    """The disk or the lock failed us, as opposed to the file's content being wrong (corrupt, not a database)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _IO_CODES
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return _OPEN_ROOM  # unknown: do not claim the disk is full
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
@@ -138,6 +171,10 @@ class Store:
         self._busy_since: float | None = None
         # An operator's slow-disk test: each batch waits this long before it commits, as a failing SD card does.
         self.write_delay_s = 0.0
+        # Why the last write failed for lack of space (SQLITE_FULL, ENOSPC); None once a write succeeds again.
+        self.full_reason: str | None = None
+        self.failed_batches = 0
+        self._failing: str | None = None  # the error of the current streak of failed batches, logged once
 
     async def __aenter__(self) -> Store:
         conn = await asyncio.to_thread(open_database, self.path, self._synchronous)
@@ -188,6 +225,11 @@ class Store:
         fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put((job, fut, loop))
         return await fut
+
+    async def probe(self) -> None:
+        """One small real write (the header page, rewritten with the value it has): whether SQLite can commit
+        again after it said the disk was full, when nothing else is writing."""
+        await self.write(_rewrite_header)
 
     async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed or self._reader is None or self._read_conn is None:
@@ -245,24 +287,33 @@ class Store:
                     outcomes.append((True, job(conn)))
                     conn.execute("RELEASE job")
                 except Exception as err:  # the job's own error goes back to its caller, the batch goes on
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (it does on SQLITE_FULL and on some I/O
+                        # errors): the jobs before this one are undone too, and the savepoint is gone.
+                        raise _TransactionLost(err) from err
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((False, _translate(err)))
             conn.execute("COMMIT")
-        except sqlite3.Error as err:
+        except (sqlite3.Error, _TransactionLost) as exc:
+            cause = exc.cause if isinstance(exc, _TransactionLost) else exc
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            failure = StoreUnavailable(f"database write failed: {err}")
-            failure.__cause__ = err
-            log.error("store_commit_failed", error=str(err), jobs=len(batch))
+            failure = write_error(cause)
+            self._failed(failure, len(batch))
             outcomes = [(False, failure)] * len(batch)
         else:
             self.commits += 1
             self.jobs_committed += len(batch)
             self.last_commit_s = time.monotonic() - started
+            full = next((v for ok, v in outcomes if not ok and isinstance(v, StorageFull)), None)
+            if full is not None:
+                self._failed(full, 1)
+            else:
+                self._succeeded()
         # Not stalled any more before anyone hears of it: a caller woken by its result must not see a stall.
         self._busy_since = None
         for (_job, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
@@ -271,14 +322,57 @@ class Store:
             except RuntimeError:
                 pass  # the caller's loop is closed: nobody is left to tell, the commit stands
 
+    def _failed(self, failure: StoreUnavailable, jobs: int) -> None:
+        self.failed_batches += 1
+        if isinstance(failure, StorageFull):
+            self.full_reason = str(failure.__cause__ or failure.message)
+        if self._failing is None:
+            log.error("store_commit_failed", error=failure.message, code=failure.code, jobs=jobs)
+            self._failing = failure.message
+
+    def _succeeded(self) -> None:
+        self.full_reason = None
+        if self._failing is not None:
+            log.info("store_commit_recovered", failed_batches=self.failed_batches)
+            self._failing = None
+            self.failed_batches = 0
+
+
+class _TransactionLost(Exception):
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _rewrite_header(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    conn.execute(f"PRAGMA user_version = {version}")
+
+
+def is_full(err: BaseException) -> bool:
+    """SQLite's SQLITE_FULL (the disk, or max_page_count), or ENOSPC / EDQUOT from the OS."""
+    if isinstance(err, sqlite3.Error):
+        code = getattr(err, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(err: BaseException) -> StoreUnavailable:
+    """A failed write as the daemon's error: :class:`StorageFull` when there was no room for it."""
+    failure: StoreUnavailable
+    if is_full(err):
+        failure = StorageFull(f"the database cannot grow: {err}")
+    else:
+        failure = StoreUnavailable(f"database write failed: {err}")
+    failure.__cause__ = err
+    return failure
+
 
 def _translate(err: Exception) -> Exception:
     if isinstance(err, GatewayError):
         return err
-    if isinstance(err, sqlite3.Error):
-        failure = StoreUnavailable(f"database write failed: {err}")
-        failure.__cause__ = err
-        return failure
+    if isinstance(err, sqlite3.Error) or is_full(err):
+        return write_error(err)
     return err
 
 

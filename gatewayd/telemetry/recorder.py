@@ -8,7 +8,9 @@ that the oldest are dropped and counted. Events are kept (up to a hard bound wel
 
 After each write the outbox's byte budget is enforced: when it holds more than ``outbox.max_bytes``, or the data
 directory's filesystem has less than ``outbox.min_free_bytes`` free, the oldest telemetry is deleted (and
-counted, across restarts). Command results and events are never deleted to make room.
+counted, across restarts). Command results and events are never deleted to make room. While the storage is full
+(below ``store.min_free_bytes``, :mod:`gatewayd.store.space`) new telemetry is not written at all: the reserve
+is for the commands already accepted. Events still are.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from gatewayd.observability.metrics import (
 )
 from gatewayd.store import Store
 from gatewayd.store import outbox as sql
+from gatewayd.store.space import DiskSpace
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.sink import Record
 from gatewayd.telemetry.timestamps import Stamper, sync_probe
@@ -97,7 +100,9 @@ class Recorder:
         boot_id: str,
         stamper: Stamper | None = None,
         free_bytes: Callable[[], int] | None = None,
+        space: DiskSpace | None = None,
     ):
+        self._space = space
         self.store = store
         self._cfg = outbox
         self._tcfg = telemetry
@@ -111,6 +116,7 @@ class Recorder:
         self._wake = asyncio.Event()
         self._tasks = TaskOwner("telemetry")
         self._failing: str | None = None  # why the last write failed, while it keeps failing
+        self._budget_dropping = 0  # telemetry rows dropped for the budget since the drops began (0: none now)
         self.recent: dict[str, deque[Reading]] = {}
         self.last_event: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[], None]] = []  # told after rows were committed (the uplink drains)
@@ -170,6 +176,12 @@ class Recorder:
     @property
     def pending(self) -> int:
         return len(self._telemetry) + len(self._events)
+
+    def message_now(self, record: Record) -> tuple[str, bytes]:
+        """(topic below the prefix, bytes) of a record to publish at once, not through the outbox: for when the
+        disk has no room for it. Shaped as the outbox would send it, without the outbox's ``seq``."""
+        row = self._row(record)
+        return row.topic, row.message()
 
     def _row(self, r: Record) -> sql.NewRow:
         if not isinstance(r.data, dict):
@@ -240,6 +252,12 @@ class Recorder:
         """Write what waits in one transaction, then enforce the budget. On failure the records stay queued."""
         if not self._telemetry and not self._events:
             return
+        if self._telemetry and self._space is not None and self._space.full:
+            self.dropped_pending += len(self._telemetry)
+            counter(TELEMETRY_DROPPED, "storage_full").inc(len(self._telemetry))
+            self._telemetry.clear()
+            if not self._events:
+                return
         rows = [*self._events, *self._telemetry]
         self._events.clear()
         self._telemetry.clear()
@@ -265,7 +283,12 @@ class Recorder:
             self._failing = None
         if dropped:
             counter(TELEMETRY_DROPPED, "budget").inc(dropped)
-            log.warning("outbox_telemetry_dropped", rows=dropped, budget_bytes=budget)
+            if not self._budget_dropping:  # logged when it begins and when it ends, not at every flush
+                log.warning("outbox_telemetry_dropped", rows=dropped, budget_bytes=budget)
+            self._budget_dropping += dropped
+        elif self._budget_dropping:
+            log.info("outbox_telemetry_drops_ended", rows=self._budget_dropping)
+            self._budget_dropping = 0
         self._publish_stats()
         for listener in list(self.listeners):
             listener()

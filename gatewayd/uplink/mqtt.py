@@ -9,9 +9,14 @@ long as the broker stays away; the daemon starts and works without one. A sessio
   valid); a command that could not be committed (the store failing, the daemon stopping) is not acknowledged,
   so the broker delivers it again on the next session (the session is persistent: ``clean_session = false``).
   A redelivered command with an id we already have is not run again; if it finished, its result is sent again.
+  While the storage is full, a command is refused (``command_rejected`` with ``storage_full``, unless it is
+  critical) and the event is published at once, not through the outbox on the full disk; the command is
+  acknowledged only after the broker acknowledged that event, so a refusal is never lost silently.
 - ``drain``: the outbox, in (priority, arrival) order, at a pace set by an upstream token bucket. A row is
   deleted only after the broker's PUBACK. A PUBACK missing ``puback_timeout_s`` ends the session: a link that
-  stopped carrying data is detected in seconds, not after 1.5 keepalives.
+  stopped carrying data is detected in seconds, not after 1.5 keepalives. Rows the broker acknowledged but the
+  store could not delete yet (the disk full) are remembered and deleted first, not sent again; the drain waits
+  for that, and the session goes on.
 
 The retained ``status`` topic says ``online`` while connected; the broker publishes the last will ``offline``
 when the connection drops, and we publish it ourselves on a clean stop.
@@ -22,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import ssl
 import time
@@ -35,9 +39,10 @@ import structlog
 
 from gatewayd.commands.model import CommandRecord
 from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import MqttSection
 from gatewayd.config.profiles import Profile
-from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StoreUnavailable
+from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StorageFull, StoreUnavailable
 from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import UPLINK_COMMANDS, UPLINK_CONNECTED, UPLINK_PUBLISHED, counter
 from gatewayd.resilience.bucket import TokenBucket
@@ -57,6 +62,7 @@ log = structlog.get_logger("gatewayd.uplink")
 
 _RECONNECT_ATTEMPTS = 2**31  # a broker may stay away for weeks: the schedule never gives up
 _IDLE_POLL_S = 1.0  # the outbox is also looked at this often when nothing woke the drain
+_STORE_RETRY_S = 1.0  # sent rows that could not be deleted (the disk full) are tried again this often
 
 
 class _LinkLost(Exception):
@@ -115,6 +121,8 @@ class Uplink:
         self.connects = 0
         self.published = 0
         self.commands_received = 0
+        self._sent: list[int] = []  # outbox rows the broker acknowledged, not deleted yet (the store failing)
+        self._delete_failing = False
         recorder.listeners.append(self.wake)
         service.final_listeners.append(lambda _rec: self.wake())
 
@@ -183,6 +191,9 @@ class Uplink:
         # Acknowledge commands ourselves, after the commit. aiomqtt does not expose paho's manual acks; the paho
         # client underneath does (paho-mqtt >= 2.0: manual_ack_set and ack).
         client._client.manual_ack_set(True)
+        # aiomqtt logs a warning for every publish made while more than 10 await their PUBACK; the drain keeps up to
+        # max_inflight in flight by design (plus status and events), so only more than that is worth a warning.
+        client.pending_calls_threshold = self.cfg.max_inflight + 10
         return client
 
     async def _connect(self) -> aiomqtt.Client:
@@ -269,7 +280,9 @@ class Uplink:
             body = _parse(message.payload, self.cfg.max_payload_bytes)
             if isinstance(body.get("id"), str):
                 command_id = body["id"]
-            if isinstance(body.get("device"), str):
+            if isinstance(body.get("device"), str) and body["device"] in self._devices():
+                # Only a configured device: the recorder keeps each device's last event in memory, and a
+                # name from every bad payload would grow that without bound.
                 device = body["device"]
             if "text" in body:  # natural language, as over HTTP: interpreted, then the same durable submit
                 if self.interpret is None:
@@ -277,6 +290,11 @@ class Uplink:
                 rec, created, _ = await self.interpret.submit(body, source="mqtt", client=f"mqtt:{self.client_id}")
             else:
                 rec, created = await self._service.submit(body, source="mqtt")
+        except StorageFull as err:
+            # Refused for lack of room, logged once when the storage filled up: the sender hears of it at once.
+            counter(UPLINK_COMMANDS, "rejected").inc()
+            log.debug("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
+            await self._rejected(client, device, command_id, err)
         except (ShuttingDown, StoreUnavailable) as err:
             # Not committed, and not for anything the sender did: no PUBACK, so the broker delivers it again.
             counter(UPLINK_COMMANDS, "redeliver").inc()
@@ -284,9 +302,8 @@ class Uplink:
             raise _LinkLost(f"command not committed: {err.message}") from err
         except GatewayError as err:
             counter(UPLINK_COMMANDS, "rejected").inc()
-            log.warning("mqtt_command_rejected", command_id=command_id, code=err.code, error=err.message)
-            data = {"id": command_id, **err.to_dict()}
-            self._recorder.put(Record.of_event(device[:64], "command_rejected", data, severity="warning"))
+            log.warning("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
+            await self._rejected(client, device, command_id, err)
         else:
             if created:
                 counter(UPLINK_COMMANDS, "accepted").inc()
@@ -294,20 +311,39 @@ class Uplink:
                 counter(UPLINK_COMMANDS, "duplicate").inc()
                 log.info("mqtt_command_duplicate", command_id=rec.id, state=rec.state.value)
                 if rec.state.final:
-                    await self._republish(rec)
+                    await self._republish(client, rec)
         _ack(client, message)
 
-    async def _republish(self, rec: CommandRecord) -> None:
+    async def _rejected(self, client: aiomqtt.Client, device: str, command_id: str | None, err: GatewayError) -> None:
+        """The ``command_rejected`` event: through the outbox as a rule; published at once, before the command's
+        PUBACK, while the storage is full (the outbox would have no room for it, or eat the reserve)."""
+        data = _clip({"id": command_id, **err.to_dict()})
+        record = Record.of_event(device, "command_rejected", data, severity="warning")
+        if not isinstance(err, StorageFull) and not self._service.storage_full:
+            self._recorder.put(record)
+            return
+        topic, payload = self._recorder.message_now(record)
+        await client.publish(f"{self.base}/{topic}", payload, qos=1)  # an error ends the session: no PUBACK
+
+    async def _republish(self, client: aiomqtt.Client, rec: CommandRecord) -> None:
         row = outbox.result_row(
             rec, mono=time.monotonic(), boot_id=self._service.boot_id, synced=self._recorder.stamper.synced
         )
-        await self._store.write(lambda c: outbox.insert(c, [row]))
+        try:
+            await self._store.write(lambda c: outbox.insert(c, [row]))
+        except StorageFull:
+            # No room in the outbox: the result goes out now instead, before the duplicate is acknowledged.
+            await client.publish(f"{self.base}/{row.topic}", row.message(), qos=1)
+            return
         self.wake()
 
     # --- outbox out ------------------------------------------------------------------------------------------
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         while True:
+            if self._sent and not await self._forget_sent():
+                await asyncio.sleep(_STORE_RETRY_S)  # sending more now would send these rows again
+                continue
             self._wake.clear()  # before looking: a row committed after the look wakes the next wait
             rows = await self._store.read(lambda c: outbox.fetch(c, self.cfg.max_inflight))
             if not rows:
@@ -316,11 +352,28 @@ class Uplink:
                 continue
             acked, failures = await self._publish(client, rows)
             if acked:
-                await self._store.write(functools.partial(outbox.delete, ids=acked))
+                self._sent.extend(acked)
                 self.published += len(acked)
-                self._recorder.update_stats(await self._store.read(lambda c: outbox.stats(c, by_kind=False)))
+                await self._forget_sent()
             if failures:
                 raise _LinkLost(f"publish failed: {failures[0]}")
+
+    async def _forget_sent(self) -> bool:
+        """Delete the rows the broker acknowledged. False while the store cannot (the disk full): they stay
+        remembered, and are not sent again, until it can."""
+        try:
+            await self._store.write(functools.partial(outbox.delete, ids=list(self._sent)))
+        except StoreUnavailable as err:
+            if not self._delete_failing:
+                log.warning("outbox_delete_failed", rows=len(self._sent), code=err.code, error=err.message)
+                self._delete_failing = True
+            return False
+        if self._delete_failing:
+            log.info("outbox_delete_recovered", rows=len(self._sent))
+            self._delete_failing = False
+        self._sent.clear()
+        self._recorder.update_stats(await self._store.read(lambda c: outbox.stats(c, by_kind=False)))
+        return True
 
     async def _publish(
         self, client: aiomqtt.Client, rows: list[outbox.OutboxRow]
@@ -356,13 +409,26 @@ def _parse(payload: Any, limit: int) -> dict[str, Any]:
         raise BadRequest("the command payload is empty")
     if len(payload) > limit:
         raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {limit}", details={"limit": limit})
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the command is not valid JSON: {err}") from None
+    body = decode_json(payload, "the command")
     if not isinstance(body, dict):
         raise BadRequest("the command must be a JSON object")
     return body
+
+
+_CLIP_CHARS = 200  # of any string a rejection echoes back (an id, a parameter's value, a message quoting them)
+_CLIP_ITEMS = 20  # of any list or object in it
+
+
+def _clip(value: Any) -> Any:
+    """A rejection event echoes what the sender got wrong, not all of it: up to 64 KiB of someone's junk in
+    every event would cost the outbox, the broker and the daemon's memory for nothing."""
+    if isinstance(value, str):
+        return value if len(value) <= _CLIP_CHARS else value[:_CLIP_CHARS] + "..."
+    if isinstance(value, dict):
+        return {_clip(str(k)): _clip(v) for k, v in list(value.items())[:_CLIP_ITEMS]}
+    if isinstance(value, list | tuple):
+        return [_clip(v) for v in value[:_CLIP_ITEMS]]
+    return value
 
 
 def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:

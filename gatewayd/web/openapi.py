@@ -25,7 +25,7 @@ _DESCRIPTIONS = {
     413: "The body is larger than http.max_body_bytes",
     422: "Valid JSON that the device's profile does not accept",
     429: "Rate limited; see Retry-After and X-RateLimit-*",
-    503: "Not now: starting, stopping, queue full, store unavailable",
+    503: "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable",
     504: "?wait ran out before the command finished",
 }
 _RATE_HEADERS = {
@@ -50,6 +50,8 @@ def _responses(ok: int, *errors: int, content: dict[str, Any] | None = None) -> 
         }
         if code == 429:
             response["headers"] = _RATE_HEADERS
+        elif code == 503:
+            response["headers"] = {"Retry-After": _RATE_HEADERS["Retry-After"]}
         out[str(code)] = response
     return out
 

@@ -12,6 +12,7 @@ from html import escape
 from typing import Any
 
 from gatewayd.commands.model import State
+from gatewayd.store.space import size_text
 from gatewayd.web.auth import CSRF_FIELD, Principal
 
 FAULT_SCENARIOS = (
@@ -89,6 +90,13 @@ def _overview(status: dict[str, Any], error_rate: dict[str, Any]) -> str:
         clock_text, clock_cls = "unknown", "muted"
     else:
         clock_text, clock_cls = ("synchronised", "ok") if synced else ("not synchronised", "bad")
+    storage = status.get("storage") or {}
+    if not storage:
+        storage_text, storage_cls = "—", "muted"
+    elif storage.get("full"):
+        storage_text, storage_cls = "FULL: new commands refused", "bad"
+    else:
+        storage_text, storage_cls = f"{size_text(storage.get('free_bytes'))} free", "ok"
     rate = error_rate.get("rate")
     rate_text = "no commands" if rate is None else f"{rate * 100:.1f} % of {error_rate['finished']}"
     healthy = status.get("healthy")
@@ -105,6 +113,7 @@ def _overview(status: dict[str, Any], error_rate: dict[str, Any]) -> str:
         ("queue", "Queue", f"{queue.get('queued', 0)} queued · {queue.get('in_flight', 0)} executing", ""),
         ("outbox", "Outbox", f"{outbox.get('rows', '—')} records", ""),
         ("oldest", "Oldest unsent", duration(outbox.get("oldest_age_s")), ""),
+        ("storage", "Storage", storage_text, storage_cls),
         ("errors", "Error rate (5 min)", rate_text, "bad" if rate else ""),
     ]
     cells = "".join(

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-import json
 import math
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,9 +18,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gatewayd.commands.model import State
 from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import HttpSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import BadRequest, Forbidden, GatewayError, NotFound, PayloadTooLarge, StoreUnavailable
+from gatewayd.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    StorageFull,
+    StoreUnavailable,
+)
 from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import CircuitOpenError, RateLimited
@@ -63,10 +72,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except GatewayError as err:
-        if err.status >= 500:
+        if err.status >= 500 and not isinstance(err, StorageFull):  # that one is logged once, when it begins
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
         # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
-        return error_response(err, err.headers() if isinstance(err, RateLimited | CircuitOpenError) else None)
+        headers = err.headers() if isinstance(err, RateLimited | CircuitOpenError | StorageFull) else None
+        return error_response(err, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -90,17 +100,37 @@ MAX_BODY = web.AppKey("max_body", int)
 
 
 async def _json_body(request: web.Request) -> Any:
+    limit = request.app[MAX_BODY]
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
         raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
+    raw = _decoded(raw, request.headers.get("Content-Encoding", ""), limit)
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
+    return decode_json(raw, "the request body")
+
+
+def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
+    """A body sent with ``Content-Encoding: gzip`` or ``deflate``, decoded here, to at most ``limit`` bytes and only
+    if the stream is whole. aiohttp's own decoding is off (``auto_decompress=False``): it answered some broken
+    streams with a plain-text 400 before any handler ran, and took a stream cut short for the whole body."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return raw
+    if name not in ("gzip", "x-gzip", "deflate"):
+        message = f"Content-Encoding {encoding!r} is not supported: send gzip, deflate or none"
+        raise BadRequest(message, details={"encoding": encoding})
+    stream = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in name else zlib.MAX_WBITS)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the request body is not valid JSON: {err}") from None
+        out = stream.decompress(raw, limit + 1)
+    except zlib.error as err:
+        raise BadRequest(f"the request body is not {name}: {err}", details={"encoding": encoding}) from None
+    if len(out) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes once decoded", details={"max_bytes": limit})
+    if not stream.eof or stream.unused_data:
+        raise BadRequest(f"the request body is not a whole {name} stream", details={"encoding": encoding})
+    return out
 
 
 def _query_float(request: web.Request, name: str, lo: float, hi: float) -> float | None:
@@ -257,9 +287,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = _ctx(request).service.accepting
-    body = {"status": "ready" if ready else "not_ready", "phase": _ctx(request).status()["phase"]}
-    return web.json_response(body, status=200 if ready else 503)
+    """Ready = taking new commands: not while starting or stopping, nor while the storage is full (alive then,
+    and /healthz says so: a restart would not free the disk)."""
+    service = _ctx(request).service
+    status = _ctx(request).status()
+    body: dict[str, Any] = {"status": "ready", "phase": status["phase"]}
+    if not service.accepting:
+        body["status"] = "not_ready"
+    elif service.storage_full:
+        body.update(status="not_ready", reason="storage_full", storage=status["storage"])
+    return web.json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -323,7 +360,9 @@ class WebServer:
 
     async def __aenter__(self) -> WebServer:
         app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=2.0, auto_decompress=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
         try:

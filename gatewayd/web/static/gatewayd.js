@@ -41,6 +41,14 @@
     return node;
   }
 
+  function size(n) {
+    if (n === null || n === undefined) return "unknown";
+    for (const [unit, scale] of [["GiB", 1024 ** 3], ["MiB", 1024 ** 2], ["KiB", 1024]]) {
+      if (n >= scale) return `${(n / scale).toFixed(1)} ${unit}`;
+    }
+    return `${n} B`;
+  }
+
   function duration(s) {
     if (s === null || s === undefined) return "—";
     s = Math.floor(s);
@@ -105,6 +113,10 @@
     tile("queue", `${q.queued || 0} queued · ${q.in_flight || 0} executing`);
     tile("outbox", `${ob.rows === undefined ? "—" : ob.rows} records`);
     tile("oldest", duration(ob.oldest_age_s));
+    const sto = st.storage;
+    if (!sto) tile("storage", "—", "muted");
+    else if (sto.full) tile("storage", "FULL: new commands refused", "bad");
+    else tile("storage", `${size(sto.free_bytes)} free`, "ok");
     const er = ov.error_rate || {};
     tile("errors", er.rate === null || er.rate === undefined ? "no commands" : `${(er.rate * 100).toFixed(1)} % of ${er.finished}`,
       er.rate ? "bad" : "");

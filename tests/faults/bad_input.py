@@ -1,0 +1,385 @@
+"""What the bad-input fault tests share: the typed error codes a client may be answered with, strategies for command
+payloads (valid, and bad in every way a client gets them wrong), and a small TOML writer for mutated configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+# Codes a rejected command may carry: each names what is wrong. "internal_error" (a bug) and the generic
+# "unavailable" / "http_error" are not in it.
+REJECTION_CODES = frozenset(
+    {
+        "bad_request",  # not JSON, not an object, nested too deep, undecodable body
+        "validation_failed",  # the envelope or the parameters
+        "unknown_device",
+        "payload_too_large",
+        "conflict",  # an id already used for another command
+        "not_understood",  # {"text": ...} the local rules cannot read
+        "confirmation_required",
+        "rate_limited",
+        "interpret_unavailable",
+    }
+)
+
+# [http] max_body_bytes and [mqtt] max_payload_bytes in the bundled config.
+SIZE_LIMIT = 65536
+
+# What the daemon runs: the bundled config's devices (tests/test_config.py checks the list).
+DEVICES = ("pump1", "sensor1", "relay1", "meter1", "relays1")
+
+# Commands that are valid and quick on the bundled config's simulators, with no safety limits in the way.
+VALID_ACTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("pump1", "read", {}),
+    ("pump1", "set_speed", {"percent": 40}),
+    ("pump1", "start", {}),
+    ("pump1", "stop", {}),
+    ("sensor1", "read", {}),
+    ("meter1", "read", {}),
+)
+
+
+ACTION_NAMES = frozenset(
+    {"start", "stop", "set_speed", "read", "set_interval", "set_alarm", "identify", "on", "off", "all_off"}
+    | {f"{verb}{n}" for verb in ("on", "off") for n in range(1, 9)}
+)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What a client sends and what must come of it. ``expect``: "reject" (a typed error, nothing stored), "run"
+    (accepted, executed once) or "either" (words the local rules may or may not read). ``codes``: the codes it may
+    be rejected with when that is certain (else any of REJECTION_CODES). ``body``: the JSON object, when the
+    strategy built one that can carry an id the test assigns (``with_id``)."""
+
+    raw: bytes
+    expect: str
+    kind: str
+    codes: frozenset[str] | None = None
+    command_id: str | None = None
+    body: dict[str, Any] | None = None
+
+    def with_id(self, command_id: str) -> Payload:
+        if self.body is None:
+            return self
+        body = {**self.body, "id": command_id}
+        return Payload(dumps(body), self.expect, self.kind, self.codes, command_id, body)
+
+
+def dumps(body: Any) -> bytes:
+    return json.dumps(body).encode()  # ASCII: a lone surrogate travels as \ud800, which is valid JSON
+
+
+def payload(body: dict[str, Any], expect: str, kind: str, *codes: str, takes_id: bool = True) -> Payload:
+    command_id = body.get("id") if isinstance(body.get("id"), str) else None
+    return Payload(dumps(body), expect, kind, frozenset(codes) or None, command_id, body if takes_id else None)
+
+
+# --- JSON values ---------------------------------------------------------------------------------------------------
+
+big_ints = st.integers(min_value=10**300, max_value=10**4000)  # JSON allows them; float() of one overflows
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    big_ints,
+    st.floats(),  # NaN and Infinity too: Python's json reads them
+    st.text(max_size=40),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+# Strings that look like what a field wants, but are not: near misses and oddities.
+odd_strings = st.one_of(
+    st.sampled_from(["", " ", "\x00", "pump1\x00", "PUMP1", "pump 1", "pump1/", "../pump1", "😀", "\ud800x"]),
+    st.text(min_size=65, max_size=300),  # over the 64-character limits
+    st.text(max_size=20),
+)
+bad_ids = st.one_of(
+    st.sampled_from(["", "has space", "slash/", "semi;colon", "ü", "x" * 129, "\n", "id\x00", "\ud800"]),
+    st.integers(),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.text(min_size=129, max_size=200),
+)
+
+
+def _has_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
+
+
+def device_codes(value: Any) -> tuple[str, ...]:
+    """A device name no device has: unknown_device if it passes the envelope's checks, else validation_failed."""
+    if isinstance(value, str) and 1 <= len(value.strip()) <= 64 and not _has_surrogate(value):
+        return ("unknown_device",)
+    return ("validation_failed",)
+
+
+_FIELDS = ("device", "action", "params", "param", "id", "ttl_s", "priority", "confirm", "extra")
+
+
+@st.composite
+def bad_field_commands(draw: st.DrawFn) -> Payload:
+    """A valid command with one thing wrong: the rejection is certain, and so is its code."""
+    device, action, params = draw(st.sampled_from(VALID_ACTIONS))
+    body: dict[str, Any] = {"device": device, "action": action, "params": dict(params)}
+    field = draw(st.sampled_from(_FIELDS))
+    codes: tuple[str, ...] = ("validation_failed",)
+    if field == "device":
+        body["device"] = draw(st.one_of(odd_strings, json_values).filter(lambda v: str(v).strip() not in DEVICES))
+        codes = device_codes(body["device"])
+    elif field == "action":
+        body["action"] = draw(
+            st.one_of(odd_strings, st.integers(), st.none()).filter(lambda v: str(v).strip() not in ACTION_NAMES)
+        )
+    elif field == "params":
+        body["params"] = draw(st.one_of(st.lists(json_values, max_size=3), st.text(max_size=10), st.integers()))
+    elif field == "param":
+        if action == "set_speed":
+            body["params"]["percent"] = draw(
+                st.one_of(
+                    st.integers().filter(lambda n: not 0 <= n <= 100),
+                    big_ints,
+                    st.builds(lambda n: -n, big_ints),
+                    st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer()),
+                    st.floats(min_value=101),  # Infinity too
+                    st.just(math.nan),
+                    st.text(max_size=10),
+                    st.booleans(),
+                    st.none(),
+                    st.lists(st.integers(0, 100), min_size=1, max_size=2),
+                )
+            )
+        else:  # these actions take no parameters
+            body["params"][draw(st.text(min_size=1, max_size=12))] = draw(json_values)
+    elif field == "id":
+        body["id"] = draw(bad_ids)
+    elif field == "ttl_s":
+        body["ttl_s"] = draw(
+            st.one_of(
+                st.floats(max_value=0),
+                st.integers(max_value=0),
+                st.floats(min_value=604_801),  # over the bundled config's max_ttl_s; Infinity too
+                st.just(math.nan),
+                big_ints,
+                st.text(max_size=5).filter(lambda t: not _is_number(t)),
+                st.lists(st.integers(), max_size=2),
+            )
+        )
+    elif field == "priority":
+        body["priority"] = draw(
+            st.one_of(st.text(max_size=10), st.integers(), st.none(), st.lists(st.text(max_size=3), max_size=1)).filter(
+                lambda v: not (isinstance(v, str) and v.strip().upper() in ("CRITICAL", "HIGH", "NORMAL", "LOW"))
+            )
+        )
+    elif field == "confirm":
+        body["confirm"] = draw(
+            st.one_of(
+                st.sampled_from(["maybe", "yess", "2", "tru", "", " ", "-1"]),
+                st.integers().filter(lambda n: n not in (0, 1)),
+                st.lists(st.booleans(), max_size=2),
+                st.dictionaries(st.text(max_size=3), st.booleans(), max_size=1),
+            )
+        )
+    else:
+        key = draw(st.text(min_size=1, max_size=12).filter(lambda k: k not in _ENVELOPE and k != "text"))
+        body[key] = draw(json_values)
+    return payload(body, "reject", f"bad_{field}", *codes, takes_id=field != "id")
+
+
+_ENVELOPE = frozenset({"device", "action", "params", "id", "ttl_s", "priority", "confirm"})
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@st.composite
+def wrong_shapes(draw: st.DrawFn) -> Payload:
+    """JSON that is not a command object at all, or an object with none of a command's shape."""
+    value = draw(
+        st.one_of(
+            scalars,
+            st.lists(json_values, max_size=4),
+            st.dictionaries(
+                st.text(max_size=10).filter(lambda k: k not in ("device", "action", "text", "id")),
+                json_values,
+                max_size=5,
+            ),
+        )
+    )
+    if isinstance(value, dict):
+        return payload(value, "reject", "wrong_shape", "validation_failed")
+    return Payload(dumps(value), "reject", "wrong_shape", frozenset({"bad_request"}))
+
+
+@st.composite
+def not_json(draw: st.DrawFn) -> Payload:
+    """Bytes that are not JSON: random bytes, non-UTF-8, JSON cut short, JSON's near relatives."""
+    raw = draw(
+        st.one_of(
+            st.binary(min_size=1, max_size=300),
+            st.sampled_from(
+                [
+                    b"\xff\xfe\x00garbage",
+                    b'{"device": "pump1", "action": "read"',  # cut short
+                    b"{'device': 'pump1', 'action': 'read'}",  # Python, not JSON
+                    b'{"device": "pump1", "action": "read",}',  # trailing comma
+                    b'{"device": "pump1"} {"action": "read"}',  # two documents
+                    b'\xef\xbb\xbf{"device": "pump1", "action": "read"}',  # a UTF-8 byte order mark
+                    b'{"device": "pump1", "action": "\xed\xb3\xbf"}',  # a surrogate encoded in UTF-8
+                    b'{"device": "pump1", "action": "read", "params": {"percent": 1' + b"0" * 5000 + b"}}",
+                ]
+            ),
+            st.text(min_size=1, max_size=40).map(lambda t: ("{" + t).encode()),
+        )
+    )
+    if _parses(raw):
+        raw = b"}" + raw  # never JSON
+    if not raw.strip():
+        raw = b"\x00" + raw
+    return Payload(raw, "reject", "not_json", frozenset({"bad_request"}))
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
+
+
+@st.composite
+def deep_nesting(draw: st.DrawFn) -> Payload:
+    """Arrays or objects nested far deeper than any command: thousands of levels fit in a few kilobytes."""
+    depth = draw(st.one_of(st.integers(33, 200), st.integers(900, 1100), st.integers(5_000, 30_000)))
+    opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}"), ('[{"b":', "}]")]))
+    inner = opener * depth + "1" + closer * depth
+    where = draw(st.sampled_from(["top", "param", "device", "id", "ttl_s"]))
+    if where == "top":
+        text = inner
+    elif where == "param":
+        text = '{"device": "pump1", "action": "set_speed", "params": {"percent": ' + inner + "}}"
+    else:
+        text = '{"device": "pump1", "action": "read", "' + where + '": ' + inner + "}"
+    if not draw(st.booleans()):
+        text = text[: len(text) // 2]  # unbalanced, as often as not
+    raw = text.encode()
+    code = "bad_request" if len(raw) <= SIZE_LIMIT else "payload_too_large"
+    return Payload(raw, "reject", "deep_nesting", frozenset({code}))
+
+
+@st.composite
+def huge(draw: st.DrawFn, limit: int) -> Payload:
+    """Over the size limit, as a valid-looking command or as filler."""
+    size = draw(st.integers(limit + 1, limit * 3))
+    filler = draw(st.sampled_from(["x", "é", " ", "0"]))
+    if draw(st.booleans()):
+        raw = ('{"device": "pump1", "action": "read", "pad": "' + filler * size + '"}').encode()
+    else:
+        raw = (filler * size).encode()
+    return Payload(raw, "reject", "huge", frozenset({"payload_too_large"}))
+
+
+@st.composite
+def text_oddities(draw: st.DrawFn, max_chars: int = 500) -> Payload:
+    """Natural-language requests with a field wrong (certain rejections), or words the local rules may read."""
+    oddity = draw(st.sampled_from(["type", "blank", "long", "extra", "bad_id", "bad_ttl", "bad_user", "words"]))
+    body: dict[str, Any] = {"text": "read the pump"}
+    if oddity == "type":
+        body["text"] = draw(st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=2)))
+    elif oddity == "blank":
+        body["text"] = draw(st.sampled_from(["", " ", "\t\n", "\u3000"]))
+    elif oddity == "long":
+        body["text"] = draw(st.text(max_size=max_chars)) + "y" * (max_chars + 1)
+    elif oddity == "extra":
+        body[draw(st.sampled_from(["device", "action", "params", "pad", ""]))] = draw(json_values)
+    elif oddity == "bad_id":
+        body["id"] = draw(bad_ids)
+    elif oddity == "bad_ttl":
+        body["ttl_s"] = draw(st.one_of(st.floats(max_value=0), st.text(max_size=5).filter(lambda t: not _is_number(t))))
+    elif oddity == "bad_user":
+        body["user"] = draw(st.one_of(st.just(""), st.text(min_size=129, max_size=140), st.integers()))
+    else:
+        body["text"] = draw(st.text(min_size=1, max_size=60).filter(lambda t: t.strip() != ""))
+        return payload(body, "either", "text_words")
+    return payload(body, "reject", f"text_{oddity}", "validation_failed", takes_id=oddity != "bad_id")
+
+
+def bad_payloads(limit: int) -> st.SearchStrategy[Payload]:
+    return st.one_of(bad_field_commands(), wrong_shapes(), not_json(), deep_nesting(), huge(limit), text_oddities())
+
+
+# --- TOML -----------------------------------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch in "\n\t\r\b\f":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {type(value).__name__}")
+
+
+def toml_dumps(doc: dict[str, Any]) -> str:
+    """A document as TOML: each table's plain values first, then its sub-tables as [a.b] sections."""
+    lines: list[str] = []
+
+    def table(prefix: list[str], node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            if not isinstance(value, dict):
+                lines.append(f"{toml_key(key)} = {toml_value(value)}")
+        for key, value in node.items():
+            if isinstance(value, dict):
+                path = [*prefix, key]
+                lines.append("")
+                lines.append("[" + ".".join(toml_key(p) for p in path) + "]")
+                table(path, value)
+
+    table([], doc)
+    return "\n".join(lines) + "\n"
