@@ -217,6 +217,7 @@ class Supervisor:
             tasks.spawn("reload", self._reloader())
             saver = self.resilience.run_saver(self.store, interval_s=cfg.resilience.save_interval_s)
             tasks.spawn("resilience_saver", saver)
+            tasks.spawn("commands_pruner", self.service.run_pruner())
             if self.notifier.enabled:
                 tasks.spawn("systemd", self._systemd())
 

@@ -20,12 +20,15 @@ from gatewayd.commands.dispatcher import Dispatcher
 from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition, new_command_id
 from gatewayd.config.models import CommandsSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import Conflict, QueueFull, ShuttingDown, StorageFull, UnknownCommand
+from gatewayd.errors import Conflict, QueueFull, ShuttingDown, StorageFull, StoreUnavailable, UnknownCommand
+from gatewayd.observability.metrics import COMMANDS_PRUNED
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
 from gatewayd.store.space import DiskSpace
 
 log = structlog.get_logger("gatewayd.commands")
+
+PRUNE_BATCH = 500  # commands per store job: other writes get their turn between two
 
 
 class CommandService:
@@ -202,3 +205,37 @@ class CommandService:
                 fut.set_result(None)
         for listener in list(self.final_listeners):
             listener(rec)
+
+    async def prune(self) -> int:
+        """Delete the finished commands past their keeping ([commands] keep_final_s, keep_max), a batch per store
+        job, until none is left. Returns how many were deleted."""
+        older_than = self._clock.wall() - self._cfg.keep_final_s
+        keep_max = self._cfg.keep_max
+        total = 0
+        while True:
+            n = await self._store.write(
+                lambda c: sql.prune(c, older_than=older_than, keep_max=keep_max, batch=PRUNE_BATCH)
+            )
+            total += n
+            COMMANDS_PRUNED.inc(n)
+            if n < PRUNE_BATCH:
+                return total
+
+    async def run_pruner(self) -> None:
+        """Every ``prune_interval_s``: :meth:`prune`. A write that fails (the disk full, the store stuck) is
+        logged and tried again next time; deleting is never urgent."""
+        failing = False
+        while True:
+            try:
+                n = await self.prune()
+            except StoreUnavailable as err:
+                if not failing:
+                    log.warning("commands_prune_failed", error=err.message, code=err.code)
+                failing = True
+            else:
+                failing = False
+                if n:
+                    log.info(
+                        "commands_pruned", commands=n, keep_final_s=self._cfg.keep_final_s, keep_max=self._cfg.keep_max
+                    )
+            await asyncio.sleep(self._cfg.prune_interval_s)

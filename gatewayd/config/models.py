@@ -125,6 +125,12 @@ class CommandsSection(Section):
     max_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     max_wait_s: float = Field(default=60.0, gt=0, le=3600)
     max_queued_per_device: int = Field(default=1000, ge=1, le=1_000_000)
+    # Finished commands are kept this long, and at most this many commands in all, then deleted with their
+    # transitions, so months of traffic do not fill the SD card. An id sent again after its command was deleted
+    # is a new command. Every prune_interval_s, the oldest go first.
+    keep_final_s: float = Field(default=7 * 24 * 3600.0, ge=60, le=3650 * 86_400)
+    keep_max: int = Field(default=100_000, ge=100, le=100_000_000)
+    prune_interval_s: float = Field(default=60.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _ttl_order(self) -> CommandsSection:

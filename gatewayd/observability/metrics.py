@@ -181,6 +181,11 @@ STORAGE_FULL = Gauge(
     "([store] min_free_bytes) or SQLite said the disk is full.",
     registry=REGISTRY,
 )
+COMMANDS_PRUNED = Counter(
+    "gatewayd_commands_pruned",
+    "Finished commands deleted with their transitions, past [commands] keep_final_s or keep_max.",
+    registry=REGISTRY,
+)
 STORAGE_FREE_BYTES = Gauge(
     "gatewayd_storage_free_bytes", "Free bytes on the data directory's filesystem (last check).", registry=REGISTRY
 )
