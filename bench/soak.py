@@ -12,7 +12,8 @@ measures the daemon in its steady state rather than a fresh one filling up.
 
 Every ``--interval`` seconds it prints a row: the daemon's RSS (VmRSS), open file descriptors (/proc/PID/fd),
 threads, asyncio tasks (the ``gatewayd_asyncio_tasks`` gauge on /metrics), the SQLite file and WAL sizes, commands
-sent, succeeded and otherwise final, the outbox, and the MQTT messages received. At the end it checks that every
+sent, succeeded and otherwise final (by their results on the broker), commands in the daemon's store (its history, held
+at ``--keep-max`` by the daemon's pruner), the outbox, and the MQTT messages received. At the end it checks that every
 command it sent is final and succeeded and that its result reached the broker, stops the daemon with SIGTERM
 (exit 0 expected), and gives the verdict on growth after the warm-up (``--warmup`` of the run, 20 % by default):
 the RSS trend (least-squares slope in MiB/hour, and the median of the last third minus that of the first third),
@@ -114,6 +115,7 @@ class Sample:
     sent: int
     succeeded: int
     other_final: int
+    stored: int
     outbox_rows: int
     mqtt_results: int
     mqtt_telemetry: int
@@ -172,8 +174,7 @@ class Soak:
         self.session: aiohttp.ClientSession | None = None
         self.mqtt: aiomqtt.Client | None = None
         self.started = 0.0
-        self.base_counts: Counter[str] = Counter()  # command states in the store when the measured load began
-        self.base_results = 0
+        self.base_results = 0  # results received when the measured load began
         self.prefill_report: dict[str, Any] = {}
 
     def next_id(self, kind: str) -> str:
@@ -293,6 +294,9 @@ class Soak:
             tasks = int(parse_metric(await resp.text(), "gatewayd_asyncio_tasks"))
         stats = await self.json_get("/api/v1/stats")
         counts: dict[str, int] = stats.get("commands", {})
+        # What the broker said of the soak's commands: the store's counts include the prefill and shrink as the
+        # daemon prunes its history.
+        states = Counter(self.load.results[s.id].get("state") for s in self.load.sent if s.id in self.load.results)
         db = self.daemon.data_dir / "gatewayd.sqlite3"
         wal = db.with_name(db.name + "-wal")
         return Sample(
@@ -304,10 +308,9 @@ class Soak:
             db_mib=file_mib(db),
             wal_mib=file_mib(wal),
             sent=len(self.load.sent),
-            succeeded=counts.get("succeeded", 0) - self.base_counts["succeeded"],
-            other_final=sum(
-                n - self.base_counts[s] for s, n in counts.items() if s in FINAL_STATES and s != "succeeded"
-            ),
+            succeeded=states["succeeded"],
+            other_final=sum(n for st, n in states.items() if st in FINAL_STATES and st != "succeeded"),
+            stored=sum(counts.values()),
             outbox_rows=int((stats.get("outbox") or {}).get("rows", 0)),
             mqtt_results=self.load.received["result"] - self.base_results,
             mqtt_telemetry=self.load.received["telemetry"],
@@ -337,8 +340,9 @@ class Soak:
         A fresh daemon's memory grows with its first tens of thousands of commands until caches reach their bounds:
         SQLite's page cache (2 MiB per connection, two connections) fills as the file grows, pydantic-core keeps
         the last 16,384 distinct strings it stripped, and the simulators remember the last 10,000 command ids per
-        device. A soak that starts cold measures that filling, not a leak; this burst brings them to their bounds
-        first (``--prefill 0`` to measure from cold)."""
+        device; the command history grows to ``[commands] keep_max`` (``--keep-max``), where the daemon's pruner
+        holds it. A soak that starts cold measures that filling, not a leak; this burst brings them to their
+        bounds first (``--prefill 0`` to measure from cold)."""
         assert self.session is not None
         session, url = self.session, self.daemon.url
         rss_before = proc_status_mib(self.daemon.pid, "VmRSS")
@@ -380,19 +384,22 @@ class Soak:
         submitted_s = time.monotonic() - began
         deadline = time.monotonic() + PREFILL_DRAIN_TIMEOUT_S
         while True:
+            # Done when every result is on the broker (results are sent only for final commands) and the outbox
+            # is empty; not from the store's counts, which the daemon's pruner lowers as the history passes
+            # --keep-max.
             stats = await self.json_get("/api/v1/stats")
-            counts = Counter(stats.get("commands", {}))
-            final = sum(counts[s] for s in FINAL_STATES)
+            results = [self.load.results.get(cid) for cid in self.load.prefilled]
+            final = sum(1 for r in results if r is not None)
             rows = int((stats.get("outbox") or {}).get("rows", 0))
             if final >= len(self.load.prefilled) and rows == 0:
                 break
             if time.monotonic() >= deadline:
                 raise BenchError(
-                    f"prefill: {final} of {len(self.load.prefilled)} final, {rows} outbox rows, "
+                    f"prefill: {final} of {len(self.load.prefilled)} results on the broker, {rows} outbox rows, "
                     f"{PREFILL_DRAIN_TIMEOUT_S:g} s after the burst"
                 )
             await asyncio.sleep(1.0)
-        self.base_counts = counts
+        counts = Counter(str(r.get("state")) for r in results if r is not None)
         self.base_results = self.load.received["result"]
         self.prefill_report = {
             "commands": len(self.load.prefilled),
@@ -482,20 +489,20 @@ class Soak:
             "exit_code": exit_code,
             "stop_s": stop_s,
             "prefill": self.prefill_report,
-            "base_counts": dict(self.base_counts),
         }
 
 
 ROW_HEAD = (
     f"{'t (s)':>7} {'RSS MiB':>8} {'fds':>4} {'thr':>4} {'tasks':>5} {'db MiB':>7} {'wal MiB':>7} "
-    f"{'sent':>6} {'ok':>6} {'not ok':>6} {'outbox':>6} {'results':>7} {'telem':>7} {'GETs':>6} {'errors':>6}"
+    f"{'sent':>6} {'ok':>6} {'not ok':>6} {'stored':>6} {'outbox':>6} {'results':>7} {'telem':>7} {'GETs':>6} "
+    f"{'errors':>6}"
 )
 
 
 def row(s: Sample) -> str:
     return (
         f"{s.t_s:7.0f} {s.rss_mib:8.1f} {s.fds:4d} {s.threads:4d} {s.tasks:5d} {s.db_mib:7.2f} {s.wal_mib:7.2f} "
-        f"{s.sent:6d} {s.succeeded:6d} {s.other_final:6d} {s.outbox_rows:6d} {s.mqtt_results:7d} "
+        f"{s.sent:6d} {s.succeeded:6d} {s.other_final:6d} {s.stored:6d} {s.outbox_rows:6d} {s.mqtt_results:7d} "
         f"{s.mqtt_telemetry:7d} {s.gets:6d} {s.errors:6d}"
     )
 
@@ -635,6 +642,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="commands sent as fast as taken before the measured load, to bring caches to their bounds "
         "(default 24000; 0: measure from cold)",
     )
+    parser.add_argument(
+        "--keep-max",
+        type=int,
+        default=10_000,
+        help="the daemon's [commands] keep_max: commands kept in its history (default 10000, below the prefill)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the load's random choices (default 1)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the samples and verdict as JSON")
     args = parser.parse_args(argv)
@@ -646,6 +659,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--warmup must be from 0 to 0.8")
     if not 0 <= args.prefill <= 200_000:
         parser.error("--prefill must be from 0 to 200000")
+    if not 100 <= args.keep_max <= 100_000_000:
+        parser.error("--keep-max must be from 100 to 100000000")
     if not 0.1 <= args.telemetry_hz <= 50:
         parser.error("--telemetry-hz must be from 0.1 to 50")
     if args.minutes * 60 * (1 - args.warmup) / args.interval < 4:
@@ -664,6 +679,9 @@ async def soak(args: argparse.Namespace, workdir: Path, broker: Broker) -> tuple
         # The prefill sends hundreds of commands a second from one client; the measured load (about 2.5
         # requests/s) is far below [http.limits] either way.
         "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
+        # Below the prefill, so the command history is at its bound through the measured window, as months of
+        # traffic leave it: the pruner deletes about as many commands as the load adds.
+        "GATEWAYD_COMMANDS__KEEP_MAX": str(args.keep_max),
     }
     async with Gatewayd(workdir, env) as daemon:
         s = Soak(args, daemon, broker)
@@ -681,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.minutes:g} min of mixed load, about 2.5 requests/s: HTTP commands (pump1 every 2 s, relay1 every 3 s, "
         f"relays1 every 5 s, meter1 every 15 s), MQTT commands (pump1 every 4 s, sensor1 every 20 s), a "
         f"natural-language request every 10 s, a GET every 1 s; sensor1 telemetry at {args.telemetry_hz:g}/s; "
-        f"a sample every {args.interval:g} s; real Mosquitto; HTTP limits off; seed {args.seed}; "
+        f"a sample every {args.interval:g} s; real Mosquitto; HTTP limits off; keep_max {args.keep_max}; "
+        f"seed {args.seed}; "
         + (
             f"after a prefill of {args.prefill} commands (pump1, relay1) as fast as taken"
             if args.prefill

@@ -34,6 +34,7 @@ def samples(rss: list[float], fds: list[int] | None = None, tasks: list[int] | N
             sent=90 * i,
             succeeded=90 * i,
             other_final=0,
+            stored=1000,
             outbox_rows=0,
             mqtt_results=90 * i,
             mqtt_telemetry=200 * i,
