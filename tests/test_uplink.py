@@ -4,12 +4,16 @@ load, kill -9 during a drain, and Home Assistant discovery."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Daemon
+from gatewayd.app.supervisor import Supervisor
+from gatewayd.commands.service import CommandService
+from gatewayd.config import load_config
+from tests.conftest import CONFIG, Daemon
 from tests.mqtt_broker import GW, Broker, Subscriber, daemon_env, publish, results_by_id, wait_until
 
 
@@ -274,3 +278,50 @@ def test_tls_with_a_client_certificate_connects_and_without_one_is_refused(tmp_p
         assert no_cert.post({"device": "pump1", "action": "stop"}, wait=5)[0] == 200  # works offline meanwhile
     finally:
         broker.kill9()
+
+
+async def test_a_bug_while_taking_one_mqtt_command_is_reported_and_the_uplink_goes_on(
+    tmp_path: Path, broker: Broker, monkeypatch: Any
+) -> None:
+    """An exception nobody typed (a bug) while one MQTT command is taken: the sender gets ``command_rejected`` with
+    ``internal_error``, the message is acknowledged (not delivered again to crash the next start), and the
+    daemon and its uplink go on with the next command, as HTTP answers 500 and goes on."""
+    broker.start()
+    original = CommandService.submit
+
+    async def buggy(self: CommandService, payload: Any, **kw: Any) -> Any:
+        if isinstance(payload, dict) and payload.get("id") == "trips-a-bug":
+            raise RuntimeError("a bug in the command path")
+        return await original(self, payload, **kw)
+
+    monkeypatch.setattr(CommandService, "submit", buggy)
+    env = {"GATEWAYD_HTTP__PORT": "0", "GATEWAYD_GATEWAY__DATA_DIR": str(tmp_path / "data"), **daemon_env(broker)}
+    sup = Supervisor(load_config(CONFIG, environ=env), environ={})
+    run = asyncio.create_task(sup.run(install_signals=False))
+    try:
+        while not (sup.uplink is not None and sup.uplink.connected):
+            assert not run.done(), "the daemon stopped while starting"
+            await asyncio.sleep(0.05)
+        with Subscriber(broker, f"{GW}/#") as sub:
+            for cid in ("trips-a-bug", "after-the-bug"):
+                body = {"id": cid, "device": "pump1", "action": "start"}
+                await asyncio.to_thread(publish, broker, f"{GW}/cmd", json.dumps(body))
+            deadline = time.monotonic() + 15
+            while "after-the-bug" not in results_by_id(sub):
+                assert not run.done(), f"the daemon stopped: {run.result() if not run.cancelled() else 'cancelled'}"
+                assert time.monotonic() < deadline, "no result for the command after the bug"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # a redelivery would come now
+            rejected = [
+                e["data"]
+                for e in sub.json()
+                if e.get("event") == "command_rejected" and e["data"].get("id") == "trips-a-bug"
+            ]
+        assert len(rejected) == 1, rejected
+        assert rejected[0]["code"] == "internal_error" and "look the command up" in rejected[0]["message"]
+        assert results_by_id(sub)["after-the-bug"][0]["state"] == "succeeded"
+        assert sup.uplink is not None and sup.uplink.connects == 1  # the same session throughout
+        assert not run.done()
+    finally:
+        sup.request_stop("test")
+        assert await asyncio.wait_for(run, 30) == 0

@@ -304,6 +304,17 @@ class Uplink:
             counter(UPLINK_COMMANDS, "rejected").inc()
             log.warning("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
             await self._rejected(client, device, command_id, err)
+        except Exception as err:
+            # A bug, not the sender's doing (HTTP answers 500 for the same): logged with its traceback, the sender
+            # told, the message acknowledged. Letting it end the uplink would end the daemon, and the broker would
+            # deliver the same message to the next one: a crash loop on one payload.
+            counter(UPLINK_COMMANDS, "rejected").inc()
+            log.error("mqtt_command_failed", command_id=_clip(command_id), error=f"{type(err).__name__}", exc_info=err)
+            internal = GatewayError(
+                "internal error (logged); look the command up by its id to see whether it was accepted",
+                details={"type": type(err).__name__},
+            )
+            await self._rejected(client, device, command_id, internal)
         else:
             if created:
                 counter(UPLINK_COMMANDS, "accepted").inc()
