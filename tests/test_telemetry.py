@@ -392,3 +392,21 @@ def test_the_daemon_shows_recent_telemetry_and_the_outbox(daemon: Daemon) -> Non
     assert stats["outbox"]["rows"] >= 1
     assert stats["clock"]["synchronised"] in (True, False)
     assert daemon.get("/api/v1/devices/nope/telemetry")[0] == 404
+
+
+def test_without_an_uplink_nothing_piles_up_in_the_outbox_and_the_page_still_shows_readings(make_daemon: Any) -> None:
+    """``[mqtt] enabled = false``: results, events and telemetry have nowhere to go, so they are not queued for
+    ever (results and events are never dropped from the outbox); commands and the page work as before."""
+    d: Daemon = make_daemon({"GATEWAYD_MQTT__ENABLED": "false"})
+    d.start()
+    status, body = d.post({"device": "sensor1", "action": "set_interval", "params": {"seconds": 0.05}}, wait=5)[:2]
+    assert status == 200 and body["state"] == "succeeded", body
+    for i in range(20):
+        assert d.post({"id": f"no-uplink-{i}", "device": "relay1", "action": "on" if i % 2 else "off"})[0] == 202
+    assert d.wait_final("no-uplink-19")["state"] == "succeeded"
+    time.sleep(1.5)  # a few flush_interval_s: the telemetry batch would be written by now
+    readings = d.get("/api/v1/devices/sensor1/telemetry")[1]["readings"]
+    assert len(readings) >= 5
+    outbox = d.get("/api/v1/outbox")[1]
+    assert outbox["rows"] == 0 and outbox["by_kind"] == {}, outbox
+    assert d.stop() == 0

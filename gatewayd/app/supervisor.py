@@ -155,6 +155,7 @@ class Supervisor:
                     cfg.gateway.data_dir,
                     boot_id=self.clock.boot_id,
                     space=self.space,
+                    forward=cfg.mqtt.enabled,
                 )
             )
             self.devices = await stack.enter_async_context(DeviceManager(self.loaded, sink=self.recorder))
@@ -167,6 +168,7 @@ class Supervisor:
                 on_final=self.service.on_final,
                 retry=cfg.resilience.device_retry,
                 breaker=cfg.resilience.device_breaker,
+                forward_results=cfg.mqtt.enabled,
             )
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)

@@ -75,8 +75,11 @@ class Dispatcher:
         retry: RetrySettings | None = None,
         breaker: BreakerSettings | None = None,
         rclock: ResilienceClock = REAL_CLOCK,
+        forward_results: bool = True,
     ):
         self._store = store
+        # False without an uplink ([mqtt] enabled = false): no result row for an outbox nobody drains.
+        self._forward_results = forward_results
         self._devices = devices
         self._clock = clock
         self._on_final = on_final
@@ -414,7 +417,8 @@ class Dispatcher:
         row = outbox.result_row(final, mono=t.mono, boot_id=t.boot_id, synced=self.clock_synced())
 
         def job(c: sqlite3.Connection) -> None:
-            if sql.transition(c, rec.seq, t, result=result, error_code=code, error_message=message):
+            moved = sql.transition(c, rec.seq, t, result=result, error_code=code, error_message=message)
+            if moved and self._forward_results:
                 outbox.insert(c, [row])
 
         while True:

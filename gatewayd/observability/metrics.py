@@ -150,7 +150,7 @@ SERIAL_BAD_FRAMES = Counter(
 
 TELEMETRY_RECORDS = Counter(
     "gatewayd_telemetry_records",
-    "Telemetry and event records from devices taken into the outbox.",
+    "Telemetry and event records from devices (into the outbox when the uplink is enabled).",
     ["kind"],
     registry=REGISTRY,
 )

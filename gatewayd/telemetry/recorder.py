@@ -101,8 +101,12 @@ class Recorder:
         stamper: Stamper | None = None,
         free_bytes: Callable[[], int] | None = None,
         space: DiskSpace | None = None,
+        forward: bool = True,
     ):
         self._space = space
+        # False without an uplink ([mqtt] enabled = false): records still feed the page (recent readings, last
+        # events) but nothing is queued for an outbox nobody drains.
+        self.forward = forward
         self.store = store
         self._cfg = outbox
         self._tcfg = telemetry
@@ -156,6 +160,9 @@ class Recorder:
             counter(TELEMETRY_DROPPED, "invalid").inc()
             log.debug("telemetry_invalid", device=record.device, error=str(err))
             return
+        self._counted[record.kind].inc()
+        if not self.forward:
+            return
         if row.kind == "telemetry":
             if len(self._telemetry) >= self._cfg.max_pending:
                 self._telemetry.popleft()
@@ -169,7 +176,6 @@ class Recorder:
                 counter(TELEMETRY_DROPPED, "pending_event").inc()
                 log.error("telemetry_event_dropped", device=record.device, reason="store not writing")
             self._events.append(row)
-        self._counted[record.kind].inc()
         if self.pending >= _FLUSH_EARLY:
             self._wake.set()
 
