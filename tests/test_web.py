@@ -71,6 +71,10 @@ def test_a_full_device_queue_refuses_normal_work_but_not_critical(make_daemon: A
     assert status == 202
     status, _, _ = d.post({"device": "relay1", "action": "on"})
     assert status == 202  # other devices are not affected
+    deadline = time.monotonic() + 10  # once the queue has drained, normal work is taken again
+    while d.get("/api/v1/queue")[1]["per_device"]["pump1"]["queued"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [d.post({"device": "pump1", "action": "read"})[0] for _ in range(2)] == [202, 202]
 
 
 def test_wrong_method_and_concurrent_waiters(daemon: Daemon) -> None:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import sqlite3
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -86,7 +87,7 @@ class Dispatcher:
         self.clock_synced: Callable[[], bool] = lambda: False  # the telemetry clock's, for result timestamps
         self._sweep_interval_s = sweep_interval_s
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, str]]] = {}
-        self._queued: dict[str, CommandRecord] = {}  # command id -> record, for everything waiting in a queue
+        self._queued = _Waiting()  # everything waiting in a queue, by command id
         self._busy: dict[str, CommandRecord] = {}  # device -> command being executed
         # Open commands whose request may have reached the device: asked in this process, or dispatched before a
         # restart. Their deadline passing is not "expired" (never executed): the outcome is unknown.
@@ -159,7 +160,7 @@ class Dispatcher:
 
     def push(self, rec: CommandRecord) -> None:
         """Put an accepted (committed, state queued) command in its device's queue."""
-        self._queued[rec.id] = rec
+        self._queued.put(rec)
         self._queues.setdefault(rec.device, asyncio.PriorityQueue()).put_nowait((int(rec.priority), rec.seq, rec.id))
         wake = self._wake.get(rec.device)
         if wake is not None:
@@ -168,7 +169,7 @@ class Dispatcher:
     def queued(self, device: str | None = None) -> int:
         if device is None:
             return len(self._queued)
-        return sum(1 for rec in self._queued.values() if rec.device == device)
+        return self._queued.count(device)
 
     def in_flight(self) -> int:
         return len(self._busy)
@@ -221,11 +222,11 @@ class Dispatcher:
         while not self._draining:
             item = await queue.get()
             prio, _seq, command_id = item
-            rec = self._queued.pop(command_id, None)
+            rec = self._queued.pop(command_id)
             if rec is None:
                 continue  # expired or cancelled while waiting
             if self._draining:
-                self._queued[command_id] = rec  # stays queued in the store: it runs after restart
+                self._queued.put(rec)  # stays queued in the store: it runs after restart
                 return
             if not device.availability.available:
                 hold = HOLD_RECHECK_S  # woken at once when the device comes back
@@ -237,7 +238,7 @@ class Dispatcher:
                 # The device is unavailable (bus unplugged) or its breaker is open: leave the command queued and
                 # unsent until that changes, a more urgent command arrives, or we drain. The sweep still watches
                 # its deadline.
-                self._queued[command_id] = rec
+                self._queued.put(rec)
                 queue.put_nowait(item)
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -383,7 +384,7 @@ class Dispatcher:
         self._store_ok(rec)
         rec.transitions.append(t)
         log.info("command_requeued", reason=detail)
-        self._queued[rec.id] = rec
+        self._queued.put(rec)
         self._queues[rec.device].put_nowait((int(rec.priority), rec.seq, rec.id))
 
     async def _expire(self, rec: CommandRecord, why: str) -> None:
@@ -452,9 +453,41 @@ class Dispatcher:
         """Expire queued commands whose deadline passed while they waited (a busy or absent device)."""
         while True:
             await asyncio.sleep(self._sweep_interval_s)
-            for rec in [r for r in self._queued.values() if r.expired(self._clock) is not None]:
-                if self._queued.pop(rec.id, None) is not None:
+            for rec in [r for r in self._queued.records() if r.expired(self._clock) is not None]:
+                if self._queued.pop(rec.id) is not None:
                     await self._expire(rec, rec.expired(self._clock) or "deadline passed")
+
+
+class _Waiting:
+    """The commands waiting in the device queues, by id, with a count per device: ``queued(device)`` is asked on
+    every submit (``max_queued_per_device``), and counting through thousands of waiting commands each time made
+    a burst of submits quadratic."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, CommandRecord] = {}
+        self._per_device: Counter[str] = Counter()
+
+    def put(self, rec: CommandRecord) -> None:
+        if rec.id not in self._by_id:
+            self._per_device[rec.device] += 1
+        self._by_id[rec.id] = rec
+
+    def pop(self, command_id: str) -> CommandRecord | None:
+        rec = self._by_id.pop(command_id, None)
+        if rec is not None:
+            self._per_device[rec.device] -= 1
+            if not self._per_device[rec.device]:
+                del self._per_device[rec.device]
+        return rec
+
+    def count(self, device: str) -> int:
+        return self._per_device.get(device, 0)
+
+    def records(self) -> list[CommandRecord]:
+        return list(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
 
 class _DeviceDown(Exception):
