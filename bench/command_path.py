@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import random
-import shlex
 import shutil
 import signal
 import sys
@@ -501,12 +500,7 @@ def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str
     lines = report.header("gatewayd command-path benchmark", machine, load)
     lines += report.runs_table(rows_for(args.via), results)
     lines += ["", NOTES, ""]
-    for r in results:
-        if r.log_events:
-            events = ", ".join(f"{event} x{n}" for event, n in r.log_events.items())
-            lines.append(f"run {r.run} daemon log, warning and above: {events}")
-    problems = [f"run {r.run}: {p}" for r in results for p in r.problems]
-    lines.append("RESULT: FAIL\n  " + "\n  ".join(problems) if problems else "RESULT: PASS (every check held)")
+    lines += report.log_events_and_result(results)
     return "\n".join(lines)
 
 
@@ -549,17 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         print("command_path: interrupted; the daemon was killed and its temp dir removed", file=sys.stderr)
         return 130
     print(render(results, args, machine))
-    if args.json is not None:
-        payload = {
-            "machine": machine,
-            "command_line": shlex.join(sys.orig_argv),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "runs": [asdict(r) for r in results],
-            "median": report.medians(rows_for(args.via), results),
-            "passed": not any(r.problems for r in results),
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return 1 if any(r.problems for r in results) else 0
+    passed = not any(r.problems for r in results)
+    median = report.medians(rows_for(args.via), results)
+    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

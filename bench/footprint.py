@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -346,12 +345,7 @@ def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str
     )
     lines = report.header("gatewayd footprint benchmark", machine, load) + report.runs_table(ROWS, results)
     lines += ["", notes(args), ""]
-    for r in results:
-        if r.log_events:
-            events = ", ".join(f"{event} x{n}" for event, n in r.log_events.items())
-            lines.append(f"run {r.run} daemon log, warning and above: {events}")
-    problems = [f"run {r.run}: {p}" for r in results for p in r.problems]
-    lines.append("RESULT: FAIL\n  " + "\n  ".join(problems) if problems else "RESULT: PASS (every check held)")
+    lines += report.log_events_and_result(results)
     return "\n".join(lines)
 
 
@@ -400,16 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(render(results, args, machine))
     passed = not any(r.problems for r in results)
-    if args.json is not None:
-        payload = {
-            "machine": machine,
-            "command_line": shlex.join(sys.orig_argv),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "runs": [asdict(r) for r in results],
-            "median": report.medians(ROWS, results),
-            "passed": passed,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    median = report.medians(ROWS, results)
+    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
     return 0 if passed else 1
 
 
