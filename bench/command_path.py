@@ -21,33 +21,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import math
-import os
 import random
-import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
 import aiomqtt
 import report  # bench/report.py: the script's own directory is on sys.path
+from daemon import CONFIG, BenchError, Daemon, proc_cpu_s, proc_status_mib, scan_log
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "config.toml"
 sys.path.insert(0, str(ROOT))
 
 from tests.mqtt_broker import GW, Broker  # noqa: E402  (the tests' broker: Mosquitto on a free loopback port)
@@ -59,151 +53,11 @@ REQUEST_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.01
 QUEUE_FULL_RETRIES = 200  # 503 queue_full is the daemon's back-pressure: the same id is sent again after a pause
 QUEUE_FULL_PAUSE_S = 0.05
-LOG_TAIL_LINES = 40
 
 FINAL_STATES = frozenset({"succeeded", "failed", "expired", "rejected", "cancelled"})
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class BenchError(Exception):
-    """A run could not be completed (daemon not ready, commands not final in time, ...)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --- /proc readings ------------------------------------------------------------------------------------------------
-
-
-def proc_status_mib(pid: int, key: str) -> float:
-    """A ``VmXxx`` line of /proc/<pid>/status (reported in kB) in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
-        name, _, value = line.partition(":")
-        if name == key:
-            return int(value.split()[0]) / 1024
-    raise BenchError(f"/proc/{pid}/status has no {key}")
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User plus system CPU time of a process, in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces; fields[0] is field 3 (state)
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel kills the daemon if the benchmark dies without cleaning up."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-# --- the daemon ----------------------------------------------------------------------------------------------------
-
-
-class Daemon:
-    """One gatewayd process with its own data directory and loopback port; never outlives the ``async with``."""
-
-    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None):
-        self.extra_env = extra_env or {}
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "daemon.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.started_mono = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def _env(self) -> dict[str, str]:
-        # Only this run's overrides: inherited GATEWAYD_* variables or a systemd socket would change what is measured.
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GATEWAYD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
-        }
-        env.update(
-            {
-                "GATEWAYD_HTTP__HOST": "127.0.0.1",
-                "GATEWAYD_HTTP__PORT": str(self.port),
-                "GATEWAYD_GATEWAY__DATA_DIR": str(self.data_dir),
-                # One client sending 2,000 commands as fast as it can: the per-client HTTP limit would measure
-                # itself, not the command path.
-                "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
-                "GATEWAYD_MQTT__ENABLED": "false",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-                **self.extra_env,
-            }
-        )
-        return env
-
-    async def __aenter__(self) -> Daemon:
-        with self.log_path.open("wb") as log:
-            self.started_mono = time.monotonic()
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gatewayd",
-                "run",
-                "--config",
-                str(CONFIG),
-                cwd=ROOT,
-                env=self._env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the benchmark only; it stops the daemon itself
-                preexec_fn=_die_with_parent,
-            )
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as err:
-            return f"(no daemon log: {err})"
-        tail = text.splitlines()[-lines:]
-        return "\n".join(f"    | {line}" for line in tail) or "    | (empty)"
-
-    async def wait_ready(self, session: aiohttp.ClientSession) -> float:
-        """Seconds from process start until /readyz answers 200."""
-        assert self.proc is not None
-        deadline = self.started_mono + READY_TIMEOUT_S
-        while True:
-            if self.proc.returncode is not None:
-                raise BenchError(f"the daemon exited with code {self.proc.returncode} before it was ready")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(f"{self.url}/readyz", timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
-                    if resp.status == 200:
-                        return time.monotonic() - self.started_mono
-            if time.monotonic() >= deadline:
-                raise BenchError(f"the daemon did not answer 200 on /readyz within {READY_TIMEOUT_S:g} s")
-            await asyncio.sleep(POLL_INTERVAL_S)
-
-    async def stop(self) -> int:
-        """SIGTERM, then the exit code; BenchError if it does not exit within STOP_TIMEOUT_S."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            raise BenchError(f"the daemon did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM") from None
 
 
 # --- load ----------------------------------------------------------------------------------------------------------
@@ -386,37 +240,6 @@ def pump_executions(path: Path) -> Counter[str]:
 
 
 @dataclass
-class LogScan:
-    warnings: int = 0
-    errors: int = 0
-    not_json: int = 0
-    events: Counter[str] = field(default_factory=Counter)  # "level event" -> count, warning and above only
-
-
-def scan_log(path: Path) -> LogScan:
-    scan = LogScan()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            level = str(entry.get("level", "")).lower()
-            event = str(entry.get("event", "?"))
-        except (ValueError, AttributeError):
-            scan.not_json += 1
-            scan.events[f"stderr {line.strip()[:100]}"] += 1
-            continue
-        if level == "warning":
-            scan.warnings += 1
-        elif level in ("error", "critical", "exception"):
-            scan.errors += 1
-        else:
-            continue
-        scan.events[f"{level} {event}"] += 1
-    return scan
-
-
-@dataclass
 class RunResult:
     run: int
     commands: int
@@ -457,22 +280,27 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     broker: Broker | None = None
     mqtt: MqttClient | None = None
-    extra_env: dict[str, str] = {}
+    env = {
+        # One client sending 2,000 commands as fast as it can: the per-client HTTP limit would measure itself, not
+        # the command path.
+        "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
+        "GATEWAYD_MQTT__ENABLED": "false",
+    }
     if args.via == "mqtt":
         broker = Broker(workdir / "broker")
         broker.start()
         mqtt = MqttClient(broker.port)
-        extra_env = {
+        env |= {
             "GATEWAYD_MQTT__ENABLED": "true",
             "GATEWAYD_MQTT__PORT": str(broker.port),
             "GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S": "0",  # results as fast as the broker takes them
         }
-    daemon = Daemon(workdir, extra_env)
+    daemon = Daemon(workdir, env, stop_timeout_s=STOP_TIMEOUT_S)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, daemon:
             subscriber: asyncio.Task[None] | None = None
             try:
-                ready_s = await daemon.wait_ready(session)
+                ready_s = await daemon.wait_ready(session, READY_TIMEOUT_S)
                 if mqtt is not None:
                     subscribed = asyncio.Event()
                     subscriber = asyncio.create_task(mqtt.run_subscriber(subscribed), name="bench.results")
@@ -504,7 +332,7 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
                 records = await fetch_final(
                     session, daemon.url, [s.spec.id for s in accepted], args.concurrency, deadline
                 )
-                exit_code = await daemon.stop()
+                exit_code, _ = await daemon.stop()
                 if subscriber is not None:
                     subscriber.cancel()
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
@@ -672,12 +500,7 @@ def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str
     lines = report.header("gatewayd command-path benchmark", machine, load)
     lines += report.runs_table(rows_for(args.via), results)
     lines += ["", NOTES, ""]
-    for r in results:
-        if r.log_events:
-            events = ", ".join(f"{event} x{n}" for event, n in r.log_events.items())
-            lines.append(f"run {r.run} daemon log, warning and above: {events}")
-    problems = [f"run {r.run}: {p}" for r in results for p in r.problems]
-    lines.append("RESULT: FAIL\n  " + "\n  ".join(problems) if problems else "RESULT: PASS (every check held)")
+    lines += report.log_events_and_result(results)
     return "\n".join(lines)
 
 
@@ -720,17 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         print("command_path: interrupted; the daemon was killed and its temp dir removed", file=sys.stderr)
         return 130
     print(render(results, args, machine))
-    if args.json is not None:
-        payload = {
-            "machine": machine,
-            "command_line": shlex.join(sys.orig_argv),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "runs": [asdict(r) for r in results],
-            "median": report.medians(rows_for(args.via), results),
-            "passed": not any(r.problems for r in results),
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return 1 if any(r.problems for r in results) else 0
+    passed = not any(r.problems for r in results)
+    median = report.medians(rows_for(args.via), results)
+    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -22,34 +22,38 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shlex
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import report  # bench/report.py: the script's own directory is on sys.path
-from command_path import BenchError, free_port, proc_cpu_s, proc_status_mib, scan_log
+from daemon import (
+    CONFIG,
+    BenchError,
+    Daemon,
+    free_port,
+    proc_cpu_s,
+    proc_fds,
+    proc_pss_mib,
+    proc_status_mib,
+    proc_threads,
+    scan_log,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "config.toml"
 UNIT = ROOT / "systemd" / "gatewayd.service"
 
 READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 30.0  # the unit's TimeoutStopSec
 SAMPLE_INTERVAL_S = 1.0
-LOG_TAIL_LINES = 40
 
 
 def unit_setting(name: str, default: str) -> str:
@@ -82,30 +86,6 @@ def systemd_bytes(value: str) -> float:
 WATCHDOG_S = systemd_seconds(unit_setting("WatchdogSec", "30"))
 MEMORY_MAX_MIB = systemd_bytes(unit_setting("MemoryMax", "256M"))
 TASKS_MAX = int(unit_setting("TasksMax", "64"))
-
-
-# --- /proc readings ------------------------------------------------------------------------------------------------
-
-
-def proc_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def proc_threads(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
-        name, _, value = line.partition(":")
-        if name == "Threads":
-            return int(value)
-    raise BenchError(f"/proc/{pid}/status has no Threads")
-
-
-def proc_pss_mib(pid: int) -> float:
-    """Proportional set size: private pages plus a share of those mapped by other processes too (libraries)."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text(encoding="ascii").splitlines():
-        name, _, value = line.partition(":")
-        if name == "Pss":
-            return int(value.split()[0]) / 1024
-    raise BenchError(f"/proc/{pid}/smaps_rollup has no Pss")
 
 
 # --- sd_notify, the systemd side ---------------------------------------------------------------------------------
@@ -170,108 +150,14 @@ class NotifySocket:
 # --- the daemon ----------------------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel kills the daemon if the benchmark dies without cleaning up."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class Gatewayd:
-    """One ``python -m gatewayd run --config config.toml`` with its own data directory and ports, never outliving
-    the ``async with``. ``env`` adds overrides (``GATEWAYD_SECTION__KEY``) to the ones every run needs."""
-
-    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None):
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "daemon.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.extra_env = dict(env or {})
-        self.proc: asyncio.subprocess.Process | None = None
-        self.spawned_mono = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def environment(self) -> dict[str, str]:
-        # Only this run's overrides: inherited GATEWAYD_* variables or a systemd socket would change what is measured.
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("GATEWAYD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-        }
-        env.update(
-            {
-                "GATEWAYD_HTTP__HOST": "127.0.0.1",
-                "GATEWAYD_HTTP__PORT": str(self.port),
-                "GATEWAYD_GATEWAY__DATA_DIR": str(self.data_dir),
-                "GATEWAYD_MQTT__PORT": str(free_port()),  # nobody listens there: offline, as often in the field
-                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-            }
-        )
-        env.update(self.extra_env)
-        return env
-
-    async def __aenter__(self) -> Gatewayd:
-        with self.log_path.open("wb") as log:
-            self.spawned_mono = time.monotonic()
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gatewayd",
-                "run",
-                "--config",
-                str(CONFIG),
-                cwd=ROOT,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the benchmark only; it stops the daemon itself
-                preexec_fn=_die_with_parent,
-            )
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-    async def stop(self) -> tuple[int, float]:
-        """SIGTERM; the exit code and the seconds it took. BenchError if it does not exit within STOP_TIMEOUT_S."""
-        assert self.proc is not None
-        sent = time.monotonic()
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            raise BenchError(f"the daemon did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM") from None
-        return code, time.monotonic() - sent
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError as err:
-            return f"(no daemon log: {err})"
-        return "\n".join(f"    | {line}" for line in text.splitlines()[-lines:]) or "    | (empty)"
-
-    def logged_startup_s(self) -> float:
-        """``startup_s`` of the ``gateway_ready`` line: the supervisor's own part of the start (no imports)."""
-        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-            with contextlib.suppress(ValueError, AttributeError):
-                entry = json.loads(line)
-                if entry.get("event") == "gateway_ready":
-                    return float(entry["startup_s"])
-        return float("nan")
+def logged_startup_s(log_path: Path) -> float:
+    """``startup_s`` of the ``gateway_ready`` line: the supervisor's own part of the start (no imports)."""
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            entry = json.loads(line)
+            if entry.get("event") == "gateway_ready":
+                return float(entry["startup_s"])
+    return float("nan")
 
 
 async def http_status(port: int, path: str) -> int:
@@ -325,8 +211,12 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
     keep = False
     try:
         async with NotifySocket(workdir / "notify.sock") as notify:
-            env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(int(WATCHDOG_S * 1_000_000))}
-            daemon = Gatewayd(workdir, env)
+            env = {
+                "GATEWAYD_MQTT__PORT": str(free_port()),  # nobody listens there: offline, as often in the field
+                "NOTIFY_SOCKET": str(notify.path),
+                "WATCHDOG_USEC": str(int(WATCHDOG_S * 1_000_000)),
+            }
+            daemon = Daemon(workdir, env)  # stop() allows the unit's TimeoutStopSec, the default
             async with daemon:
                 try:
                     ready_at = await notify.wait_for("READY", "1", daemon.spawned_mono + READY_TIMEOUT_S, daemon.alive)
@@ -382,7 +272,7 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
         return RunResult(
             run=run,
             start_to_ready_s=ready_s,
-            supervisor_startup_s=daemon.logged_startup_s(),
+            supervisor_startup_s=logged_startup_s(daemon.log_path),
             readyz_status=readyz,
             steady_rss_mib=statistics.median(rss),
             rss_min_mib=min(rss),
@@ -455,12 +345,7 @@ def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str
     )
     lines = report.header("gatewayd footprint benchmark", machine, load) + report.runs_table(ROWS, results)
     lines += ["", notes(args), ""]
-    for r in results:
-        if r.log_events:
-            events = ", ".join(f"{event} x{n}" for event, n in r.log_events.items())
-            lines.append(f"run {r.run} daemon log, warning and above: {events}")
-    problems = [f"run {r.run}: {p}" for r in results for p in r.problems]
-    lines.append("RESULT: FAIL\n  " + "\n  ".join(problems) if problems else "RESULT: PASS (every check held)")
+    lines += report.log_events_and_result(results)
     return "\n".join(lines)
 
 
@@ -509,16 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(render(results, args, machine))
     passed = not any(r.problems for r in results)
-    if args.json is not None:
-        payload = {
-            "machine": machine,
-            "command_line": shlex.join(sys.orig_argv),
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "runs": [asdict(r) for r in results],
-            "median": report.medians(ROWS, results),
-            "passed": passed,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    median = report.medians(ROWS, results)
+    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
     return 0 if passed else 1
 
 

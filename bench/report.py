@@ -71,6 +71,19 @@ def runs_table(rows: Sequence[Row], results: Sequence[Any]) -> list[str]:
     return lines
 
 
+def log_events_and_result(results: Sequence[Any]) -> list[str]:
+    """For the benchmarks of a real daemon: each run's daemon-log lines at warning and above (``result.log_events``),
+    then RESULT: PASS, or FAIL with every run's ``result.problems``."""
+    lines = []
+    for r in results:
+        if r.log_events:
+            events = ", ".join(f"{event} x{n}" for event, n in r.log_events.items())
+            lines.append(f"run {r.run} daemon log, warning and above: {events}")
+    problems = [f"run {r.run}: {p}" for r in results for p in r.problems]
+    lines.append("RESULT: FAIL\n  " + "\n  ".join(problems) if problems else "RESULT: PASS (every check held)")
+    return lines
+
+
 def write_json(
     path: Path | None,
     machine: dict[str, Any],

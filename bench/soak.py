@@ -51,8 +51,7 @@ from typing import Any
 import aiohttp
 import aiomqtt
 import report  # bench/report.py: the script's own directory is on sys.path
-from command_path import BenchError, proc_status_mib, scan_log
-from footprint import Gatewayd, proc_fds, proc_threads
+from daemon import BenchError, Daemon, proc_fds, proc_status_mib, proc_threads, scan_log
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.mqtt_broker: the broker the tests use
@@ -162,7 +161,7 @@ def slope_per_hour(ts: list[float], ys: list[float]) -> float:
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, daemon: Gatewayd, broker: Broker):
+    def __init__(self, args: argparse.Namespace, daemon: Daemon, broker: Broker):
         self.args = args
         self.daemon = daemon
         self.broker = broker
@@ -683,7 +682,7 @@ async def soak(args: argparse.Namespace, workdir: Path, broker: Broker) -> tuple
         # traffic leave it: the pruner deletes about as many commands as the load adds.
         "GATEWAYD_COMMANDS__KEEP_MAX": str(args.keep_max),
     }
-    async with Gatewayd(workdir, env) as daemon:
+    async with Daemon(workdir, env) as daemon:
         s = Soak(args, daemon, broker)
         try:
             outcome = await s.run()
@@ -710,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(report.header("gatewayd soak", machine, load)), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="gatewayd-soak-"))
     # Started from the main thread, so that it dies with this process even when this process is killed outright;
-    # the daemon does too (footprint.Gatewayd). Ctrl-C and SIGTERM stop both in order below.
+    # the daemon does too (daemon.Daemon). Ctrl-C and SIGTERM stop both in order below.
     broker = Broker(workdir / "broker", die_with_parent=True)
     keep = True
     try:
