@@ -99,7 +99,7 @@ class Recorder:
         *,
         boot_id: str,
         stamper: Stamper | None = None,
-        free_bytes: Callable[[], int] | None = None,
+        free_bytes: Callable[[], int | None] | None = None,
         space: DiskSpace | None = None,
         forward: bool = True,
     ):
@@ -113,7 +113,15 @@ class Recorder:
         self._data_dir = data_dir
         self._boot_id = boot_id
         self.stamper = stamper or Stamper(sync_probe(telemetry.clock_sync))
-        self._free_bytes = free_bytes or (lambda: shutil.disk_usage(self._data_dir).free)
+        # The free space: DiskSpace's last measurement (taken in a thread every [store] space_check_s) when there
+        # is one, rather than a statvfs on the event loop at every flush; None while unknown.
+        self._free_bytes: Callable[[], int | None]
+        if free_bytes is not None:
+            self._free_bytes = free_bytes
+        elif space is not None:
+            self._free_bytes = lambda: space.free
+        else:
+            self._free_bytes = lambda: shutil.disk_usage(self._data_dir).free
         self._profiles: Callable[[], Mapping[str, Profile]] = dict
         self._telemetry: deque[sql.NewRow] = deque()
         self._events: deque[sql.NewRow] = deque()
@@ -247,9 +255,10 @@ class Recorder:
         """The outbox's byte budget now: max_bytes, less what the filesystem is short of its free watermark."""
         budget = self._cfg.max_bytes
         try:
-            short = self._cfg.min_free_bytes - self._free_bytes()
+            free = self._free_bytes()
         except OSError:
-            short = 0
+            free = None
+        short = 0 if free is None else self._cfg.min_free_bytes - free
         if short > 0:
             budget = min(budget, max(0, current_bytes - short))
         return budget
