@@ -125,6 +125,18 @@ _FIELDS = ("device", "action", "params", "param", "id", "ttl_s", "priority", "co
 
 
 @st.composite
+def conflicts(draw: st.DrawFn) -> Payload:
+    """A valid command under an id already used for a different one (``before-0`` .. ``before-9``, each a pump1
+    set_speed to its own number, accepted before the run): refused ``conflict``, the first one untouched."""
+    i = draw(st.integers(0, 9))
+    device, action, params = draw(st.sampled_from(VALID_ACTIONS))
+    if (device, action) == ("pump1", "set_speed"):
+        params = {"percent": draw(st.integers(0, 100).filter(lambda n: n != i))}
+    body = {"id": f"before-{i}", "device": device, "action": action, "params": params}
+    return payload(body, "reject", "conflict", "conflict", takes_id=False)
+
+
+@st.composite
 def bad_field_commands(draw: st.DrawFn) -> Payload:
     """A valid command with one thing wrong: the rejection is certain, and so is its code."""
     device, action, params = draw(st.sampled_from(VALID_ACTIONS))

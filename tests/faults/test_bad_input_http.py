@@ -22,7 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Daemon
-from tests.faults.bad_input import REJECTION_CODES, SIZE_LIMIT, VALID_ACTIONS, Payload, bad_payloads, dumps, payload
+from tests.faults.bad_input import (
+    REJECTION_CODES,
+    SIZE_LIMIT,
+    VALID_ACTIONS,
+    Payload,
+    bad_payloads,
+    conflicts,
+    dumps,
+    payload,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -107,17 +116,6 @@ def accept_before(d: Daemon) -> dict[str, dict[str, Any]]:
         assert status == 200 and rec["state"] == "succeeded", rec
         records[rec["id"]] = d.command(rec["id"])
     return records
-
-
-@st.composite
-def conflicts(draw: st.DrawFn) -> Payload:
-    """A valid command under an id already used for a different one: 409 conflict, the first one untouched."""
-    i = draw(st.integers(0, 9))
-    device, action, params = draw(st.sampled_from(VALID_ACTIONS))
-    if (device, action) == ("pump1", "set_speed"):
-        params = {"percent": draw(st.integers(0, 100).filter(lambda n: n != i))}
-    body = {"id": f"before-{i}", "device": device, "action": action, "params": params}
-    return payload(body, "reject", "conflict", "conflict", takes_id=False)
 
 
 @st.composite

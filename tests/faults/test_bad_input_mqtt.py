@@ -20,7 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Daemon
-from tests.faults.bad_input import DEVICES, REJECTION_CODES, SIZE_LIMIT, VALID_ACTIONS, Payload, bad_payloads, payload
+from tests.faults.bad_input import (
+    DEVICES,
+    REJECTION_CODES,
+    SIZE_LIMIT,
+    VALID_ACTIONS,
+    Payload,
+    bad_payloads,
+    conflicts,
+    payload,
+)
 from tests.mqtt_broker import GW, Broker, Subscriber, daemon_env, results_by_id, wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,16 +44,6 @@ ENV = {
 def _clip(text: str | None) -> str | None:
     """As gatewayd.uplink.mqtt clips what a rejection echoes back."""
     return text if text is None or len(text) <= 200 else text[:200] + "..."
-
-
-@st.composite
-def conflicts(draw: st.DrawFn) -> Payload:
-    i = draw(st.integers(0, 9))
-    device, action, params = draw(st.sampled_from(VALID_ACTIONS))
-    if (device, action) == ("pump1", "set_speed"):
-        params = {"percent": draw(st.integers(0, 100).filter(lambda n: n != i))}
-    body = {"id": f"before-{i}", "device": device, "action": action, "params": params}
-    return payload(body, "reject", "conflict", "conflict", takes_id=False)
 
 
 @st.composite
