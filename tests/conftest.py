@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.toml"
 
 
+def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
+    """Wait for a condition a user would see, polling; never a fixed sleep that passes when the daemon is slow."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,6 +163,17 @@ class Daemon:
                 return rec
             time.sleep(0.05)
         raise AssertionError(f"command {command_id} not final after {timeout} s: {rec}")
+
+    def wait_state(self, command_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The record once it has reached ``state`` (a transition by that name, not only the current state)."""
+        found: dict[str, Any] = {}
+
+        def reached() -> bool:
+            found.update(self.command(command_id))
+            return any(t["state"] == state for t in found.get("transitions", []))
+
+        wait_until(reached, timeout, f"command {command_id} to reach {state}")
+        return found
 
     def sim_log(self, device: str = "pump1") -> list[dict[str, Any]]:
         path = self.data_dir / "sim" / f"{device}.jsonl"

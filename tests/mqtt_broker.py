@@ -25,6 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from tests.conftest import free_port
+from tests.conftest import wait_until as wait_until  # the tests import it from here too
 
 
 def mosquitto_binary() -> str:
@@ -221,12 +222,3 @@ def results_by_id(sub: Subscriber) -> dict[str, list[dict[str, Any]]]:
         if topic.startswith(f"{GW}/result/"):
             out[topic.rsplit("/", 1)[1]].append(json.loads(payload))
     return out
-
-
-def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from tests.conftest import CONFIG, ROOT, Daemon
+from tests.conftest import CONFIG, ROOT, Daemon, wait_until
 
 STATES = ["received", "accepted", "queued", "dispatched", "succeeded"]
 
@@ -208,7 +208,7 @@ def test_sigterm_loses_nothing(make_daemon: Any) -> None:
         status, rec, _ = d.post({"device": "pump1", "action": "set_speed", "params": {"percent": i}})
         assert status == 202
         ids.append(rec["id"])
-    time.sleep(0.1)
+    d.wait_state(ids[0], "dispatched")
     assert d.stop(signal.SIGTERM) == 0
     with sqlite3.connect(d.data_dir / "gatewayd.sqlite3") as conn:
         states = dict(conn.execute("SELECT id, state FROM commands"))
@@ -263,7 +263,7 @@ def test_priority_order_on_one_device(make_daemon: Any) -> None:
     d: Daemon = make_daemon({"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.3"})
     d.start()
     d.post({"id": "first", "device": "pump1", "action": "start"})
-    time.sleep(0.1)  # "first" is on the device now; the rest queue behind it
+    d.wait_state("first", "dispatched")  # "first" is on the device now; the rest queue behind it
     for cid, prio in [("low", "low"), ("normal", "normal"), ("high", "high"), ("critical", "critical")]:
         status, _, _ = d.post({"id": cid, "device": "pump1", "action": "read", "priority": prio})
         assert status == 202
@@ -284,9 +284,9 @@ def test_second_sigint_forces_exit_and_keeps_what_was_accepted(make_daemon: Any)
     d.start()
     d.post({"id": "slow", "device": "pump1", "action": "start"})
     d.post({"id": "behind", "device": "pump1", "action": "stop"})
-    time.sleep(0.2)
+    d.wait_state("slow", "dispatched")
     d.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    wait_until(lambda: any(e["event"] == "gateway_stopping" for e in d.log_lines()), 5, "gateway_stopping")
     assert d.proc is not None and d.proc.poll() is None, "first SIGINT waits for the executing command"
     started = time.monotonic()
     assert d.stop(signal.SIGINT, timeout=10) == 130

@@ -222,20 +222,31 @@ def test_admin_sees_fault_buttons_and_the_language_form_shows_refusals(make_daem
     page.wait_for_selector("#fault-result:has-text('serial_unplug: 200')", timeout=20_000)
     assert '"recovered": true' in page.locator("#fault-result").inner_text()
 
-    page.fill("#nl-form input[name=text]", "switch the relay on")
+    # A sentence the local rules understand: the box stays pending until the command's final state is in.
+    page.fill("#nl-form input[name=text]", "turn on relay 1")
     page.click("#nl-form button[type=submit]")
-    box = page.locator("#nl-result[data-source]")
+    box = page.locator("#nl-result[data-state=done]")
     box.wait_for()
+    command_id = box.get_attribute("data-command-id")
+    assert command_id, box.inner_text()
+    rec = d.wait_final(command_id)
+    assert (rec["device"], rec["action"], rec["state"]) == ("relay1", "on", "succeeded"), rec
     text = box.inner_text()
-    # Until the interpreter is merged the daemon refuses {"text": ...} with its reason; after, it is a command.
+    assert text.startswith('"turn on relay 1": succeeded') and f"(id {command_id})" in text, text
+    assert box.get_attribute("data-source") in {"http", "sse", "poll"}
+
+    # One it does not: the refusal, with the API's own code, replaces the previous answer.
+    page.fill("#nl-form input[name=text]", "make me a cup of coffee")
+    page.click("#nl-form button[type=submit]")
+    page.wait_for_selector("#nl-result[data-state=done]:has-text('coffee')")
     status, _, _, raw_body = raw(
         "POST",
         f"{d.url}/api/v1/commands",
         {"Content-Type": "application/json", **bearer("ada")},
-        json.dumps({"text": "switch the relay on"}).encode(),
+        json.dumps({"text": "make me a cup of coffee"}).encode(),
     )
-    if status >= 400:
-        assert f"refused ({status} {json.loads(raw_body)['error']['code']})" in text, text
-    else:
-        assert "switch the relay on" in text and "id " in text, text
+    assert status == 422, raw_body
+    text = page.locator("#nl-result").inner_text()
+    assert f"refused ({status} {json.loads(raw_body)['error']['code']})" in text, text
+    assert page.locator("#nl-result").get_attribute("data-command-id") is None
     b.assert_only(d.url)

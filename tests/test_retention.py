@@ -13,7 +13,7 @@ from gatewayd.commands.model import CommandRecord, Priority, State, Transition
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
 
-from .conftest import Daemon, http
+from .conftest import Daemon, http, wait_until
 
 DAY = 86_400.0
 
@@ -145,7 +145,8 @@ def test_a_busy_daemon_keeps_its_database_from_growing(make_daemon: Any, broker:
     pages: list[int] = []  # the file's size in pages, free ones included
     for r in range(4):
         sent = send_round(d, f"r{r}", 400)
-        time.sleep(1.0)  # a few pruner passes
+        wait_until(lambda: len(d.get(f"/api/v1/commands?limit={keep * 3}")[1]["commands"]) <= keep + 10, 10, "prune")
+        wait_until(lambda: d.get("/api/v1/outbox")[1]["rows"] == 0, 20, "the results on the broker")
         status, listing = d.get(f"/api/v1/commands?limit={keep * 3}")
         assert status == 200
         assert keep <= len(listing["commands"]) <= keep + 10, len(listing["commands"])

@@ -16,7 +16,7 @@ import pytest
 from gatewayd.app.supervisor import Supervisor
 from gatewayd.app.systemd import Notifier
 from gatewayd.config import load_config
-from tests.conftest import CONFIG, Daemon
+from tests.conftest import CONFIG, Daemon, wait_until
 
 
 class NotifySocket:
@@ -90,10 +90,12 @@ def test_daemon_sends_ready_watchdog_status_and_stopping(make_daemon: Any, notif
     d: Daemon = make_daemon({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"})
     d.start()
     notify_socket.wait_for("READY=1")
-    time.sleep(0.6)
     ready_at = notify_socket.times("READY=1")[0]
-    feeds = [t for t in notify_socket.times("WATCHDOG=1") if t > ready_at]
-    assert len(feeds) >= 3, notify_socket.fields()
+
+    def feeds() -> list[float]:
+        return [t for t in notify_socket.times("WATCHDOG=1") if t > ready_at]
+
+    wait_until(lambda: len(feeds()) >= 3, 5, f"three watchdog feeds: {notify_socket.fields()}")
     assert any(f.startswith("STATUS=running: 5/5 devices available") for f in notify_socket.fields())
     assert d.stop(signal.SIGTERM) == 0
     fields = notify_socket.fields()

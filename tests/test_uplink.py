@@ -271,7 +271,7 @@ def test_tls_with_a_client_certificate_connects_and_without_one_is_refused(tmp_p
         # The broker requires a client certificate: with the CA alone the daemon is refused, and says so.
         no_cert = make_daemon(daemon_env(broker, GATEWAYD_MQTT__TLS__CA_FILE=str(certs["ca.pem"])), name="nocert")
         no_cert.start()
-        time.sleep(1.5)
+        wait_until(lambda: _uplink(no_cert)["last_error"], 10, "the refused connection")
         uplink = _uplink(no_cert)
         assert uplink["connected"] is False and uplink["connects"] == 0
         assert uplink["last_error"]
@@ -311,7 +311,12 @@ async def test_a_bug_while_taking_one_mqtt_command_is_reported_and_the_uplink_go
                 assert not run.done(), f"the daemon stopped: {run.result() if not run.cancelled() else 'cancelled'}"
                 assert time.monotonic() < deadline, "no result for the command after the bug"
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)  # a redelivery would come now
+            # A redelivery or a second rejection would be published before the result of a command sent after.
+            marker = {"id": "marker", "device": "pump1", "action": "stop"}
+            await asyncio.to_thread(publish, broker, f"{GW}/cmd", json.dumps(marker))
+            while "marker" not in results_by_id(sub):
+                assert time.monotonic() < deadline + 15, "no result for the marker"
+                await asyncio.sleep(0.05)
             rejected = [
                 e["data"]
                 for e in sub.json()

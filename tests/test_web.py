@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from tests.conftest import Daemon, http
+from tests.conftest import Daemon, http, wait_until
 
 
 def test_status_page_lists_devices_and_recent_commands_escaped(make_daemon: Any) -> None:
@@ -35,9 +35,9 @@ def test_not_ready_and_refusing_commands_while_draining(make_daemon: Any) -> Non
     )
     d.start()
     d.post({"id": "long", "device": "pump1", "action": "start"})
-    time.sleep(0.2)
+    d.wait_state("long", "dispatched")
     d.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until(lambda: d.get("/readyz")[0] == 503, 5, "/readyz to say not ready")
     status, body = d.get("/readyz")
     assert status == 503 and body["phase"] == "stopping"
     status, err, _ = d.post({"device": "relay1", "action": "on"})

@@ -16,6 +16,7 @@
     accepted: null,          // the daemon's accepted-commands counter at the last status event
     finals: new Map(),       // id -> final record seen recently (a result may arrive before the POST answers)
     pending: new Map(),      // id -> {box, label}: commands sent from this page, awaiting their final state
+    sent: 0,                 // requests sent from this page's forms: the newest one owns its result box
     readings: {},            // device -> [{at, values}]
     lastReading: {},         // device -> "at" of the newest reading drawn
     source: null,
@@ -294,14 +295,28 @@
     const p = state.pending.get(c.id);
     if (p && FINAL.has(c.state)) {
       state.pending.delete(c.id);
+      if (p.box.dataset.commandId !== c.id) return;  // the box has moved on to a newer request
       showResult(p.box, `${p.label}: ${c.state}${outcome(c) ? ` — ${outcome(c)}` : ""}  (id ${c.id})`, STATE_CLASS[c.state], via);
     }
   }
 
+  // A result box says what it waits for: data-state="pending" from the moment a request leaves until its answer
+  // (or the command's final state) is shown, then "done", with data-source telling where the answer came from
+  // (http, sse or poll). Scripts and tests wait on data-state=done, never on text that is already there.
   function showResult(box, text, cls, via) {
     box.textContent = text;
     box.className = `result ${cls || ""}`;
-    box.dataset.source = via || "";
+    box.dataset.state = "done";
+    box.dataset.source = via;
+    box.removeAttribute("aria-busy");
+  }
+
+  function showPending(box, text) {
+    box.textContent = text;
+    box.className = "result muted";
+    box.dataset.state = "pending";
+    delete box.dataset.source;
+    box.setAttribute("aria-busy", "true");
   }
 
   async function refreshCommands() {
@@ -346,16 +361,22 @@
   // --- forms --------------------------------------------------------------------------------------------------------
 
   async function sendCommand(body, box, label) {
-    showResult(box, `${label}: sending…`, "muted", "");
+    // The box shows the latest request only: an earlier one's late answer must not mark it done.
+    const ticket = String(++state.sent);
+    box.dataset.ticket = ticket;
+    delete box.dataset.commandId;
+    showPending(box, `${label}: sending…`);
     const r = await api("POST", "/api/v1/commands", body);
+    if (box.dataset.ticket !== ticket) return;
     if (!r.ok) { showResult(box, `${label}: ${describeError(r)}`, "bad", "http"); return; }
     const c = r.data;
+    box.dataset.commandId = c.id;
     upsertCommand(c);
     if (FINAL.has(c.state)) { state.pending.set(c.id, { box, label }); noteRecord(c, "http"); return; }
     const early = state.finals.get(c.id);
     state.pending.set(c.id, { box, label });
     if (early) noteRecord(early, "sse");
-    else showResult(box, `${label}: ${c.state} (id ${c.id}), waiting for the result…`, "muted", "");
+    else showPending(box, `${label}: ${c.state} (id ${c.id}), waiting for the result…`);
   }
 
   function actionBody(form) {
@@ -405,8 +426,11 @@
         ev.preventDefault();
         const name = form.dataset.scenario;
         const box = $("#fault-result");
-        showResult(box, `${name}: starting…`, "muted", "");
+        const ticket = String(++state.sent);
+        box.dataset.ticket = ticket;
+        showPending(box, `${name}: starting…`);
         const r = await api("POST", `/api/v1/admin/test/${encodeURIComponent(name)}?duration_s=2`);
+        if (box.dataset.ticket !== ticket) return;
         if (r.status === 404 || r.status === 405) showResult(box, `${name}: unavailable (${r.status}): this daemon has no fault-scenario endpoint`, "muted", "http");
         else if (!r.ok) showResult(box, `${name}: ${describeError(r)}`, "bad", "http");
         else showResult(box, `${name}: ${r.status}\n${JSON.stringify(r.data, null, 2)}`, "ok", "http");
