@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gatewayd import strictjson
+
 EXIT_OK, EXIT_NOT_DONE, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
@@ -134,7 +136,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"parameter {pair!r} is not key=value")
         try:
-            params[key] = json.loads(raw)
+            params[key] = strictjson.loads(raw)
         except ValueError:
             params[key] = raw
     return params

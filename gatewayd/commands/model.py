@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -12,6 +11,8 @@ from enum import IntEnum, StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from gatewayd import strictjson
 
 
 class State(StrEnum):
@@ -188,4 +189,5 @@ def _iso(ts: float) -> str:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    """How params, results and interpretations are stored: valid JSON whatever a device answered."""
+    return strictjson.dumps(value, sort_keys=True)

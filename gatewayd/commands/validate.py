@@ -6,7 +6,6 @@ at once: ``{"code": "validation_failed", "details": {"errors": [{"field": "param
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gatewayd import strictjson
 from gatewayd.commands.model import CommandRequest
 from gatewayd.config.profiles import ParamSpec, Profile
 from gatewayd.errors import BadRequest, UnknownDevice, ValidationFailed
@@ -27,12 +27,14 @@ def decode_json(raw: bytes | bytearray, what: str) -> Any:
     """A client's JSON (an HTTP body, an MQTT payload), or BadRequest: never another exception, however broken,
     huge or deeply nested the bytes are."""
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"{what} is not valid JSON: {err}") from None
-    except RecursionError:
+        value = strictjson.loads(raw)
+    except strictjson.TooDeep:
         value = None
         too_deep = True
+    except strictjson.NotStrictJson as err:
+        raise BadRequest(f"{what} is not valid JSON: {err}", details={"reason": "not_strict_json"}) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"{what} is not valid JSON: {err}") from None
     else:
         too_deep = _depth_over(value, MAX_JSON_DEPTH)
     if too_deep:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from gatewayd import strictjson
 from gatewayd.errors import ProtocolError
 
 MAX_FRAME = 512  # bytes, start marker to newline included
@@ -89,8 +90,8 @@ class Frame:
         try:
             address, seq = int(body[0:2], 16), int(body[2:4], 16)
             kind = Kind(body[4:5].decode("ascii"))
-            payload = json.loads(body[5:]) if len(body) > 5 else {}
-        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            payload = strictjson.loads(body[5:]) if len(body) > 5 else {}
+        except (ValueError, UnicodeDecodeError) as err:
             raise _bad(f"malformed frame: {err}", MALFORMED) from err
         if not isinstance(payload, dict):
             raise _bad("payload is not a JSON object", NOT_OBJECT)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiohttp
 
-from gatewayd import __version__
+from gatewayd import __version__, strictjson
 from gatewayd.config.models import ProviderConfig
 from gatewayd.interpret.errors import UnusableAnswer
 from gatewayd.interpret.registry import DECLINE_TOOL, RUN_TOOL
@@ -98,7 +97,7 @@ def answer_of(completion: Completion) -> Answer:
     if text.startswith("```"):
         text = text.strip("`").removeprefix("json").strip()
     try:
-        data = json.loads(text)
+        data = strictjson.loads(text)
     except ValueError:
         raise UnusableAnswer(
             "the model answered in prose, not with a command", details={"content": text[:200]}
@@ -112,7 +111,7 @@ def _arguments(raw: Any) -> Any:
     """Tool arguments: an object, or (OpenAI) a JSON string of one."""
     if isinstance(raw, str):
         try:
-            return json.loads(raw)
+            return strictjson.loads(raw)
         except ValueError:
             raise UnusableAnswer("the tool call's arguments are not JSON", details={"arguments": raw[:200]}) from None
     return raw
@@ -173,7 +172,7 @@ class HttpProvider:
             raw = await _read(resp)
             if resp.status >= 300:
                 try:
-                    data = json.loads(raw)
+                    data = strictjson.loads(raw)
                 except ValueError:
                     data = None
                 raise HttpStatusError(
@@ -182,7 +181,7 @@ class HttpProvider:
                     message=f"{self.name}: HTTP {resp.status}: {_error_message(data, raw)}",
                 )
             try:
-                return json.loads(raw)
+                return strictjson.loads(raw)
             except ValueError:
                 raise UnusableAnswer(
                     f"{self.name}: the answer is not JSON", details={"body": raw[:200].decode("utf-8", "replace")}

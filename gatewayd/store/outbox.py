@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from gatewayd import strictjson
+
 if TYPE_CHECKING:
     from gatewayd.commands.model import CommandRecord
 
@@ -74,7 +76,7 @@ def iso(ts: float) -> str:
 
 def result_row(rec: CommandRecord, *, mono: float, boot_id: str, synced: bool) -> NewRow:
     """A command's final record, for ``result/{id}``: sent ahead of events and telemetry."""
-    payload = json.dumps(rec.to_api(transitions=False), separators=(",", ":"), default=str)
+    payload = strictjson.dumps(rec.to_api(transitions=False))
     return NewRow(
         "result", PRIORITY_URGENT, rec.device, f"result/{rec.id}", payload, rec.updated_at, mono, boot_id, synced
     )

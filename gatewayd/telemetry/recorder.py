@@ -16,7 +16,6 @@ is for the commands already accepted. Events still are.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import shutil
 import sqlite3
@@ -29,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from gatewayd import strictjson
 from gatewayd.config.models import OutboxSection, TelemetrySection
 from gatewayd.config.profiles import Profile, TelemetryPoint
 from gatewayd.errors import GatewayError
@@ -217,7 +217,7 @@ class Recorder:
             self.last_event[r.device] = {"ts": ts, **body}
             topic = "events"
             priority = sql.PRIORITY_URGENT if r.severity == "critical" else sql.PRIORITY_EVENT
-        payload = json.dumps(body, separators=(",", ":"), allow_nan=False, default=str)
+        payload = strictjson.dumps(body)
         kind: sql.Kind = "telemetry" if r.kind == "telemetry" else "event"
         return sql.NewRow(kind, priority, r.device, topic, payload, ts, r.mono, self._boot_id, self.stamper.synced)
 

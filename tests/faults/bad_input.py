@@ -77,7 +77,29 @@ def dumps(body: Any) -> bytes:
 
 def payload(body: dict[str, Any], expect: str, kind: str, *codes: str, takes_id: bool = True) -> Payload:
     command_id = body.get("id") if isinstance(body.get("id"), str) else None
+    if not_strict_json(body):
+        # NaN, Infinity (1e999 too) and unpaired surrogates are refused when the JSON is parsed, before any field
+        # is looked at: bad_request, whatever else is wrong or right.
+        expect, codes = "reject", ("bad_request",)
     return Payload(dumps(body), expect, kind, frozenset(codes) or None, command_id, body if takes_id else None)
+
+
+def not_strict_json(value: Any) -> bool:
+    """Whether ``value``, written by Python's json, holds what RFC 8259 JSON cannot: a non-finite number or a
+    string with an unpaired surrogate."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return True
+        if isinstance(node, str) and _has_surrogate(node):
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 # --- JSON values ---------------------------------------------------------------------------------------------------
