@@ -143,7 +143,7 @@ def test_a_busy_daemon_keeps_its_database_from_growing(make_daemon: Any, broker:
     db = d.data_dir / "gatewayd.sqlite3"
     used: list[int] = []  # pages holding data
     pages: list[int] = []  # the file's size in pages, free ones included
-    for r in range(4):
+    for r in range(5):
         sent = send_round(d, f"r{r}", 400)
         wait_until(lambda: len(d.get(f"/api/v1/commands?limit={keep * 3}")[1]["commands"]) <= keep + 10, 10, "prune")
         wait_until(lambda: d.get("/api/v1/outbox")[1]["rows"] == 0, 20, "the results on the broker")
@@ -155,8 +155,10 @@ def test_a_busy_daemon_keeps_its_database_from_growing(make_daemon: Any, broker:
         used.append(scalar(db, "SELECT page_count - freelist_count FROM pragma_page_count, pragma_freelist_count"))
         pages.append(scalar(db, "SELECT page_count FROM pragma_page_count"))
     pruned = metric(d, "gatewayd_commands_pruned_total")
-    assert 1600 - keep - 10 <= pruned <= 1600 - keep
-    # 1,600 commands sent, 200 kept: the pages in use stay where the first rounds left them, the rest reused.
-    assert used[3] <= used[1] * 1.1 and pages[3] <= pages[1] * 1.1, (used, pages)
+    assert 2000 - keep - 10 <= pruned <= 2000 - keep
+    # 2,000 commands sent, 200 kept: the pages in use stay where the first rounds left them, the rest reused. The
+    # file reaches its working size by the third round (the first starts from an empty history, the second's peak
+    # depends on how far the pruner got during the burst) and does not grow after it.
+    assert used[4] <= used[1] * 1.1 and pages[4] <= pages[2] * 1.1, (used, pages)
     assert scalar(db, "SELECT count(*) FROM transitions WHERE command_seq NOT IN (SELECT seq FROM commands)") == 0
     assert d.stop() == 0

@@ -169,6 +169,7 @@ class Supervisor:
                 retry=cfg.resilience.device_retry,
                 breaker=cfg.resilience.device_breaker,
                 forward_results=cfg.mqtt.enabled,
+                reconcile_interval_s=cfg.commands.reconcile_interval_s,
             )
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ from gatewayd.commands.safety import SafetyGate
 from gatewayd.config.models import BreakerSettings, RetrySettings
 from gatewayd.devices.base import Device
 from gatewayd.errors import DeviceRejected, DeviceUnavailable, GatewayError, SafetyLimited, StoreUnavailable
+from gatewayd.observability.metrics import DISPATCHER_GAPS
 from gatewayd.resilience import (
     REAL_CLOCK,
     CircuitBreaker,
@@ -73,6 +75,7 @@ class Dispatcher:
         clock: Clock,
         on_final: FinalCallback,
         sweep_interval_s: float = 1.0,
+        reconcile_interval_s: float = 10.0,
         retry: RetrySettings | None = None,
         breaker: BreakerSettings | None = None,
         rclock: ResilienceClock = REAL_CLOCK,
@@ -86,9 +89,12 @@ class Dispatcher:
         self._on_final = on_final
         self.clock_synced: Callable[[], bool] = lambda: False  # the telemetry clock's, for result timestamps
         self._sweep_interval_s = sweep_interval_s
+        self._reconcile_interval_s = reconcile_interval_s
+        self._suspects: set[str] = set()  # open in the store, unknown here, at the last reconciliation
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, str]]] = {}
         self._queued = _Waiting()  # everything waiting in a queue, by command id
         self._busy: dict[str, CommandRecord] = {}  # device -> command being executed
+        self._settling: set[str] = set()  # taken from a queue to be expired: neither queued nor executing
         # Open commands whose request may have reached the device: asked in this process, or dispatched before a
         # restart. Their deadline passing is not "expired" (never executed): the outcome is unknown.
         self._maybe_sent: set[str] = set()
@@ -128,6 +134,7 @@ class Dispatcher:
                 self._queues.setdefault(name, asyncio.PriorityQueue())
                 self._tasks.spawn(f"{name}.dispatch", self._work(name))
             self._tasks.spawn("sweep", self._sweep())
+            self._tasks.spawn("reconcile", self._reconcile())
         except BaseException:
             await self._tasks.close()
             raise
@@ -165,6 +172,27 @@ class Dispatcher:
         wake = self._wake.get(rec.device)
         if wake is not None:
             wake.set()
+
+    def knows(self, command_id: str) -> bool:
+        """Whether the command is in a queue, executing, or being settled: in step with an open record."""
+        return (
+            command_id in self._queued
+            or command_id in self._settling
+            or any(rec.id == command_id for rec in self._busy.values())
+        )
+
+    async def ensure(self, rec: CommandRecord, *, found_by: str = "replay") -> bool:
+        """An open command as the store has it (a client sent it again, or the reconciliation found it): queue it
+        unless it is queued or executing already. True when it was not, a gap in the durability contract: logged
+        and counted, then closed as a restart would close it."""
+        if rec.state.final or self.knows(rec.id) or self._draining:
+            return False
+        DISPATCHER_GAPS.labels(found_by).inc()
+        log.error("dispatcher_gap", command_id=rec.id, device=rec.device, state=rec.state.value, found_by=found_by)
+        if rec.state is State.DISPATCHED:
+            self._maybe_sent.add(rec.id)
+        await self._recover(rec)
+        return True
 
     def queued(self, device: str | None = None) -> int:
         if device is None:
@@ -455,7 +483,31 @@ class Dispatcher:
             await asyncio.sleep(self._sweep_interval_s)
             for rec in [r for r in self._queued.records() if r.expired(self._clock) is not None]:
                 if self._queued.pop(rec.id) is not None:
-                    await self._expire(rec, rec.expired(self._clock) or "deadline passed")
+                    self._settling.add(rec.id)
+                    try:
+                        await self._expire(rec, rec.expired(self._clock) or "deadline passed")
+                    finally:
+                        self._settling.discard(rec.id)
+
+    async def _reconcile(self) -> None:
+        """Every ``reconcile_interval_s``: the open commands in the store against the queues and the devices. A
+        command committed a moment ago may not be pushed yet when the store is read, so only one found missing at
+        two passes in a row is a gap. A read that fails is tried again next time."""
+        while True:
+            await asyncio.sleep(self._reconcile_interval_s)
+            try:
+                open_ids = await self._store.read(sql.open_ids)
+            except StoreUnavailable:
+                continue
+            missing = {command_id for command_id in open_ids if not self.knows(command_id)}
+            confirmed, self._suspects = missing & self._suspects, missing - self._suspects
+            for command_id in sorted(confirmed):
+                try:
+                    rec = await self._store.read(functools.partial(sql.get, command_id=command_id))
+                except StoreUnavailable:
+                    break
+                if rec is not None:
+                    await self.ensure(rec, found_by="reconciliation")
 
 
 class _Waiting:
@@ -482,6 +534,9 @@ class _Waiting:
 
     def count(self, device: str) -> int:
         return self._per_device.get(device, 0)
+
+    def __contains__(self, command_id: object) -> bool:
+        return command_id in self._by_id
 
     def records(self) -> list[CommandRecord]:
         return list(self._by_id.values())

@@ -17,10 +17,10 @@ import structlog
 
 from gatewayd.commands import validate as v
 from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition, new_command_id
+from gatewayd.commands.model import Clock, CommandRecord, CommandRequest, Priority, State, Transition, new_command_id
 from gatewayd.config.models import CommandsSection
 from gatewayd.devices.manager import DeviceManager
-from gatewayd.errors import Conflict, QueueFull, ShuttingDown, StorageFull, StoreUnavailable, UnknownCommand
+from gatewayd.errors import Conflict, GatewayError, QueueFull, ShuttingDown, StoreUnavailable, UnknownCommand
 from gatewayd.observability.metrics import COMMANDS_PRUNED
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
@@ -76,22 +76,23 @@ class CommandService:
         self, payload: Any, *, source: str, user: str | None = None, interpretation: dict[str, Any] | None = None
     ) -> tuple[CommandRecord, bool]:
         """Validate and durably accept a command. Returns (record, created); created is False for a replay.
-        ``interpretation`` is stored with a command that came from natural language (gatewayd.interpret)."""
+        ``interpretation`` is stored with a command that came from natural language (gatewayd.interpret).
+
+        A known id is answered from the store before anything else can refuse it: a client that sends a command
+        again because it never heard the answer (an MQTT redelivery after a lost PUBACK, an HTTP retry) gets the
+        command it sent, not ``queue_full``, ``shutting_down`` or a validation error from a profile reloaded since.
+        New commands take one store write (insert, or the existing record when the id is taken); the extra read
+        happens only on the way to a refusal."""
         received = self._transition(State.RECEIVED)
-        if not self.accepting or self.dispatcher is None:
-            raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
-        request = v.parse_request(payload)
-        checked = v.validate(
-            request, self._devices.profiles(), default_ttl_s=self._cfg.default_ttl_s, max_ttl_s=self._cfg.max_ttl_s
-        )
-        if (
-            request.priority is not Priority.CRITICAL
-            and self.dispatcher.queued(request.device) >= self._cfg.max_queued_per_device
-        ):
-            raise QueueFull(
-                f"{self._cfg.max_queued_per_device} commands are already waiting for {request.device!r}",
-                details={"device": request.device},
-            )
+        request = v.parse_request(payload)  # the envelope: what a replay must match too
+        try:
+            checked = self._admit(request)
+        except GatewayError:
+            found = await self._known(request)
+            if found is None:
+                raise
+            return await self._replayed(found, request, None)
+        assert self.dispatcher is not None
         now, mono = self._clock.wall(), self._clock.mono()
         rec = CommandRecord(
             id=request.id or new_command_id(),
@@ -115,36 +116,12 @@ class CommandService:
             Transition(State.ACCEPTED, now, mono, self._clock.boot_id),
             Transition(State.QUEUED, now, mono, self._clock.boot_id),
         ]
-
-        def accept(conn: Any) -> tuple[CommandRecord, bool]:
-            inserted = sql.insert(conn, rec, transitions)
-            if inserted is not None:
-                return inserted, True
-            existing = sql.get(conn, rec.id)
-            assert existing is not None
-            return existing, False
-
-        try:
-            self.refuse_if_full(rec.priority)
-        except StorageFull:
-            # No room for a new command; one we already have is answered from the store, which takes none.
-            found = await self._store.read(lambda c: sql.get(c, rec.id)) if request.id else None
-            if found is None:
-                raise
-            stored, created = found, False
-        else:
-            stored, created = await self._store.write(accept)
+        # Shielded: once the commit is under way, the command reaches the dispatcher even if the caller is
+        # cancelled meanwhile (an MQTT session torn down, a client gone). Cancelled between the COMMIT and the
+        # push, a command would stay queued in the store and in no queue until the next restart.
+        stored, created = await asyncio.shield(self._commit(rec, transitions))
         if not created:
-            if not stored.same_request(rec.device, rec.action, rec.params):
-                raise Conflict(
-                    f"command id {rec.id!r} was already used for a different command",
-                    details={"id": rec.id, "existing": stored.to_api(transitions=False)},
-                )
-            self.replayed += 1
-            log.info("command_replayed", command_id=rec.id, device=rec.device, state=stored.state.value)
-            return stored, False
-        self.accepted += 1
-        self.dispatcher.push(stored)
+            return await self._replayed(stored, request, rec.params)
         log.info(
             "command_accepted",
             command_id=rec.id,
@@ -154,6 +131,86 @@ class CommandService:
             source=source,
         )
         return stored, True
+
+    def _admit(self, request: CommandRequest) -> v.Validated:
+        """Every reason to refuse a new command: shutting down, invalid for its profile, its device's queue full,
+        the storage full."""
+        if not self.accepting or self.dispatcher is None:
+            raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
+        checked = v.validate(
+            request, self._devices.profiles(), default_ttl_s=self._cfg.default_ttl_s, max_ttl_s=self._cfg.max_ttl_s
+        )
+        waiting = self.dispatcher.queued(request.device)
+        limit = self._cfg.max_queued_per_device
+        if request.priority is Priority.CRITICAL:
+            limit += self._cfg.critical_reserve_per_device
+        if waiting >= limit:
+            raise QueueFull(
+                f"{waiting} commands are already waiting for {request.device!r} (at most {limit}"
+                + (" for critical ones)" if request.priority is Priority.CRITICAL else ")"),
+                details={"device": request.device, "queued": waiting, "limit": limit},
+            )
+        self.refuse_if_full(request.priority)
+        return checked
+
+    async def _known(self, request: CommandRequest) -> CommandRecord | None:
+        command_id = request.id
+        if command_id is None:
+            return None
+        return await self._store.read(lambda c: sql.get(c, command_id))
+
+    async def _commit(self, rec: CommandRecord, transitions: list[Transition]) -> tuple[CommandRecord, bool]:
+        def accept(conn: Any) -> tuple[CommandRecord, bool]:
+            inserted = sql.insert(conn, rec, transitions)
+            if inserted is not None:
+                return inserted, True
+            existing = sql.get(conn, rec.id)
+            assert existing is not None
+            return existing, False
+
+        stored, created = await self._store.write(accept)
+        if created:
+            assert self.dispatcher is not None
+            self.accepted += 1
+            self.dispatcher.push(stored)
+        return stored, created
+
+    async def _replayed(
+        self, stored: CommandRecord, request: CommandRequest, params: dict[str, Any] | None
+    ) -> tuple[CommandRecord, bool]:
+        """The answer to a command sent again: its record, if it is the same command; ``conflict`` if the id was
+        used for another. An open one is made sure to be queued or executing (it may have been stranded)."""
+        if params is None:  # refused as new: compare the parameters as the profile would have normalised them
+            params = self._normalised_params(request)
+        if not stored.same_request(request.device, request.action, params):
+            raise Conflict(
+                f"command id {stored.id!r} was already used for a different command",
+                details={"id": stored.id, "existing": stored.to_api(transitions=False)},
+            )
+        self.replayed += 1
+        log.info("command_replayed", command_id=stored.id, device=stored.device, state=stored.state.value)
+        await self.ensure_open(stored)
+        return stored, False
+
+    async def ensure_open(self, rec: CommandRecord) -> None:
+        """A command sent again: if it is still open, it is queued or executing (a stranded one is queued now)."""
+        if not rec.state.final and self.dispatcher is not None:
+            await self.dispatcher.ensure(rec)
+
+    def _normalised_params(self, request: CommandRequest) -> dict[str, Any]:
+        profile = self._devices.profiles().get(request.device)
+        action = profile.actions.get(request.action) if profile is not None else None
+        if action is None:
+            return dict(request.params)
+        out: dict[str, Any] = {}
+        for name, value in request.params.items():
+            spec = action.params.get(name)
+            normalised, problem = v.check_param(spec, value) if spec is not None else (value, None)
+            out[name] = value if problem is not None else normalised
+        for name, spec in action.params.items():
+            if name not in out and not spec.required:
+                out[name] = spec.default
+        return out
 
     def _transition(self, state: State) -> Transition:
         return Transition(state, self._clock.wall(), self._clock.mono(), self._clock.boot_id)

@@ -125,6 +125,12 @@ class CommandsSection(Section):
     max_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     max_wait_s: float = Field(default=60.0, gt=0, le=3600)
     max_queued_per_device: int = Field(default=1000, ge=1, le=1_000_000)
+    # Critical commands (an emergency stop) may queue this many beyond max_queued_per_device: a reserve of their
+    # own, not an unbounded bypass, so a flood of "critical" commands cannot grow the queue and the store for ever.
+    critical_reserve_per_device: int = Field(default=32, ge=1, le=100_000)
+    # The store and the dispatcher are compared this often: an open command in the store that no queue holds and
+    # no device executes is a gap (counted by gatewayd_dispatcher_gaps_total, which should stay 0), and is queued.
+    reconcile_interval_s: float = Field(default=10.0, gt=0, le=3600)
     # Finished commands are kept this long, and at most this many commands in all, then deleted with their
     # transitions, so months of traffic do not fill the SD card. An id sent again after its command was deleted
     # is a new command. Every prune_interval_s, the oldest go first.

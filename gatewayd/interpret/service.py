@@ -355,18 +355,19 @@ class InterpretService:
         return await self.chain.interpret(text, registry, local)
 
     async def submit(self, payload: Any, *, source: str, client: str) -> tuple[CommandRecord, bool, dict[str, str]]:
-        """Interpret and submit. Returns (record, created, rate-limit headers for the answer)."""
+        """Interpret and submit. Returns (record, created, rate-limit headers for the answer). A known id is
+        answered from the store first, before the shutdown, the rate limit or a provider can refuse it."""
+        req = parse_text_request(payload, self.settings.max_text_chars)
+        if req.id is not None:
+            replay = await self._replay(req)
+            if replay is not None:
+                return replay, False, {}
         if not self._service.accepting:
             raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
-        req = parse_text_request(payload, self.settings.max_text_chars)
         decision = self.users.try_acquire(f"user:{req.user}" if req.user else f"client:{client}")
         if not decision.allowed:
             raise decision.refusal(self.users.name)
         headers = decision.headers()
-        if req.id is not None:
-            replay = await self._replay(req)
-            if replay is not None:
-                return replay, False, headers
         # A full disk refuses before a provider is paid for an answer that could not be kept.
         envelope = {"device": "-", "action": "-"} | ({"priority": req.priority} if req.priority is not None else {})
         self._service.refuse_if_full(parse_request(envelope).priority)
@@ -422,6 +423,7 @@ class InterpretService:
                 details={"id": req.id, "existing": existing.to_api(transitions=False)},
             )
         self._service.replayed += 1
+        await self._service.ensure_open(existing)
         return existing
 
     async def describe(self) -> dict[str, Any]:

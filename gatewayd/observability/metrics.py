@@ -181,6 +181,13 @@ STORAGE_FULL = Gauge(
     "([store] min_free_bytes) or SQLite said the disk is full.",
     registry=REGISTRY,
 )
+DISPATCHER_GAPS = Counter(
+    "gatewayd_dispatcher_gaps",
+    "Open commands found in the store that no queue held and no device executed (then queued again); should "
+    "stay 0: each one is a defect, logged as dispatcher_gap.",
+    ["found_by"],
+    registry=REGISTRY,
+)
 COMMANDS_PRUNED = Counter(
     "gatewayd_commands_pruned",
     "Finished commands deleted with their transitions, past [commands] keep_final_s or keep_max.",

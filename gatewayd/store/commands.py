@@ -156,6 +156,13 @@ def open_commands(conn: sqlite3.Connection) -> list[CommandRecord]:
     return [_record(r) for r in rows]
 
 
+def open_ids(conn: sqlite3.Connection) -> list[str]:
+    """Ids of the open commands (found through the partial index ``commands_open``)."""
+    marks = ",".join("?" for _ in OPEN_STATES)
+    rows = conn.execute(f"SELECT id FROM commands WHERE state IN ({marks})", [s.value for s in OPEN_STATES])
+    return [r[0] for r in rows]
+
+
 def open_ever_dispatched(conn: sqlite3.Connection) -> set[str]:
     """Ids of open commands that were dispatched at least once: their request may have reached the device."""
     marks = ",".join("?" for _ in OPEN_STATES)
