@@ -51,7 +51,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_INVALID
     gwlog.configure(loaded.config.log.level)
-    return asyncio.run(Supervisor(loaded).run())
+    return asyncio.run(Supervisor(loaded, hard_exit=_hard_exit).run())
+
+
+def _hard_exit(code: int) -> None:
+    """The supervisor's last resort (a second signal, a stop that overran): the log flushed, the process ended."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

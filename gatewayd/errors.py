@@ -105,6 +105,13 @@ class BadRequest(PermanentError):
     status = 400
 
 
+class RetainedCommand(BadRequest):
+    """A command that reached us as an MQTT retained message: the broker replays it to every new subscription, so
+    it would run again at every restart and reconnect, on an order of unknown age. Refused, never run."""
+
+    code = "retained_command"
+
+
 class PayloadTooLarge(PermanentError):
     code = "payload_too_large"
     status = 413

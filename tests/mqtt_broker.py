@@ -187,12 +187,19 @@ class Subscriber:
         raise AssertionError(f"timed out; {len(self.snapshot())} messages: {self.snapshot()[-5:]}")
 
 
-def publish(broker: Broker, topic: str, payload: bytes | str, qos: int = 1, client_id: str = "test-publisher") -> None:
+def publish(
+    broker: Broker,
+    topic: str,
+    payload: bytes | str,
+    qos: int = 1,
+    client_id: str = "test-publisher",
+    retain: bool = False,
+) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
     client.connect("127.0.0.1", broker.port, keepalive=5)
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=qos)
+        info = client.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(timeout=10)
     finally:
         client.loop_stop()

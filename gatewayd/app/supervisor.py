@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -46,11 +46,24 @@ from gatewayd.web.server import WebContext, WebServer
 log = structlog.get_logger("gatewayd.supervisor")
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_FORCED = 0, 1, 2, 130
+FORCED_EXIT_S = 0.5  # after a second signal, the most the orderly unwinding may take before the process ends
+STOP_OVERRUN_S = 5.0  # after grace_s, the most closing may take (it takes well under a second) before it ends
+CLOSE_S = 1.0  # what the listeners and the uplink each get to say goodbye on a stop
 
 
 class Supervisor:
-    def __init__(self, loaded: LoadedConfig, *, environ: Mapping[str, str] | None = None, clock: Clock | None = None):
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+        hard_exit: Callable[[int], None] | None = None,
+    ):
         self.loaded = loaded
+        # The CLI's way out when the event loop cannot wind down (a second signal, or a stop that overran its
+        # bound): everything accepted is in SQLite already, so ending the process loses nothing.
+        self._hard_exit = hard_exit
         self._environ = environ
         self.notifier = Notifier(environ)
         self.clock = clock or Clock()
@@ -75,14 +88,29 @@ class Supervisor:
     # --- signals: flags only ---------------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "request") -> None:
+        loop = asyncio.get_running_loop()
         if self._stop.is_set():
             if not self._forced and self._main is not None:
                 self._forced = True
                 log.warning("shutdown_forced", reason=reason)
                 self._main.cancel()
+                if self._hard_exit is not None:
+                    # Cancelling unwinds in order when it can; a task that does not end (a TaskGroup waits for
+                    # its children) must not keep the process alive: the second signal always ends it.
+                    loop.call_later(FORCED_EXIT_S, self._hard_exit, EXIT_FORCED)
             return
         log.info("shutdown_requested", reason=reason)
         self._stop.set()
+        if self._hard_exit is not None:
+            bound = self.loaded.config.shutdown.grace_s + STOP_OVERRUN_S
+            loop.call_later(bound, self._overran, bound)
+
+    def _overran(self, bound: float) -> None:
+        """The stop took longer than grace_s plus its allowance to close: a defect (logged), not a reason to wait
+        for systemd's SIGKILL."""
+        log.error("shutdown_overran", bound_s=bound, phase=self.phase)
+        assert self._hard_exit is not None
+        self._hard_exit(EXIT_CRASH)
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -201,9 +229,16 @@ class Supervisor:
                 interpret=self.interpret,
             )
             self.uplink = await stack.enter_async_context(
-                Uplink(cfg.mqtt, cfg.gateway.id, self.store, self.service, self.recorder, self.devices.profiles)
+                Uplink(
+                    cfg.mqtt,
+                    cfg.gateway.id,
+                    self.store,
+                    self.service,
+                    self.recorder,
+                    self.devices.profiles,
+                    interpret=self.interpret,
+                )
             )
-            self.uplink.interpret = self.interpret
             if self.interpret is not None:
                 interpret = self.interpret
                 extra = self.operator.extra
@@ -228,6 +263,10 @@ class Supervisor:
             self.dispatcher.request_off = self._switch_off
             if self.interpret is not None:
                 await self.interpret.resume()  # ends of on-periods from before the restart, now commands are taken
+            self.uplink.open_intake()
+            # Ready means a command published from now on is not lost: the uplink has subscribed (or the broker is
+            # away, which is a normal state: commands then wait at the broker for our persistent session).
+            await self.uplink.wait_settled(cfg.mqtt.ready_wait_s)
             self.phase = "running"
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
             log.info(
@@ -243,6 +282,7 @@ class Supervisor:
             await self._stop.wait()
 
             self.phase = "stopping"
+            self.uplink.close_intake()  # MQTT commands not taken yet stay with the broker, unacknowledged
             self.service.close_intake()
             executing = self.dispatcher.in_flight()
             self.notifier.notify("STOPPING=1", f"STATUS=stopping: {executing} command(s) executing")

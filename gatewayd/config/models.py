@@ -313,6 +313,20 @@ class MqttSection(Section):
     drain_burst: int = Field(default=100, ge=1, le=100_000)
     max_inflight: int = Field(default=50, ge=1, le=1000)  # publishes awaiting their PUBACK at once
     max_payload_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)  # larger commands are refused
+    # Commands from the cmd topic: this many taken at once (committed, or interpreted then committed), and at most
+    # commands_per_s a second (burst commands_burst): past that they wait their turn, unacknowledged, in the order
+    # they came; critical ones draw on a reserve of their own first (critical_per_s, critical_burst).
+    intake_concurrency: int = Field(default=32, ge=1, le=1000)
+    commands_per_s: float = Field(default=100.0, gt=0, le=1_000_000)
+    commands_burst: int = Field(default=200, ge=1, le=1_000_000)
+    critical_per_s: float = Field(default=5.0, gt=0, le=1_000_000)
+    critical_burst: int = Field(default=20, ge=1, le=1_000_000)
+    # A command waits at most this long for its turn (commands_per_s * max_wait_s waiting at once); one that would
+    # wait longer is refused with rate_limited: a publisher that does not wait for acknowledgements, not a backlog.
+    max_wait_s: float = Field(default=10.0, gt=0, le=3600)
+    # Start-up: READY (systemd, /readyz) waits this long at most for the uplink's first subscription, so that a
+    # command published after "ready" is never lost; a broker that refuses the first connection ends the wait.
+    ready_wait_s: float = Field(default=5.0, ge=0, le=300)
     ha_discovery: bool = False  # announce devices to Home Assistant (MQTT discovery)
     discovery_prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_/-]{1,64}$")
 

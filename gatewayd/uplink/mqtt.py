@@ -3,15 +3,10 @@
 One supervised task, ``link``, connects, serves the session, and reconnects with capped, jittered backoff for as
 long as the broker stays away; the daemon starts and works without one. A session runs two tasks:
 
-- ``receive``: commands from ``gatewayd/{id}/cmd`` (QoS 1). A command is acknowledged to the broker (PUBACK) only
-  after it is committed to the store: the client is told "accepted" exactly when the durability contract
-  holds. Invalid payloads are rejected with an error on ``events`` and acknowledged (they will never become
-  valid); a command that could not be committed (the store failing, the daemon stopping) is not acknowledged,
-  so the broker delivers it again on the next session (the session is persistent: ``clean_session = false``).
-  A redelivered command with an id we already have is not run again; if it finished, its result is sent again.
-  While the storage is full, a command is refused (``command_rejected`` with ``storage_full``, unless it is
-  critical) and the event is published at once, not through the outbox on the full disk; the command is
-  acknowledged only after the broker acknowledged that event, so a refusal is never lost silently.
+- ``receive``: commands from ``gatewayd/{id}/cmd`` (QoS 1), taken concurrently and acknowledged (PUBACK) in order,
+  each only after it is committed: the client is told "accepted" exactly when the durability contract holds.
+  :mod:`gatewayd.uplink.intake` has the rules (what is refused, what is left to the broker, the rate limits).
+  The session is persistent (``clean_session = false``): what is not acknowledged is delivered again next time.
 - ``drain``: the outbox, in (priority, arrival) order, at a pace set by an upstream token bucket. A row is
   deleted only after the broker's PUBACK. A PUBACK missing ``puback_timeout_s`` ends the session: a link that
   stopped carrying data is detected in seconds, not after 1.5 keepalives. Rows the broker acknowledged but the
@@ -37,14 +32,11 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import structlog
 
-from gatewayd.commands.model import CommandRecord
 from gatewayd.commands.service import CommandService
-from gatewayd.commands.validate import decode_json
 from gatewayd.config.models import MqttSection
 from gatewayd.config.profiles import Profile
-from gatewayd.errors import BadRequest, GatewayError, PayloadTooLarge, ShuttingDown, StorageFull, StoreUnavailable
-from gatewayd.interpret.errors import InterpretUnavailable
-from gatewayd.observability.metrics import UPLINK_COMMANDS, UPLINK_CONNECTED, UPLINK_PUBLISHED, counter
+from gatewayd.errors import GatewayError, StoreUnavailable
+from gatewayd.observability.metrics import UPLINK_CONNECTED, UPLINK_PUBLISHED, counter
 from gatewayd.resilience.bucket import TokenBucket
 from gatewayd.resilience.classify import Verdict
 from gatewayd.resilience.errors import RetryExhausted
@@ -52,8 +44,8 @@ from gatewayd.resilience.retry import RetryPolicy
 from gatewayd.store import Store, outbox
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
-from gatewayd.telemetry.sink import Record
 from gatewayd.uplink.discovery import discovery_messages
+from gatewayd.uplink.intake import Intake, LinkLost
 
 if TYPE_CHECKING:
     from gatewayd.interpret.service import InterpretService
@@ -63,10 +55,6 @@ log = structlog.get_logger("gatewayd.uplink")
 _RECONNECT_ATTEMPTS = 2**31  # a broker may stay away for weeks: the schedule never gives up
 _IDLE_POLL_S = 1.0  # the outbox is also looked at this often when nothing woke the drain
 _STORE_RETRY_S = 1.0  # sent rows that could not be deleted (the disk full) are tried again this often
-
-
-class _LinkLost(Exception):
-    """The session cannot go on (a PUBACK did not come, the store failed under a command): reconnect."""
 
 
 def _broker_verdict(err: BaseException) -> Verdict:
@@ -85,6 +73,7 @@ class Uplink:
         recorder: Recorder,
         devices: Callable[[], Mapping[str, Profile]],
         *,
+        interpret: InterpretService | None = None,
         environ: Mapping[str, str] | None = None,
     ):
         self.cfg = cfg
@@ -95,7 +84,18 @@ class Uplink:
         self._service = service
         self._recorder = recorder
         self._devices = devices
-        self.interpret: InterpretService | None = None  # set when [interpret] is enabled
+        self.intake = Intake(
+            cfg,
+            client_id=self.client_id,
+            store=store,
+            service=service,
+            recorder=recorder,
+            devices=devices,
+            wake_drain=self.wake,
+            interpret=interpret,
+        )
+        self._settled = asyncio.Event()  # the first session subscribed, or the first connection attempt failed
+        self.subscribed = False
         self._environ = os.environ if environ is None else environ
         self._tasks = TaskOwner("uplink")
         self._wake = asyncio.Event()
@@ -120,7 +120,6 @@ class Uplink:
         self.last_error: str | None = None
         self.connects = 0
         self.published = 0
-        self.commands_received = 0
         self._sent: list[int] = []  # outbox rows the broker acknowledged, not deleted yet (the store failing)
         self._delete_failing = False
         recorder.listeners.append(self.wake)
@@ -144,7 +143,12 @@ class Uplink:
             "last_error": self.last_error,
             "connects": self.connects,
             "published": self.published,
-            "commands_received": self.commands_received,
+            "commands_received": self.intake.received,
+            "commands_taking": self.intake.taking,
+            "commands_left_to_broker": self.intake.left_to_broker,
+            "commands_refused_unannounced": self.intake.suppressed,
+            "intake_open": self.intake.is_open,
+            "subscribed": self.subscribed,
         }
 
     async def __aenter__(self) -> Uplink:
@@ -202,6 +206,7 @@ class Uplink:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError) as err:
             self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}")
+            self._settled.set()
             raise
         return client
 
@@ -231,11 +236,12 @@ class Uplink:
             try:
                 try:
                     await self._session(client)
-                except* (aiomqtt.MqttError, _LinkLost, OSError, GatewayError) as group:
+                except* (aiomqtt.MqttError, LinkLost, OSError, GatewayError) as group:
                     reason = "; ".join(str(e) for e in group.exceptions)
             except asyncio.CancelledError:
                 await self._goodbye(client)
                 raise
+            self.subscribed = False
             self._down(reason)
             with contextlib.suppress(Exception):  # the connection is already broken; closing is best effort
                 await client.__aexit__(None, None, None)
@@ -257,96 +263,40 @@ class Uplink:
                 self.gateway_id, self.base, self.cfg.discovery_prefix, self._devices()
             ):
                 await client.publish(topic, payload, qos=1, retain=True)
+        self.subscribed = True
+        self._settled.set()
+        publish = functools.partial(self._publish_now, client)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._receive(client), name="gatewayd[uplink].receive")
+            tg.create_task(self.intake.serve(client, publish), name="gatewayd[uplink].receive")
             tg.create_task(self._drain(client), name="gatewayd[uplink].drain")
             tg.create_task(self._dropped(), name="gatewayd[uplink].outage")
 
     async def _dropped(self) -> None:
         await self._drop.wait()
-        raise _LinkLost("operator test: broker_down")
+        raise LinkLost("operator test: broker_down")
 
     # --- commands in -----------------------------------------------------------------------------------------
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            await self._on_command(client, message)
+    def open_intake(self) -> None:
+        """The gateway is ready: commands from the broker are taken from now on."""
+        self.intake.open()
 
-    async def _on_command(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        self.commands_received += 1
-        command_id: str | None = None
-        device = "gateway"
-        try:
-            body = _parse(message.payload, self.cfg.max_payload_bytes)
-            if isinstance(body.get("id"), str):
-                command_id = body["id"]
-            if isinstance(body.get("device"), str) and body["device"] in self._devices():
-                # Only a configured device: the recorder keeps each device's last event in memory, and a
-                # name from every bad payload would grow that without bound.
-                device = body["device"]
-            if "text" in body:  # natural language, as over HTTP: interpreted, then the same durable submit
-                if self.interpret is None:
-                    raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
-                rec, created, _ = await self.interpret.submit(body, source="mqtt", client=f"mqtt:{self.client_id}")
-            else:
-                rec, created = await self._service.submit(body, source="mqtt")
-        except StorageFull as err:
-            # Refused for lack of room, logged once when the storage filled up: the sender hears of it at once.
-            counter(UPLINK_COMMANDS, "rejected").inc()
-            log.debug("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
-            await self._rejected(client, device, command_id, err)
-        except (ShuttingDown, StoreUnavailable) as err:
-            # Not committed, and not for anything the sender did: no PUBACK, so the broker delivers it again.
-            counter(UPLINK_COMMANDS, "redeliver").inc()
-            log.warning("mqtt_command_not_committed", command_id=command_id, error=err.message)
-            raise _LinkLost(f"command not committed: {err.message}") from err
-        except GatewayError as err:
-            counter(UPLINK_COMMANDS, "rejected").inc()
-            log.warning("mqtt_command_rejected", command_id=_clip(command_id), code=err.code, error=_clip(err.message))
-            await self._rejected(client, device, command_id, err)
-        except Exception as err:
-            # A bug, not the sender's doing (HTTP answers 500 for the same): logged with its traceback, the sender
-            # told, the message acknowledged. Letting it end the uplink would end the daemon, and the broker would
-            # deliver the same message to the next one: a crash loop on one payload.
-            counter(UPLINK_COMMANDS, "rejected").inc()
-            log.error("mqtt_command_failed", command_id=_clip(command_id), error=f"{type(err).__name__}", exc_info=err)
-            internal = GatewayError(
-                "internal error (logged); look the command up by its id to see whether it was accepted",
-                details={"type": type(err).__name__},
-            )
-            await self._rejected(client, device, command_id, internal)
-        else:
-            if created:
-                counter(UPLINK_COMMANDS, "accepted").inc()
-            else:
-                counter(UPLINK_COMMANDS, "duplicate").inc()
-                log.info("mqtt_command_duplicate", command_id=rec.id, state=rec.state.value)
-                if rec.state.final:
-                    await self._republish(client, rec)
-        _ack(client, message)
+    def close_intake(self) -> None:
+        """Stopping: no command is taken any more; the broker keeps the rest for the next start."""
+        self.intake.close()
 
-    async def _rejected(self, client: aiomqtt.Client, device: str, command_id: str | None, err: GatewayError) -> None:
-        """The ``command_rejected`` event: through the outbox as a rule; published at once, before the command's
-        PUBACK, while the storage is full (the outbox would have no room for it, or eat the reserve)."""
-        data = _clip({"id": command_id, **err.to_dict()})
-        record = Record.of_event(device, "command_rejected", data, severity="warning")
-        if not isinstance(err, StorageFull) and not self._service.storage_full:
-            self._recorder.put(record)
-            return
-        topic, payload = self._recorder.message_now(record)
-        await client.publish(f"{self.base}/{topic}", payload, qos=1)  # an error ends the session: no PUBACK
+    async def wait_settled(self, timeout_s: float) -> bool:
+        """At start-up: until the first session has subscribed to the cmd topic (so a command published from now
+        on reaches us), or the first connection attempt failed (the broker is away: offline is a normal state), or
+        ``timeout_s`` passed. True if subscribed."""
+        if not self.cfg.enabled:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), timeout_s)
+        return self.subscribed
 
-    async def _republish(self, client: aiomqtt.Client, rec: CommandRecord) -> None:
-        row = outbox.result_row(
-            rec, mono=time.monotonic(), boot_id=self._service.boot_id, synced=self._recorder.stamper.synced
-        )
-        try:
-            await self._store.write(lambda c: outbox.insert(c, [row]))
-        except StorageFull:
-            # No room in the outbox: the result goes out now instead, before the duplicate is acknowledged.
-            await client.publish(f"{self.base}/{row.topic}", row.message(), qos=1)
-            return
-        self.wake()
+    async def _publish_now(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        await client.publish(f"{self.base}/{topic}", payload, qos=1)
 
     # --- outbox out ------------------------------------------------------------------------------------------
 
@@ -367,7 +317,7 @@ class Uplink:
                 self.published += len(acked)
                 await self._forget_sent()
             if failures:
-                raise _LinkLost(f"publish failed: {failures[0]}")
+                raise LinkLost(f"publish failed: {failures[0]}")
 
     async def _forget_sent(self) -> bool:
         """Delete the rows the broker acknowledged. False while the store cannot (the disk full): they stay
@@ -411,37 +361,3 @@ class Uplink:
                     await self._bucket.acquire()
                 tg.create_task(one(row))
         return acked, failures
-
-
-def _parse(payload: Any, limit: int) -> dict[str, Any]:
-    if isinstance(payload, str):
-        payload = payload.encode()
-    if not isinstance(payload, bytes | bytearray):
-        raise BadRequest("the command payload is empty")
-    if len(payload) > limit:
-        raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {limit}", details={"limit": limit})
-    body = decode_json(payload, "the command")
-    if not isinstance(body, dict):
-        raise BadRequest("the command must be a JSON object")
-    return body
-
-
-_CLIP_CHARS = 200  # of any string a rejection echoes back (an id, a parameter's value, a message quoting them)
-_CLIP_ITEMS = 20  # of any list or object in it
-
-
-def _clip(value: Any) -> Any:
-    """A rejection event echoes what the sender got wrong, not all of it: up to 64 KiB of someone's junk in
-    every event would cost the outbox, the broker and the daemon's memory for nothing."""
-    if isinstance(value, str):
-        return value if len(value) <= _CLIP_CHARS else value[:_CLIP_CHARS] + "..."
-    if isinstance(value, dict):
-        return {_clip(str(k)): _clip(v) for k, v in list(value.items())[:_CLIP_ITEMS]}
-    if isinstance(value, list | tuple):
-        return [_clip(v) for v in value[:_CLIP_ITEMS]]
-    return value
-
-
-def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-    if message.qos > 0:
-        client._client.ack(message.mid, message.qos)

@@ -287,12 +287,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready = taking new commands: not while starting or stopping, nor while the storage is full (alive then,
-    and /healthz says so: a restart would not free the disk)."""
+    """Ready = taking new commands: not while starting (until the uplink has subscribed, or found the broker away)
+    or stopping, nor while the storage is full (alive then, and /healthz says so: a restart would not free the
+    disk)."""
     service = _ctx(request).service
     status = _ctx(request).status()
     body: dict[str, Any] = {"status": "ready", "phase": status["phase"]}
-    if not service.accepting:
+    if not service.accepting or status["phase"] != "running":
         body["status"] = "not_ready"
     elif service.storage_full:
         body.update(status="not_ready", reason="storage_full", storage=status["storage"])

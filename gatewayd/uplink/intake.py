@@ -1,0 +1,419 @@
+"""Commands from ``gatewayd/{id}/cmd``: taken concurrently, bounded, rate-limited, acknowledged in order.
+
+Each message is handed to a task of its own, so a command waiting for its commit, or a natural-language one
+waiting for the provider chain, does not hold up the next one: an emergency stop published behind them is
+committed and queued at once. At most ``[mqtt] intake_concurrency`` commands are being taken at a time, and
+critical ones have a few slots of their own (``_CRITICAL_SLOTS``) that ordinary traffic cannot fill.
+
+PUBACKs follow the durability contract and MQTT's ordering rule: a command is acknowledged only once it is
+committed (or refused for good, its ``command_rejected`` event on its way), and acknowledgements go out in the
+order the messages arrived (MQTT 3.1.1 section 4.6), each as soon as it and everything before it are settled.
+
+What is never acknowledged, so the broker keeps it for the next session (ours is persistent):
+- a message that arrives while intake is closed: before the gateway is ready, and from the moment it stops
+  (SIGTERM). The session goes on meanwhile; there is no reconnect loop;
+- a command the store cannot take for a reason that is not the sender's (the store stalled or lost, not full):
+  it is tried again every ``_STORE_RETRY_S`` while intake is open, and left to the broker when it closes.
+
+Paced: commands are taken at most ``commands_per_s`` a second (burst ``commands_burst``), in the order they
+arrived, so one runaway publisher cannot grow the queues and the store faster than that, while a backlog the
+broker kept for us during an outage is taken in full, only spread out. A message waiting for its turn holds no
+slot and is not acknowledged, so the broker's window of unacknowledged messages slows the publisher down.
+Critical commands are not paced behind ordinary ones: they take a token from the shared bucket, or from a reserve
+of their own (``critical_per_s``, ``critical_burst``); past that they wait at the head of the line.
+
+Refused, acknowledged, answered with a typed ``command_rejected`` event on ``events``:
+- a retained message (``retained_command``): the broker replays a retained message to every new subscription,
+  so it would run again at every restart and reconnect, an order of unknown age;
+- a message that would wait longer than ``max_wait_s`` for its turn (``rate_limited``): a publisher far ahead of
+  the rate, not a backlog. These refusals are themselves bounded: past ``commands_per_s`` a second their events
+  are left out, counted, and the count rides on the next one (``suppressed``), so a flood cannot fill the
+  outbox with refusals instead;
+- anything else a sender got wrong (bad JSON, unknown device, invalid parameters, a full queue, the storage
+  full), as over HTTP.
+
+A bug while taking one command is logged with its traceback, answered ``internal_error`` and acknowledged: a
+message the daemon cannot take must never become a crash loop (the broker would deliver it to every restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import structlog
+
+from gatewayd.commands.model import CommandRecord
+from gatewayd.commands.service import CommandService
+from gatewayd.commands.validate import decode_json
+from gatewayd.config.models import MqttSection
+from gatewayd.config.profiles import Profile
+from gatewayd.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    RetainedCommand,
+    ShuttingDown,
+    StorageFull,
+    StoreUnavailable,
+)
+from gatewayd.interpret.errors import InterpretUnavailable
+from gatewayd.observability.metrics import UPLINK_COMMANDS, counter
+from gatewayd.resilience.bucket import TokenBucket
+from gatewayd.resilience.errors import RateLimited
+from gatewayd.store import Store, outbox
+from gatewayd.telemetry.recorder import Recorder
+from gatewayd.telemetry.sink import Record
+
+if TYPE_CHECKING:
+    from gatewayd.interpret.service import InterpretService
+
+log = structlog.get_logger("gatewayd.uplink")
+
+_CRITICAL_SLOTS = 4  # commands being taken at once that only critical ones may use
+_MAX_TAKING = 1000  # messages held at once (QoS 0 ones have no broker window to bound them); more are refused
+_STORE_RETRY_S = 1.0
+
+Publish = Callable[[str, bytes], Awaitable[None]]  # (topic below the prefix, payload), QoS 1, awaited to PUBACK
+
+
+class LinkLost(Exception):
+    """The session cannot go on (a PUBACK did not come, a refusal could not be published): reconnect."""
+
+
+@dataclass
+class _Message:
+    """One message from the cmd topic, looked at before it is taken."""
+
+    message: aiomqtt.Message
+    body: dict[str, Any] | None = None
+    refusal: GatewayError | None = None
+    command_id: str | None = None
+    device: str = "gateway"  # a configured device, else "gateway": rejection events are attributed to it
+    critical: bool = False
+    turn: asyncio.Event | None = None  # set by the pacer when a paced message may be taken
+
+
+class Intake:
+    def __init__(
+        self,
+        cfg: MqttSection,
+        *,
+        client_id: str,
+        store: Store,
+        service: CommandService,
+        recorder: Recorder,
+        devices: Callable[[], Mapping[str, Profile]],
+        wake_drain: Callable[[], None],
+        interpret: InterpretService | None = None,
+    ):
+        self.cfg = cfg
+        self._client_id = client_id
+        self._store = store
+        self._service = service
+        self._recorder = recorder
+        self._devices = devices
+        self.interpret = interpret
+        self._wake_drain = wake_drain
+        self._open = asyncio.Event()  # set while commands are taken
+        self._closed = False
+        self._bucket = TokenBucket(cfg.commands_burst, cfg.commands_per_s, name="mqtt.commands")
+        self._critical = TokenBucket(cfg.critical_burst, cfg.critical_per_s, name="mqtt.commands.critical")
+        self._slots = asyncio.Semaphore(cfg.intake_concurrency)
+        self._critical_slots = asyncio.Semaphore(_CRITICAL_SLOTS)
+        self._taking = 0
+        self._line: deque[_Message] = deque()  # waiting for the pacer, in arrival order (critical ones first)
+        self._line_changed = asyncio.Event()
+        self._critical_waiting = 0  # at the head of the line
+        self._line_limit = max(cfg.commands_burst, int(cfg.commands_per_s * cfg.max_wait_s))
+        # Refusals for the rate get their events at the same rate at most; the rest are counted.
+        self._refusals = TokenBucket(cfg.commands_burst, cfg.commands_per_s, name="mqtt.refusal_events")
+        self.suppressed = 0  # rate_limited refusals whose event was left out, in all
+        self._suppressed_since = 0  # ... since the last event that was published
+        self.received = 0
+        self.left_to_broker = 0  # not acknowledged: intake closed, or the store could not take it
+        self._store_failing = False
+
+    def open(self) -> None:
+        """The gateway is ready: take the commands the broker has been holding, and the new ones."""
+        if not self._closed:
+            self._open.set()
+
+    def close(self) -> None:
+        """Stopping: take no new message and leave the rest to the broker; commands being taken finish."""
+        self._closed = True
+        self._open.clear()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    @property
+    def taking(self) -> int:
+        return self._taking
+
+    # --- a session -------------------------------------------------------------------------------------------
+
+    async def serve(self, client: aiomqtt.Client, publish: Publish) -> None:
+        """Take the session's messages until it ends (cancelled with it; a command being committed still reaches
+        the dispatcher: CommandService.submit shields its commit)."""
+        order: deque[tuple[aiomqtt.Message, asyncio.Future[bool]]] = deque()  # QoS 1 and 2, in arrival order
+
+        def settled(_fut: asyncio.Future[bool] | None = None) -> None:
+            while order and order[0][1].done():
+                message, fut = order.popleft()
+                if not fut.cancelled() and fut.exception() is None and fut.result():
+                    _ack(client, message)
+
+        await self._open.wait()  # messages wait in the client's queue meanwhile, unacknowledged
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._pace(), name="gatewayd[uplink].pacer")
+            async for message in client.messages:
+                if not self._open.is_set():
+                    self.left_to_broker += 1
+                    counter(UPLINK_COMMANDS, "left_to_broker").inc()
+                    continue
+                self.received += 1
+                looked = self._look(message)
+                task = tg.create_task(self._take(looked, publish), name="gatewayd[uplink].command")
+                if message.qos > 0:
+                    order.append((message, task))
+                    task.add_done_callback(settled)
+
+    def _look(self, message: aiomqtt.Message) -> _Message:
+        """Parse and admit, synchronously and cheaply: what is refused here takes no slot."""
+        m = _Message(message)
+        try:
+            body = _parse(message.payload, self.cfg.max_payload_bytes)
+            if isinstance(body.get("id"), str):
+                m.command_id = body["id"]
+            if isinstance(body.get("device"), str) and body["device"] in self._devices():
+                # Only a configured device: the recorder keeps each device's last event in memory, and a name
+                # from every bad payload would grow that without bound.
+                m.device = body["device"]
+            m.critical = isinstance(body.get("priority"), str) and body["priority"].lower() == "critical"
+            if message.retain:
+                raise RetainedCommand(
+                    "a retained command is refused: the broker replays it at every subscription, so it would run "
+                    "again at every restart and reconnect; publish commands with retain=false (clear this one "
+                    "with an empty retained message on the topic)"
+                )
+            if self._taking >= _MAX_TAKING:
+                raise RateLimited("mqtt.commands (busy)", 1.0, limit=_MAX_TAKING, remaining=0, reset_s=1.0)
+            if not self._line and self._bucket.try_acquire().allowed:
+                pass  # its turn now
+            elif m.critical and self._critical.try_acquire().allowed:
+                pass  # the reserve: not behind ordinary traffic
+            elif (self._critical_waiting if m.critical else len(self._line)) >= self._line_limit:
+                wait_s = len(self._line) / self.cfg.commands_per_s
+                raise RateLimited(self._bucket.name, wait_s, limit=self.cfg.commands_per_s, remaining=0, reset_s=wait_s)
+            else:
+                m.turn = asyncio.Event()
+                if m.critical:  # behind the critical ones already waiting, ahead of every other
+                    self._line.insert(self._critical_waiting, m)
+                    self._critical_waiting += 1
+                else:
+                    self._line.append(m)
+                self._line_changed.set()
+            m.body = body
+        except GatewayError as err:
+            m.refusal = err
+            if m.command_id is None and isinstance(err, BadRequest):
+                m.command_id = _salvage_id(message.payload)
+        return m
+
+    async def _pace(self) -> None:
+        """Let the waiting messages go, in their order, as the bucket refills."""
+        try:
+            while True:
+                while not self._line:
+                    self._line_changed.clear()
+                    await self._line_changed.wait()
+                await self._bucket.acquire()
+                m = self._line.popleft()
+                if m.critical:
+                    self._critical_waiting -= 1
+                assert m.turn is not None
+                m.turn.set()
+        finally:
+            self._line.clear()
+            self._critical_waiting = 0  # the session ended: what waited comes again when the broker delivers it again
+
+    async def _take(self, m: _Message, publish: Publish) -> bool:
+        """True when the message may be acknowledged."""
+        self._taking += 1
+        try:
+            if m.refusal is not None:
+                await self._rejected(m, m.refusal, publish)
+                return True
+            if m.turn is not None:
+                await m.turn.wait()
+            slots = self._slots
+            if m.critical and self._slots.locked():
+                slots = self._critical_slots
+            async with slots:
+                return await self._submit(m, publish)
+        finally:
+            self._taking -= 1
+
+    async def _submit(self, m: _Message, publish: Publish) -> bool:
+        assert m.body is not None
+        while True:
+            try:
+                if "text" in m.body:  # natural language, as over HTTP: interpreted, then the same durable submit
+                    if self.interpret is None:
+                        raise InterpretUnavailable(
+                            "natural-language commands are turned off ([interpret] enabled = false)"
+                        )
+                    client = f"mqtt:{self._client_id}"
+                    rec, created, _ = await self.interpret.submit(m.body, source="mqtt", client=client)
+                else:
+                    rec, created = await self._service.submit(m.body, source="mqtt")
+            except StorageFull as err:
+                await self._rejected(m, err, publish)  # logged once, when the storage filled up
+                return True
+            except ShuttingDown:
+                self._left(m, "shutting down")
+                return False
+            except StoreUnavailable as err:
+                # Not committed, and not for anything the sender did. Held, unacknowledged, and tried again: a
+                # reconnect would only bring the same message back at once.
+                if not self._open.is_set():
+                    self._left(m, err.message)
+                    return False
+                if not self._store_failing:
+                    self._store_failing = True
+                    log.warning("mqtt_command_not_committed", command_id=_clip(m.command_id), error=err.message)
+                await asyncio.sleep(_STORE_RETRY_S)
+                continue
+            except GatewayError as err:
+                await self._rejected(m, err, publish)
+                return True
+            except Exception as err:
+                # A bug, not the sender's doing (HTTP answers 500 for the same): logged with its traceback, the
+                # sender told, the message acknowledged.
+                log.error("mqtt_command_failed", command_id=_clip(m.command_id), error=type(err).__name__, exc_info=err)
+                internal = GatewayError(
+                    "internal error (logged); look the command up by its id to see whether it was accepted",
+                    details={"type": type(err).__name__},
+                )
+                await self._rejected(m, internal, publish)
+                return True
+            self._store_failing = False
+            if created:
+                counter(UPLINK_COMMANDS, "accepted").inc()
+            else:
+                counter(UPLINK_COMMANDS, "duplicate").inc()
+                log.info("mqtt_command_duplicate", command_id=rec.id, state=rec.state.value)
+                if rec.state.final:
+                    await self._republish(rec, publish)
+            return True
+
+    def _left(self, m: _Message, why: str) -> None:
+        self.left_to_broker += 1
+        counter(UPLINK_COMMANDS, "left_to_broker").inc()
+        log.debug("mqtt_command_left_to_broker", command_id=_clip(m.command_id), reason=why)
+
+    async def _rejected(self, m: _Message, err: GatewayError, publish: Publish) -> None:
+        """The ``command_rejected`` event: through the outbox as a rule; published at once, before the command's
+        PUBACK, while the storage is full (the outbox would have no room for it, or eat the reserve). Never
+        raises but :class:`LinkLost` (that immediate publish failed): a refusal cannot end the daemon."""
+        counter(UPLINK_COMMANDS, "rejected").inc()
+        if isinstance(err, RateLimited) and not self._refusals.try_acquire().allowed:
+            self.suppressed += 1
+            self._suppressed_since += 1
+            counter(UPLINK_COMMANDS, "rejected_unannounced").inc()
+            if self._suppressed_since == 1:
+                log.warning("mqtt_refusals_suppressed", reason="more refusals a second than commands_per_s")
+            return
+        if not isinstance(err, StorageFull):
+            log.warning(
+                "mqtt_command_rejected", command_id=_clip(m.command_id), code=err.code, error=_clip(err.message)
+            )
+        try:
+            data = _clip({"id": m.command_id, **err.to_dict()})
+            if self._suppressed_since:
+                data["suppressed"] = self._suppressed_since  # refusals since the last event that had no event
+                self._suppressed_since = 0
+            record = Record.of_event(m.device, "command_rejected", data, severity="warning")
+            if not isinstance(err, StorageFull) and not self._service.storage_full:
+                self._recorder.put(record)
+                return
+            topic, payload = self._recorder.message_now(record)
+        except Exception as bug:  # shaping the event failed: the message is still answered for
+            log.error("mqtt_rejection_failed", command_id=_clip(m.command_id), exc_info=bug)
+            return
+        try:
+            await publish(topic, payload)
+        except (aiomqtt.MqttError, OSError) as lost:
+            raise LinkLost(f"a command's refusal could not be published: {lost}") from lost
+
+    async def _republish(self, rec: CommandRecord, publish: Publish) -> None:
+        """A command sent again after it finished: its result again, through the outbox (at once when full)."""
+        row = outbox.result_row(
+            rec, mono=time.monotonic(), boot_id=self._service.boot_id, synced=self._recorder.stamper.synced
+        )
+        try:
+            await self._store.write(lambda c: outbox.insert(c, [row]))
+        except StorageFull:
+            try:
+                await publish(row.topic, row.message())
+            except (aiomqtt.MqttError, OSError) as lost:
+                raise LinkLost(f"a result could not be published: {lost}") from lost
+            return
+        self._wake_drain()
+
+
+def _parse(payload: Any, limit: int) -> dict[str, Any]:
+    if isinstance(payload, str):
+        payload = payload.encode()
+    if not isinstance(payload, bytes | bytearray):
+        raise BadRequest("the command payload is empty")
+    if len(payload) > limit:
+        raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {limit}", details={"limit": limit})
+    body = decode_json(payload, "the command")
+    if not isinstance(body, dict):
+        raise BadRequest("the command must be a JSON object")
+    return body
+
+
+def _salvage_id(payload: Any) -> str | None:
+    """The id of a command refused for JSON that Python reads but JSON does not allow (NaN, 1e999, a lone
+    surrogate), so that its sender can tell which command the refusal is about. Nothing else is taken from it."""
+    if not isinstance(payload, bytes | bytearray) or len(payload) > 65536:
+        return None
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    found = body.get("id") if isinstance(body, dict) else None
+    return found if isinstance(found, str) and _ID.fullmatch(found) else None
+
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CLIP_CHARS = 200  # of any string a rejection echoes back (an id, a parameter's value, a message quoting them)
+_CLIP_ITEMS = 20  # of any list or object in it
+
+
+def _clip(value: Any) -> Any:
+    """A rejection event echoes what the sender got wrong, not all of it: up to 64 KiB of someone's junk in
+    every event would cost the outbox, the broker and the daemon's memory for nothing."""
+    if isinstance(value, str):
+        return value if len(value) <= _CLIP_CHARS else value[:_CLIP_CHARS] + "..."
+    if isinstance(value, dict):
+        return {_clip(str(k)): _clip(v) for k, v in list(value.items())[:_CLIP_ITEMS]}
+    if isinstance(value, list | tuple):
+        return [_clip(v) for v in value[:_CLIP_ITEMS]]
+    return value
+
+
+def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
