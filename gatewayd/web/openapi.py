@@ -64,17 +64,22 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
+# Nothing in a command is coerced or trimmed: a value of another JSON type, or with whitespace around it, is a 422.
+_NAME = "matched exactly: a name with whitespace around it is refused, not trimmed"
+_ID = "idempotency key, taken exactly as sent (a trailing newline is refused, not stripped)"
+_TTL = 'seconds, a JSON number: true or "5" is refused'
+
 _COMMAND_REQUEST = {
     "type": "object",
     "description": "A structured command; validated against the device's profile.",
     "properties": {
-        "device": {"type": "string", "minLength": 1, "maxLength": 64},
-        "action": {"type": "string", "minLength": 1, "maxLength": 64},
+        "device": {"type": "string", "minLength": 1, "maxLength": 64, "description": _NAME},
+        "action": {"type": "string", "minLength": 1, "maxLength": 64, "description": _NAME},
         "params": {"type": "object"},
-        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": "idempotency key"},
-        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": _ID},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": _TTL},
         "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
-        "confirm": {"type": "boolean"},
+        "confirm": {"type": "boolean", "description": 'the literal true or false (not 1, not "yes")'},
     },
     "required": ["device", "action"],
     "additionalProperties": False,
@@ -88,8 +93,8 @@ _TEXT_REQUEST = {
         "text": {"type": "string", "minLength": 1},
         "user": {"type": "string"},
         "confirm": {"type": "boolean"},
-        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": _ID},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": _TTL},
         "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
     },
     "required": ["text"],
