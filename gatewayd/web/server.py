@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import zlib
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.web import auth, openapi
+from gatewayd.web.connections import Connections, listen
 from gatewayd.web.console import CONSOLE, Console
 from gatewayd.web.limits import RateLimits, metrics_middleware
 
@@ -314,9 +316,16 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 def build_app(
-    ctx: WebContext, max_body_bytes: int, limits: RateLimits | None = None, console: Console | None = None
+    ctx: WebContext,
+    max_body_bytes: int,
+    limits: RateLimits | None = None,
+    console: Console | None = None,
+    connections: Connections | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[metrics_middleware, errors_middleware], client_max_size=max_body_bytes)
+    middlewares = [metrics_middleware, errors_middleware]
+    if connections is not None:
+        middlewares.insert(0, connections.middleware)  # first: no header deadline while a request is handled
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[CTX] = ctx
     app[MAX_BODY] = max_body_bytes
     if console is not None:
@@ -350,6 +359,8 @@ class WebServer:
         self.ctx = ctx
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections = Connections(max_connections=cfg.max_connections, header_timeout_s=cfg.header_timeout_s)
         self.console = Console(
             cfg,
             service=ctx.service,
@@ -359,21 +370,23 @@ class WebServer:
         )
 
     async def __aenter__(self) -> WebServer:
-        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console)
+        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console, self.connections)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=2.0, auto_decompress=False
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        assert self._runner.server is not None
+        # Our own listening socket rather than a web.TCPSite: every connection goes through self.connections
+        # (the cap, the header deadline) on its way to aiohttp.
         try:
-            await site.start()
+            self._listener = await listen(self.connections, self._runner.server, self.cfg.host, self.cfg.port)
         except OSError as err:
             await self._runner.cleanup()
             raise GatewayError(
                 f"cannot listen on {self.cfg.host}:{self.cfg.port}: {err.strerror or err}", code="listen_failed"
             ) from err
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else self.cfg.port
+        sockets = self._listener.sockets
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.cfg.port
         await self.console.__aenter__()  # its tasks start once listening: a failed start leaves none behind
         log.info("http_listening", host=self.cfg.host, port=self.port, auth=self.cfg.auth.enabled)
         return self
@@ -382,6 +395,9 @@ class WebServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.console.__aexit__(et, e, tb)
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner's cleanup asks the open ones to finish
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
