@@ -1,7 +1,7 @@
 """The HTTP edges a hostile or sloppy client finds, tested in-process and fast: what the command envelope refuses
 instead of coercing (true as 1 second, "yes" as confirmation, an id trimmed of its newline), and the server's own
-limits on a real socket (a deadline for request headers, a cap on connections). tests/faults/test_http_edges.py
-drives the real daemon the same way, at volume."""
+limits on a real socket (a deadline for request headers, a cap on connections, a declared body over the limit
+refused before it is read). tests/faults/test_http_edges.py drives the real daemon the same way, at volume."""
 
 from __future__ import annotations
 
@@ -251,6 +251,44 @@ async def test_connections_over_the_cap_are_refused_at_once_and_the_open_ones_ke
         close(writer)
         for _, writer in held:
             close(writer)
+
+
+BODY_ROUTES = ["/api/v1/commands", "/ui/command", "/login", "/logout", "/api/v1/admin/reset", "/nowhere"]
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
+async def test_a_declared_body_over_the_limit_is_refused_413_before_it_is_read(path: str) -> None:
+    async with serving() as srv:
+        reader, writer = await srv.connect()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            "Content-Length: 100000000000\r\n\r\nab".encode()
+        )
+        status, headers, body = await read_answer(reader, within_s=1.0)
+        assert loop.time() - started < 1.0
+        assert status == 413 and headers["connection"].lower() == "close"
+        error = json.loads(body)["error"]
+        assert error["code"] == "payload_too_large" and error["details"] == {"max_bytes": LIMIT}
+        close(writer)
+
+
+@pytest.mark.parametrize(
+    ("path", "ctype"), [("/api/v1/commands", "application/json"), ("/ui/command", "application/x-www-form-urlencoded")]
+)
+async def test_a_chunked_body_that_grows_past_the_limit_is_refused_413(path: str, ctype: str) -> None:
+    async with serving() as srv:
+        reader, writer = await srv.connect()
+        head = f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head.encode())
+        chunk = b"a" * 8192
+        for _ in range(LIMIT // len(chunk) + 2):
+            writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        status, _, body = await read_answer(reader)
+        error = json.loads(body)["error"]
+        assert status == 413 and error["code"] == "payload_too_large" and error["details"] == {"max_bytes": LIMIT}
+        close(writer)
 
 
 async def wait_for(predicate: Any, within_s: float) -> None:

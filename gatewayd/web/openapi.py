@@ -22,7 +22,7 @@ _DESCRIPTIONS = {
     403: "The credentials lack the role this needs, or the CSRF token is missing",
     404: "No such command, device, route or scenario",
     409: "Conflicts with the current state",
-    413: "The body is larger than http.max_body_bytes",
+    413: "The body is larger than http.max_body_bytes (a declared Content-Length is refused before it is read)",
     422: "Valid JSON that the device's profile does not accept",
     429: "Rate limited; see Retry-After and X-RateLimit-*",
     503: (
@@ -35,8 +35,9 @@ _RATE_HEADERS = {
     name: {"schema": {"type": "string"}}
     for name in ("Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 }
-# Every API route may be refused for these, whatever it does.
-_ALWAYS = (401, 403, 429, 503)
+# Every API route may be refused for these, whatever it does (413: a request declaring a body over the limit, on
+# any route, is refused before its route is looked at).
+_ALWAYS = (401, 403, 413, 429, 503)
 
 
 def _responses(ok: int, *errors: int, content: dict[str, Any] | None = None) -> dict[str, Any]:

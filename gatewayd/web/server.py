@@ -78,7 +78,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
         # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
         headers = err.headers() if isinstance(err, RateLimited | CircuitOpenError | StorageFull) else None
-        return error_response(err, headers)
+        response = error_response(err, headers)
+        if isinstance(err, PayloadTooLarge):
+            response.force_close()  # the rest of the body is not read: this connection cannot carry another request
+        return response
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's client_max_size, where a form or a chunked body is read
+        response = error_response(too_large(request.app[MAX_BODY]))
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -101,12 +108,29 @@ CTX = web.AppKey("ctx", WebContext)
 MAX_BODY = web.AppKey("max_body", int)
 
 
+def too_large(limit: int, what: str = "the request body") -> PayloadTooLarge:
+    return PayloadTooLarge(f"{what} exceeds {limit} bytes", details={"max_bytes": limit})
+
+
+@web.middleware
+async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body declared larger than ``max_body_bytes`` is refused before a byte of it is read, on every route
+    (before access control, which reads a form's CSRF field): a client that declares 100 GB and sends two bytes
+    is answered at once, not waited on. A body of undeclared length (chunked) is cut where it passes the limit,
+    by aiohttp's ``client_max_size``, wherever it is read."""
+    limit = request.app[MAX_BODY]
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise too_large(limit, f"the declared body ({declared} bytes)")
+    return await handler(request)
+
+
 async def _json_body(request: web.Request) -> Any:
     limit = request.app[MAX_BODY]
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
+        raise too_large(limit) from None
     raw = _decoded(raw, request.headers.get("Content-Encoding", ""), limit)
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
@@ -129,7 +153,7 @@ def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
     except zlib.error as err:
         raise BadRequest(f"the request body is not {name}: {err}", details={"encoding": encoding}) from None
     if len(out) > limit:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes once decoded", details={"max_bytes": limit})
+        raise too_large(limit, "the request body, once decoded,")
     if not stream.eof or stream.unused_data:
         raise BadRequest(f"the request body is not a whole {name} stream", details={"encoding": encoding})
     return out
@@ -322,7 +346,7 @@ def build_app(
     console: Console | None = None,
     connections: Connections | None = None,
 ) -> web.Application:
-    middlewares = [metrics_middleware, errors_middleware]
+    middlewares = [metrics_middleware, errors_middleware, body_limit_middleware]
     if connections is not None:
         middlewares.insert(0, connections.middleware)  # first: no header deadline while a request is handled
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)

@@ -1,7 +1,8 @@
 """The HTTP edges, against the real daemon over raw sockets, as a hostile client finds them: 200 slowloris sockets
 (half a request, then silence; or a byte every half second) are all cut at ``header_timeout_s`` and the daemon's
-file descriptors come back to where they were, while a normal request is answered at once; and a flood of
-connections over ``max_connections`` is refused without hurting the clients already connected."""
+file descriptors come back to where they were, while a normal request is answered at once; a flood of connections
+over ``max_connections`` is refused without hurting the clients already connected; and a body declared 100 GB with
+two bytes sent is answered 413 at once, on each route that reads a body."""
 
 from __future__ import annotations
 
@@ -219,3 +220,30 @@ def _answers(d: Daemon) -> bool:
         return d.get("/healthz")[0] == 200
     except OSError:
         return False
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("path", "ctype"), [("/api/v1/commands", "application/json"), ("/ui/command", FORM), ("/login", FORM)]
+)
+def test_a_body_declared_huge_with_two_bytes_sent_is_answered_413_at_once(
+    make_daemon: Any, path: str, ctype: str
+) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=5) as sock:
+        started = time.monotonic()
+        status, body = request_on(
+            sock,
+            f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: {ctype}\r\n"
+            "Content-Length: 100000000000\r\n\r\nab".encode(),
+            within_s=1.0,
+        )
+        took = time.monotonic() - started
+    error = json.loads(body)["error"]
+    assert status == 413 and error["code"] == "payload_too_large", (status, body)
+    assert error["details"] == {"max_bytes": 65536}
+    assert took < 1.0
+    print(f"\n{path}: 413 after {took * 1000:.1f} ms")
