@@ -1,8 +1,10 @@
 """The HTTP edges, against the real daemon over raw sockets, as a hostile client finds them: 200 slowloris sockets
 (half a request, then silence; or a byte every half second) are all cut at ``header_timeout_s`` and the daemon's
 file descriptors come back to where they were, while a normal request is answered at once; a flood of connections
-over ``max_connections`` is refused without hurting the clients already connected; and a body declared 100 GB with
-two bytes sent is answered 413 at once, on each route that reads a body."""
+over ``max_connections`` is refused without hurting the clients already connected; a body declared 100 GB with two
+bytes sent is answered 413 at once, on each route that reads a body; and envelopes a lax parser would coerce
+(``ttl_s: true``, ``"5"``, ``confirm: "yes"``, id ``"nl\\n"``) are refused 422 with the field named, and nothing is
+stored or run."""
 
 from __future__ import annotations
 
@@ -247,3 +249,35 @@ def test_a_body_declared_huge_with_two_bytes_sent_is_answered_413_at_once(
     assert error["details"] == {"max_bytes": 65536}
     assert took < 1.0
     print(f"\n{path}: 413 after {took * 1000:.1f} ms")
+
+
+COERCIBLE = [
+    ({"id": "edge-ttl-true", "device": "pump1", "action": "start", "ttl_s": True}, "ttl_s", "edge-ttl-true"),
+    ({"id": "edge-ttl-str", "device": "pump1", "action": "start", "ttl_s": "5"}, "ttl_s", "edge-ttl-str"),
+    ({"id": "edge-yes", "device": "relay1", "action": "on", "confirm": "yes"}, "confirm", "edge-yes"),
+    ({"id": "nl\n", "device": "pump1", "action": "start"}, "id", "nl"),
+    ({"id": "edge-dev", "device": "pump1 ", "action": "start"}, "device", "edge-dev"),
+    ({"text": "start the pump", "id": "nl\n"}, "id", "nl"),
+    ({"text": "start the pump", "id": "edge-text-yes", "confirm": "yes"}, "confirm", "edge-text-yes"),
+    ({"text": "start the pump", "id": "edge-text-ttl", "ttl_s": True}, "ttl_s", "edge-text-ttl"),
+]
+
+
+def test_values_a_lax_parser_would_coerce_are_refused_422_and_nothing_is_stored_or_run(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    d.start()
+    status, stats = d.get("/api/v1/stats")
+    counts = stats["commands"]
+    sim = {device: d.sim_log(device) for device in ("pump1", "relay1")}
+    for body, field_name, stored_as in COERCIBLE:
+        status, answer, _ = d.post(body)
+        assert status == 422, (body, status, answer)
+        error = answer["error"]
+        assert error["code"] == "validation_failed", (body, error)
+        assert [e["field"] for e in error["details"]["errors"]] == [field_name], (body, error)
+        assert d.get(f"/api/v1/commands/{stored_as}")[0] == 404, body  # nothing stored, under either id
+    assert d.get("/api/v1/stats")[1]["commands"] == counts
+    assert {device: d.sim_log(device) for device in sim} == sim  # nothing ran
+    # The same commands, sent as they should be, are taken.
+    status, rec, _ = d.post({"id": "nl", "device": "pump1", "action": "read", "ttl_s": 5}, wait=5)
+    assert status == 200 and rec["state"] == "succeeded" and rec["ttl_s"] == 5
