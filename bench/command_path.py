@@ -284,6 +284,9 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
         # One client sending 2,000 commands as fast as it can: the per-client HTTP limit would measure itself, not
         # the command path.
         "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
+        # --concurrency up to 256 keeps that many connections open: above [http] max_connections (64) the rest would
+        # be refused 503; room for them, and for the wrapper's readiness probes.
+        "GATEWAYD_HTTP__MAX_CONNECTIONS": str(max(64, args.concurrency + 8)),
         "GATEWAYD_MQTT__ENABLED": "false",
     }
     if args.via == "mqtt":

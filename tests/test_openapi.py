@@ -37,6 +37,17 @@ def test_the_document_names_every_route_of_the_server_and_no_other() -> None:
     assert documented == served
 
 
+def test_every_route_documents_the_refusals_any_request_may_get() -> None:
+    """A body declared over the limit is refused 413 on any route, and a connection over [http] max_connections
+    gets a 503 whatever it asked for: both are documented everywhere, with the same error schema."""
+    for path, ops in document()["paths"].items():
+        for method, op in ops.items():
+            for status in ("413", "503"):
+                assert status in op["responses"], (method, path, status)
+                schema = op["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
 def test_fuzzing_the_api_finds_no_server_error_and_no_undocumented_status(daemon: Daemon) -> None:
     schemathesis = shutil.which("schemathesis", path=str(__import__("pathlib").Path(sys.executable).parent))
     assert schemathesis is not None, "schemathesis is part of the test extra"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -79,21 +81,72 @@ def _parse_priority(value: Any) -> Priority:
     raise ValueError("must be one of critical, high, normal, low")
 
 
-CommandId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+def quoted(value: Any) -> str:
+    """A client's value as it looked in its JSON, cut short: what an error message quotes back."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # an integer of more than 4,300 digits, say
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# pydantic's lax mode would take JSON true as 1 second and "5" as five, and "yes" or 1 as confirmation: a client
+# that sends those has a bug to be told about, and a confirmation must be the literal true. These run before
+# pydantic's own checks (range, finiteness, length), which still apply.
+def _seconds(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number of seconds, not {quoted(value)}")
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {quoted(value)}")
+    return value
+
+
+def _name(value: Any) -> Any:
+    # A device or action is matched exactly: "pump1 " is refused, not taken for pump1, so a client's stray
+    # whitespace shows up as the bug it is instead of working here and failing wherever names are compared.
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {quoted(value)}")
+    if value != value.strip():
+        raise ValueError(f"must not begin or end with whitespace, got {quoted(value)}")
+    return value
+
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _command_id(value: Any) -> Any:
+    # The idempotency key is taken exactly as sent or refused: "nl\n" stripped to "nl" would answer a different
+    # command's record, or run a second command under a key the client never used.
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ValueError(f"must be 1 to 128 of A-Z a-z 0-9 . _ : - exactly as sent, got {quoted(value)}")
+    return value
+
+
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_seconds)]
+StrictBool = Annotated[bool, BeforeValidator(_boolean)]
+Name = Annotated[str, Field(min_length=1, max_length=64), BeforeValidator(_name)]
+CommandId = Annotated[str, BeforeValidator(_command_id)]
 
 
 class CommandRequest(BaseModel):
-    """What a client sends (HTTP body, MQTT payload, CLI). Validated against the device profile afterwards."""
+    """What a client sends (HTTP body, MQTT payload, CLI). Validated against the device profile afterwards.
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    Nothing is coerced or trimmed: a value of the wrong JSON type, or a name or id with whitespace around it, is
+    refused with the field named."""
 
-    device: Annotated[str, Field(min_length=1, max_length=64)]
-    action: Annotated[str, Field(min_length=1, max_length=64)]
+    model_config = ConfigDict(extra="forbid")
+
+    device: Name
+    action: Name
     params: dict[str, Any] = Field(default_factory=dict)
     id: CommandId | None = None
-    ttl_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    ttl_s: Seconds | None = None
     priority: Annotated[Priority, BeforeValidator(_parse_priority)] = Priority.NORMAL
-    confirm: bool = False  # required true for actions the profile marks ``confirm``
+    confirm: StrictBool = False  # required true for actions the profile marks ``confirm``
 
 
 def new_command_id() -> str:

@@ -71,10 +71,12 @@ def parse_request(payload: Any) -> CommandRequest:
     try:
         return CommandRequest.model_validate(payload)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": _message(e)} for e in exc.errors()
-        ]
-        raise ValidationFailed("the command is not valid", details={"errors": errors}) from None
+        raise ValidationFailed("the command is not valid", details={"errors": field_errors(exc)}) from None
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic's errors as the API reports them: the field's dotted path and what is wrong with it."""
+    return [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "message": _message(e)} for e in exc.errors()]
 
 
 def _message(e: Mapping[str, Any]) -> str:

@@ -96,6 +96,10 @@ class HttpSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # A client must send a request's complete headers within this of connecting (or of the previous answer on a
+    # kept-alive connection), however slowly it trickles them; and no more than max_connections at once.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    max_connections: int = Field(default=64, ge=1, le=10_000)
     limits: HttpLimits = HttpLimits()
     auth: AuthSection = AuthSection()
     history_interval_s: float = Field(default=10.0, gt=0, le=600)  # the page's hour charts: one sample this often

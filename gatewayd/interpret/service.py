@@ -23,12 +23,12 @@ from typing import Annotated, Any, Literal
 
 import aiohttp
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from gatewayd.commands.model import Clock as CommandClock
-from gatewayd.commands.model import CommandId, CommandRecord
+from gatewayd.commands.model import CommandId, CommandRecord, StrictBool
 from gatewayd.commands.service import CommandService
-from gatewayd.commands.validate import parse_request
+from gatewayd.commands.validate import field_errors, parse_request
 from gatewayd.config.models import InterpretSection
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import BadRequest, Conflict, GatewayError, ShuttingDown, UnknownCommand, ValidationFailed
@@ -51,13 +51,15 @@ Profiles = Callable[[], Mapping[str, Profile]]
 
 
 class TextRequest(BaseModel):
-    """``POST /api/v1/commands`` with ``text``: the words, and what a structured command may also carry."""
+    """``POST /api/v1/commands`` with ``text``: the words, and what a structured command may also carry. The words
+    and the user's name are trimmed (one is prose, the other a rate-limit key); id and confirm follow the command
+    envelope's rules: taken exactly as sent, or refused."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid")
 
-    text: Annotated[str, Field(min_length=1)]
-    user: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    confirm: bool = False
+    text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    user: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)] | None = None
+    confirm: StrictBool = False
     id: CommandId | None = None
     ttl_s: Any = None  # checked with the command envelope's own rules, before any provider is paid
     priority: Any = None
@@ -69,14 +71,7 @@ def parse_text_request(payload: Any, max_chars: int) -> TextRequest:
     try:
         req = TextRequest.model_validate(payload)
     except ValidationError as exc:
-        errors = [
-            {
-                "field": ".".join(str(p) for p in e["loc"]) or "(body)",
-                "message": "unknown field" if e["type"] == "extra_forbidden" else str(e["msg"]),
-            }
-            for e in exc.errors()
-        ]
-        raise ValidationFailed("the request is not valid", details={"errors": errors}) from None
+        raise ValidationFailed("the request is not valid", details={"errors": field_errors(exc)}) from None
     if len(req.text) > max_chars:
         raise ValidationFailed(
             f"the text is longer than {max_chars} characters",

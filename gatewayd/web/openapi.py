@@ -22,18 +22,22 @@ _DESCRIPTIONS = {
     403: "The credentials lack the role this needs, or the CSRF token is missing",
     404: "No such command, device, route or scenario",
     409: "Conflicts with the current state",
-    413: "The body is larger than http.max_body_bytes",
+    413: "The body is larger than http.max_body_bytes (a declared Content-Length is refused before it is read)",
     422: "Valid JSON that the device's profile does not accept",
     429: "Rate limited; see Retry-After and X-RateLimit-*",
-    503: "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable",
+    503: (
+        "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable, or too many "
+        "connections open (http.max_connections, with Retry-After)"
+    ),
     504: "?wait ran out before the command finished",
 }
 _RATE_HEADERS = {
     name: {"schema": {"type": "string"}}
     for name in ("Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 }
-# Every API route may be refused for these, whatever it does.
-_ALWAYS = (401, 403, 429, 503)
+# Every API route may be refused for these, whatever it does (413: a request declaring a body over the limit, on
+# any route, is refused before its route is looked at).
+_ALWAYS = (401, 403, 413, 429, 503)
 
 
 def _responses(ok: int, *errors: int, content: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,17 +68,22 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
+# Nothing in a command is coerced or trimmed: a value of another JSON type, or with whitespace around it, is a 422.
+_NAME = "matched exactly: a name with whitespace around it is refused, not trimmed"
+_ID = "idempotency key, taken exactly as sent (a trailing newline is refused, not stripped)"
+_TTL = 'seconds, a JSON number: true or "5" is refused'
+
 _COMMAND_REQUEST = {
     "type": "object",
     "description": "A structured command; validated against the device's profile.",
     "properties": {
-        "device": {"type": "string", "minLength": 1, "maxLength": 64},
-        "action": {"type": "string", "minLength": 1, "maxLength": 64},
+        "device": {"type": "string", "minLength": 1, "maxLength": 64, "description": _NAME},
+        "action": {"type": "string", "minLength": 1, "maxLength": 64, "description": _NAME},
         "params": {"type": "object"},
-        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": "idempotency key"},
-        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": _ID},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": _TTL},
         "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
-        "confirm": {"type": "boolean"},
+        "confirm": {"type": "boolean", "description": 'the literal true or false (not 1, not "yes")'},
     },
     "required": ["device", "action"],
     "additionalProperties": False,
@@ -88,8 +97,8 @@ _TEXT_REQUEST = {
         "text": {"type": "string", "minLength": 1},
         "user": {"type": "string"},
         "confirm": {"type": "boolean"},
-        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-        "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": _ID},
+        "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": _TTL},
         "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
     },
     "required": ["text"],

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import zlib
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,7 @@ from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.web import auth, openapi
+from gatewayd.web.connections import Connections, listen
 from gatewayd.web.console import CONSOLE, Console
 from gatewayd.web.limits import RateLimits, metrics_middleware
 
@@ -76,7 +78,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
         # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
         headers = err.headers() if isinstance(err, RateLimited | CircuitOpenError | StorageFull) else None
-        return error_response(err, headers)
+        response = error_response(err, headers)
+        if isinstance(err, PayloadTooLarge):
+            response.force_close()  # the rest of the body is not read: this connection cannot carry another request
+        return response
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's client_max_size, where a form or a chunked body is read
+        response = error_response(too_large(request.app[MAX_BODY]))
+        response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -99,12 +108,29 @@ CTX = web.AppKey("ctx", WebContext)
 MAX_BODY = web.AppKey("max_body", int)
 
 
+def too_large(limit: int, what: str = "the request body") -> PayloadTooLarge:
+    return PayloadTooLarge(f"{what} exceeds {limit} bytes", details={"max_bytes": limit})
+
+
+@web.middleware
+async def body_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body declared larger than ``max_body_bytes`` is refused before a byte of it is read, on every route
+    (before access control, which reads a form's CSRF field): a client that declares 100 GB and sends two bytes
+    is answered at once, not waited on. A body of undeclared length (chunked) is cut where it passes the limit,
+    by aiohttp's ``client_max_size``, wherever it is read."""
+    limit = request.app[MAX_BODY]
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise too_large(limit, f"the declared body ({declared} bytes)")
+    return await handler(request)
+
+
 async def _json_body(request: web.Request) -> Any:
     limit = request.app[MAX_BODY]
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes", details={"max_bytes": limit}) from None
+        raise too_large(limit) from None
     raw = _decoded(raw, request.headers.get("Content-Encoding", ""), limit)
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object")
@@ -127,7 +153,7 @@ def _decoded(raw: bytes, encoding: str, limit: int) -> bytes:
     except zlib.error as err:
         raise BadRequest(f"the request body is not {name}: {err}", details={"encoding": encoding}) from None
     if len(out) > limit:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes once decoded", details={"max_bytes": limit})
+        raise too_large(limit, "the request body, once decoded,")
     if not stream.eof or stream.unused_data:
         raise BadRequest(f"the request body is not a whole {name} stream", details={"encoding": encoding})
     return out
@@ -315,9 +341,16 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 def build_app(
-    ctx: WebContext, max_body_bytes: int, limits: RateLimits | None = None, console: Console | None = None
+    ctx: WebContext,
+    max_body_bytes: int,
+    limits: RateLimits | None = None,
+    console: Console | None = None,
+    connections: Connections | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[metrics_middleware, errors_middleware], client_max_size=max_body_bytes)
+    middlewares = [metrics_middleware, errors_middleware, body_limit_middleware]
+    if connections is not None:
+        middlewares.insert(0, connections.middleware)  # first: no header deadline while a request is handled
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[CTX] = ctx
     app[MAX_BODY] = max_body_bytes
     if console is not None:
@@ -351,6 +384,8 @@ class WebServer:
         self.ctx = ctx
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections = Connections(max_connections=cfg.max_connections, header_timeout_s=cfg.header_timeout_s)
         self.console = Console(
             cfg,
             service=ctx.service,
@@ -360,21 +395,23 @@ class WebServer:
         )
 
     async def __aenter__(self) -> WebServer:
-        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console)
+        app = build_app(self.ctx, self.cfg.max_body_bytes, RateLimits(self.cfg.limits), self.console, self.connections)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=2.0, auto_decompress=False
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        assert self._runner.server is not None
+        # Our own listening socket rather than a web.TCPSite: every connection goes through self.connections
+        # (the cap, the header deadline) on its way to aiohttp.
         try:
-            await site.start()
+            self._listener = await listen(self.connections, self._runner.server, self.cfg.host, self.cfg.port)
         except OSError as err:
             await self._runner.cleanup()
             raise GatewayError(
                 f"cannot listen on {self.cfg.host}:{self.cfg.port}: {err.strerror or err}", code="listen_failed"
             ) from err
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else self.cfg.port
+        sockets = self._listener.sockets
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.cfg.port
         await self.console.__aenter__()  # its tasks start once listening: a failed start leaves none behind
         log.info("http_listening", host=self.cfg.host, port=self.port, auth=self.cfg.auth.enabled)
         return self
@@ -383,6 +420,9 @@ class WebServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.console.__aexit__(et, e, tb)
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner's cleanup asks the open ones to finish
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

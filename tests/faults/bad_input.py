@@ -126,6 +126,7 @@ odd_strings = st.one_of(
 )
 bad_ids = st.one_of(
     st.sampled_from(["", "has space", "slash/", "semi;colon", "ü", "x" * 129, "\n", "id\x00", "\ud800"]),
+    st.sampled_from(["nl\n", " id", "id ", "\tid", "id\r\n"]),  # an id is taken exactly as sent: never trimmed
     st.integers(),
     st.lists(st.text(max_size=3), max_size=2),
     st.text(min_size=129, max_size=200),
@@ -137,8 +138,9 @@ def _has_surrogate(text: str) -> bool:
 
 
 def device_codes(value: Any) -> tuple[str, ...]:
-    """A device name no device has: unknown_device if it passes the envelope's checks, else validation_failed."""
-    if isinstance(value, str) and 1 <= len(value.strip()) <= 64 and not _has_surrogate(value):
+    """A device name no device has: unknown_device if it passes the envelope's checks, else validation_failed
+    (a name with whitespace around it is refused, not trimmed)."""
+    if isinstance(value, str) and 1 <= len(value) <= 64 and value == value.strip() and not _has_surrogate(value):
         return ("unknown_device",)
     return ("validation_failed",)
 
@@ -202,7 +204,8 @@ def bad_field_commands(draw: st.DrawFn) -> Payload:
                 st.floats(min_value=604_801),  # over the bundled config's max_ttl_s; Infinity too
                 st.just(math.nan),
                 big_ints,
-                st.text(max_size=5).filter(lambda t: not _is_number(t)),
+                st.text(max_size=5),  # "5" too: a duration is a JSON number, never a string
+                st.booleans(),  # true is not 1 second
                 st.lists(st.integers(), max_size=2),
             )
         )
@@ -215,8 +218,8 @@ def bad_field_commands(draw: st.DrawFn) -> Payload:
     elif field == "confirm":
         body["confirm"] = draw(
             st.one_of(
-                st.sampled_from(["maybe", "yess", "2", "tru", "", " ", "-1"]),
-                st.integers().filter(lambda n: n not in (0, 1)),
+                st.sampled_from(["maybe", "yess", "2", "tru", "", " ", "-1", "yes", "true", "on", "1", "false"]),
+                st.integers(),  # 1 and 0 too: a confirmation is the literal true
                 st.lists(st.booleans(), max_size=2),
                 st.dictionaries(st.text(max_size=3), st.booleans(), max_size=1),
             )
@@ -228,14 +231,6 @@ def bad_field_commands(draw: st.DrawFn) -> Payload:
 
 
 _ENVELOPE = frozenset({"device", "action", "params", "id", "ttl_s", "priority", "confirm"})
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 @st.composite
@@ -328,7 +323,9 @@ def huge(draw: st.DrawFn, limit: int) -> Payload:
 @st.composite
 def text_oddities(draw: st.DrawFn, max_chars: int = 500) -> Payload:
     """Natural-language requests with a field wrong (certain rejections), or words the local rules may read."""
-    oddity = draw(st.sampled_from(["type", "blank", "long", "extra", "bad_id", "bad_ttl", "bad_user", "words"]))
+    oddity = draw(
+        st.sampled_from(["type", "blank", "long", "extra", "bad_id", "bad_ttl", "bad_confirm", "bad_user", "words"])
+    )
     body: dict[str, Any] = {"text": "read the pump"}
     if oddity == "type":
         body["text"] = draw(st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=2)))
@@ -341,7 +338,9 @@ def text_oddities(draw: st.DrawFn, max_chars: int = 500) -> Payload:
     elif oddity == "bad_id":
         body["id"] = draw(bad_ids)
     elif oddity == "bad_ttl":
-        body["ttl_s"] = draw(st.one_of(st.floats(max_value=0), st.text(max_size=5).filter(lambda t: not _is_number(t))))
+        body["ttl_s"] = draw(st.one_of(st.floats(max_value=0), st.text(max_size=5), st.booleans()))
+    elif oddity == "bad_confirm":
+        body["confirm"] = draw(st.sampled_from(["yes", "true", 1, 0, None, [True]]))
     elif oddity == "bad_user":
         body["user"] = draw(st.one_of(st.just(""), st.text(min_size=129, max_size=140), st.integers()))
     else:
