@@ -25,7 +25,8 @@ _DESCRIPTIONS = {
     413: "The body is larger than http.max_body_bytes",
     422: "Valid JSON that the device's profile does not accept",
     429: "Rate limited; see Retry-After and X-RateLimit-*",
-    503: "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable",
+    503: "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable, store lost "
+    "(the database file deleted, replaced or unwritable: until a restart)",
     504: "?wait ran out before the command finished",
 }
 _RATE_HEADERS = {
