@@ -90,13 +90,13 @@ def identify(path: Path) -> dict[str, Identity]:
 def moved(path: Path, known: Mapping[str, Identity]) -> StoreLoss | None:
     """The first of the files in ``known`` that is no longer at its path, or is another file now."""
     for suffix, identity in known.items():
-        name = Path(f"{path}{suffix}")
+        name = f"{path}{suffix}"  # a str, not a Path: this runs twice per commit, and building a Path costs more
         try:
             st = os.stat(name)
         except FileNotFoundError:
             return _gone(path, suffix)
         except OSError as err:  # EACCES: the directory's permissions changed, the path cannot be followed
-            return _not_writable(path, name, err)
+            return _not_writable(path, Path(name), err)
         if (st.st_dev, st.st_ino) != identity:
             return _replaced(path, suffix, identity, (st.st_dev, st.st_ino))
     return None
