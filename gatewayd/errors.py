@@ -97,6 +97,17 @@ class StorageFull(StoreUnavailable):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
+class StoreLost(StoreUnavailable):
+    """The database file the gateway opened is gone (deleted, moved, its directory too), was replaced by another
+    file, or can no longer be written (read-only filesystem, permissions, persistent I/O errors). Nothing written
+    now would be durable, so every write is refused until the gateway is restarted; the message says what
+    happened and what to do. A subclass of :class:`StoreUnavailable`: whoever treats that as "not committed" (the
+    MQTT uplink does not acknowledge the message, so the broker keeps it) does the right thing with this too."""
+
+    code = "store_lost"
+    status = 503
+
+
 # --- requests and commands -----------------------------------------------------------------------------------
 
 

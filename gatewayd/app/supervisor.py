@@ -358,9 +358,21 @@ class Supervisor:
     # --- state -------------------------------------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        """Alive and making progress: the loop runs (we are here) and the store is not stuck on the disk."""
+        """Alive and worth keeping alive: what feeds the watchdog. The loop runs (we are here), the store is not
+        stuck on the disk, and its file is not gone or replaced.
+
+        A store lost that way stops the feeding, so systemd restarts the daemon (within WatchdogSec) and the next
+        start opens a new database, or the file now at the path: nothing else brings the gateway back, and an
+        unattended one would refuse every command until someone came. The store has already made the kill safe
+        (its WAL checkpointed and truncated, so it is not replayed into a replacement: Store._secure). A store lost
+        to a read-only or failing disk, or to permissions, keeps the feeding: a restart cannot open the database
+        there, so it would only turn into a crash loop every RestartSec, without the /healthz and status page that
+        tell the technician why. /healthz is 503 in every case (status()["healthy"])."""
         if self.store is None:
             return self.phase == "starting"
+        lost = self.store.lost
+        if lost is not None and lost.restart_helps:
+            return False
         limit = max(10.0, self.notifier.watchdog_s or 0.0)
         return self.store.stalled_for < limit
 
@@ -369,6 +381,10 @@ class Supervisor:
             return self.phase
         up = sum(1 for d in self.devices.devices.values() if d.availability.available)
         storage = ", STORAGE FULL: new commands refused" if self.space is not None and self.space.full else ""
+        lost = self.store.lost if self.store is not None else None
+        if lost is not None:
+            then = "restart pending" if lost.restart_helps else "fix the disk, then restart"
+            storage = f", STORE LOST ({lost.summary}): new commands refused, {then}{storage}"
         return (
             f"{self.phase}: {up}/{len(self.devices.devices)} devices available, "
             f"{self.dispatcher.queued()} queued, {self.dispatcher.executed} executed{storage}"
@@ -377,18 +393,20 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         cfg = self.loaded.config
         store = self.store
+        lost = store.lost if store else None
         return {
             "gateway_id": cfg.gateway.id,
             "version": __version__,
             "mode": cfg.gateway.mode,
             "phase": self.phase,
-            "healthy": self.healthy(),
+            "healthy": self.healthy() and lost is None,
             "uptime_s": round(time.monotonic() - self._started, 1),
             "queue": self.dispatcher.snapshot() if self.dispatcher else {"queued": 0, "in_flight": 0},
             "store": {
                 "path": str(cfg.db_path),
                 "commits": store.commits if store else 0,
                 "stalled_s": round(store.stalled_for, 3) if store else 0.0,
+                "lost": lost.to_api() if lost else None,
             },
             "storage": self.space.status() if self.space else None,
             "outbox": self._outbox_status(),

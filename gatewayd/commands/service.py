@@ -68,7 +68,11 @@ class CommandService:
         return self.space is not None and self.space.full
 
     def refuse_if_full(self, priority: Priority) -> None:
-        """Raise ``storage_full`` for new work while the storage is full; a critical command may use the reserve."""
+        """Raise ``storage_full`` for new work while the storage is full; a critical command may use the reserve.
+        Raise ``store_lost`` for any work once the store's file is lost: nothing at all could be kept then."""
+        lost = self._store.lost
+        if lost is not None:
+            raise lost.error()
         if self.space is not None and priority is not Priority.CRITICAL and self.space.full:
             raise self.space.refusal()
 

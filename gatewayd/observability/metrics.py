@@ -196,6 +196,12 @@ COMMANDS_PRUNED = Counter(
 STORAGE_FREE_BYTES = Gauge(
     "gatewayd_storage_free_bytes", "Free bytes on the data directory's filesystem (last check).", registry=REGISTRY
 )
+STORE_LOST = Gauge(
+    "gatewayd_store_lost",
+    "1 once the database file was deleted, replaced or turned unwritable while the gateway ran: every write is "
+    "refused (503 store_lost) until a restart; /healthz says why.",
+    registry=REGISTRY,
+)
 
 # --- MQTT uplink -----------------------------------------------------------------------------------------------
 

@@ -9,6 +9,16 @@ A full disk is an error like any other, not the writer's end: SQLite answers SQL
 full") and rolls the whole transaction back, every job of the batch is told :class:`StorageFull`, and the
 writer goes on with the next batch. ``full_reason`` says why the last write failed for lack of space until a
 write succeeds again; a failing streak is logged once, and once more when commits succeed again.
+
+A lost file is the end of writing (:mod:`gatewayd.store.lost`): when the database, its WAL or its shared-memory
+index is deleted or replaced, or the filesystem turns read-only, the files unwritable, or every write fails with an
+I/O error for a while, ``lost`` says why, from then on every write fails with :class:`StoreLost` (reads go on, from
+the file still open), and it stays so until the gateway restarts: it never reopens a file by itself. The writer
+compares the files' identity with the one recorded at open before and after each COMMIT, so no job is acknowledged
+once the store can know its file is gone: a batch found moved before COMMIT is rolled back, one found moved after
+it (the file went while it was being committed) is reported failed, not acknowledged. ``check()`` looks at
+everything, the writability too; DiskSpace calls it every ``[store] space_check_s``, so health turns red without
+any write.
 """
 
 from __future__ import annotations
@@ -29,13 +39,22 @@ from typing import Any, TypeVar
 
 import structlog
 
-from gatewayd.errors import GatewayError, StorageFull, StoreCorrupt, StoreError, StoreUnavailable
+from gatewayd.errors import GatewayError, StorageFull, StoreCorrupt, StoreError, StoreLost, StoreUnavailable
+from gatewayd.observability.metrics import STORE_LOST
+from gatewayd.store import lost as lost_file
+from gatewayd.store.lost import StoreLoss
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
 log = structlog.get_logger("gatewayd.store")
 
 _STOP = object()
+_SECURE = object()  # wakes the writer to make the store safe to kill, once it is lost (see Store._secure)
+
+# Every write failing with an I/O error (not for lack of space) for this long, this many batches in a row, is a
+# failing disk, not a hiccup: the store is lost (io_error). A single failure is retried like any other.
+IO_LOST_AFTER_S = 5.0
+IO_LOST_AFTER_BATCHES = 3
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -119,12 +138,21 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
 
 _OPEN_ROOM = 1024 * 1024  # less free than this, an I/O error on open is most likely the disk being full
 _IO_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY}
+# Errors that may mean the file went away or cannot be written: each makes the writer look (Store.check).
+_FILE_CODES = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_CORRUPT}
+# A disk that fails: SQLite says "disk I/O error", then "database disk image is malformed" once its reads fail too.
+_DISK_CODES = {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CORRUPT}
 
 
 def _io_failure(err: sqlite3.Error) -> bool:
     """The disk or the lock failed us, as opposed to the file's content being wrong (corrupt, not a database)."""
     code = getattr(err, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in _IO_CODES
+
+
+def _primary_code(err: BaseException) -> int | None:
+    code = getattr(err, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
 
 
 def _free_bytes(directory: Path) -> int:
@@ -175,6 +203,13 @@ class Store:
         self.full_reason: str | None = None
         self.failed_batches = 0
         self._failing: str | None = None  # the error of the current streak of failed batches, logged once
+        # Why the store stopped taking writes, for good (until a restart); None while it takes them.
+        self.lost: StoreLoss | None = None
+        self._identity: dict[str, lost_file.Identity] = {}  # (st_dev, st_ino) of each file, recorded at open
+        self._lost_lock = threading.Lock()
+        self._secured = False
+        self._io_since: float | None = None  # the current streak of batches failing with I/O errors
+        self._io_batches = 0
 
     async def __aenter__(self) -> Store:
         conn = await asyncio.to_thread(open_database, self.path, self._synchronous)
@@ -187,6 +222,9 @@ class Store:
             conn.close()
             self._reader.shutdown()
             raise StoreError(f"cannot open database {self.path} for reading: {err}") from err
+        # Both connections are open, so the -wal and -shm exist: this is the identity every check compares with.
+        self._identity = await asyncio.to_thread(lost_file.identify, self.path)
+        STORE_LOST.set(0)
         self._writer = threading.Thread(target=self._write_loop, args=(conn,), name="gatewayd-store-write", daemon=True)
         self._closed = False
         self._writer.start()
@@ -221,6 +259,9 @@ class Store:
         """Run ``job`` in the writer thread; return its result once the transaction holding it is committed."""
         if self._closed:
             raise StoreUnavailable("the store is closed")
+        lost = self.lost
+        if lost is not None:
+            raise lost.error()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put((job, fut, loop))
@@ -248,6 +289,35 @@ class Store:
         except sqlite3.Error as err:
             raise StoreUnavailable(f"database read failed: {err}") from err
 
+    def check(self) -> StoreLoss | None:
+        """Whether the database is still the file at its path and still writable (:func:`lost.inspect`); if not,
+        the store is lost from now on. Blocking (``stat``, ``statvfs``, ``open``): call it from a thread."""
+        if self.lost is None and self._identity:
+            loss = lost_file.inspect(self.path, self._identity)
+            if loss is not None:
+                self._lose(loss)
+        return self.lost
+
+    def _lose(self, loss: StoreLoss) -> StoreLoss:
+        """Record the first loss (any thread), say so once, and wake the writer to make the files safe."""
+        with self._lost_lock:
+            if self.lost is not None:
+                return self.lost
+            self.lost = loss
+        STORE_LOST.set(1)
+        log.error(
+            "store_lost",
+            reason=loss.reason,
+            path=str(loss.path),
+            database=str(self.path),
+            error=loss.message,
+            evidence=loss.evidence,
+            restart_helps=loss.restart_helps,
+            effect="every write refused (503 store_lost) until the gateway restarts; reads go on",
+        )
+        self._jobs.put(_SECURE)
+        return loss
+
     # --- writer thread ---------------------------------------------------------------------------------------
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
@@ -262,11 +332,13 @@ class Store:
                         break
                 if batch[-1] is _STOP or _STOP in batch:
                     stop = True
-                    batch = [item for item in batch if item is not _STOP]
+                batch = [item for item in batch if item is not _STOP and item is not _SECURE]
                 if batch:
                     self._busy_since = time.monotonic()
                     self._commit_batch(conn, batch)
                     self._busy_since = None
+                if self.lost is not None and not self._secured:
+                    self._secure(conn)
         finally:
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -277,6 +349,9 @@ class Store:
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         started = time.monotonic()
+        if self.lost is not None:  # jobs queued before it was lost: refused like the ones after
+            self._tell(batch, [(False, self.lost.error())] * len(batch))
+            return
         if self.write_delay_s:
             time.sleep(self.write_delay_s)  # the writer thread, never the event loop
         try:
@@ -294,18 +369,30 @@ class Store:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     outcomes.append((False, _translate(err)))
+            # The file may have gone while the jobs ran: then the batch is rolled back, and nothing of it reaches
+            # a file that nobody will open again (or, if someone restores it, a file that says it ran).
+            gone = self._moved()
+            if gone is not None:
+                raise _Moved(gone)
             conn.execute("COMMIT")
-        except (sqlite3.Error, _TransactionLost) as exc:
-            cause = exc.cause if isinstance(exc, _TransactionLost) else exc
+        except (sqlite3.Error, _TransactionLost, _Moved) as exc:
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-            failure = write_error(cause)
+            failure = exc.loss.error() if isinstance(exc, _Moved) else self._write_failure(exc)
             self._failed(failure, len(batch))
             outcomes = [(False, failure)] * len(batch)
         else:
+            gone = self._moved()
+            if gone is not None:
+                # It went while the batch was being committed: the commit is in a file that is gone or no longer
+                # the one at the path. Nobody is told it is durable.
+                failure = gone.error()
+                self._failed(failure, len(batch))
+                self._tell(batch, [(False, failure)] * len(batch))
+                return
             self.commits += 1
             self.jobs_committed += len(batch)
             self.last_commit_s = time.monotonic() - started
@@ -314,6 +401,9 @@ class Store:
                 self._failed(full, 1)
             else:
                 self._succeeded()
+        self._tell(batch, outcomes)
+
+    def _tell(self, batch: list[Any], outcomes: list[tuple[bool, Any]]) -> None:
         # Not stalled any more before anyone hears of it: a caller woken by its result must not see a stall.
         self._busy_since = None
         for (_job, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
@@ -322,8 +412,70 @@ class Store:
             except RuntimeError:
                 pass  # the caller's loop is closed: nobody is left to tell, the commit stands
 
+    def _moved(self) -> StoreLoss | None:
+        """The identity check the writer makes around every COMMIT: three ``stat`` calls."""
+        if self.lost is not None:
+            return self.lost
+        loss = lost_file.moved(self.path, self._identity)
+        return None if loss is None else self._lose(loss)
+
+    def _write_failure(self, exc: BaseException) -> StoreUnavailable:
+        """A batch's failure as the daemon's error. An error that may come from the file itself (read-only, I/O,
+        cannot open) makes the writer look at the file: gone, replaced or unwritable is :class:`StoreLost`, and so
+        is a streak of I/O errors that lasts (a failing disk)."""
+        cause = exc.cause if isinstance(exc, _TransactionLost) else exc
+        code = _primary_code(cause)
+        if is_full(cause) or code not in _FILE_CODES:
+            return write_error(cause)
+        loss = self.check()
+        if loss is None and code == sqlite3.SQLITE_READONLY:
+            loss = self._lose(lost_file.read_only(self.path, f"SQLite: {cause}"))
+        if loss is None and code in _DISK_CODES:
+            now = time.monotonic()
+            if self._io_since is None:
+                self._io_since, self._io_batches = now, 0
+            self._io_batches += 1
+            lasted = now - self._io_since
+            # Near a full disk an I/O error is most likely the lack of room (the WAL index cannot grow): not lost.
+            if (
+                self._io_batches >= IO_LOST_AFTER_BATCHES
+                and lasted >= IO_LOST_AFTER_S
+                and _free_bytes(self.path.parent) >= _OPEN_ROOM
+            ):
+                loss = self._lose(lost_file.io_errors(self.path, lasted, self._io_batches, f"SQLite: {cause}"))
+        if loss is None:
+            return write_error(cause)
+        failure = loss.error()
+        failure.__cause__ = cause
+        return failure
+
+    def _secure(self, conn: sqlite3.Connection) -> None:
+        """Once the file is gone or replaced: move the WAL's pages into the database file this connection has
+        open and truncate the WAL, so the process can be killed safely (the watchdog's SIGABRT, kill -9).
+
+        Left as it is, the WAL at the path is still ours, full of pages of our database; the next start would
+        replay them into whatever file is at the path now, and a replacement would read as "database disk image
+        is malformed". Truncated, it is ignored. When it is the WAL that was deleted, this also copies what it held
+        (commits acknowledged before, not yet checkpointed) into the database, which is still in place.
+        Nothing to do for a read-only or unwritable filesystem: no checkpoint could be written there."""
+        self._secured = True
+        loss = self.lost
+        if loss is None or not loss.restart_helps:
+            return
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as err:
+            log.warning("store_lost_checkpoint_failed", error=str(err))
+            return
+        if busy:  # a read held it past the busy timeout: the WAL is not truncated
+            log.warning("store_lost_checkpoint_failed", error="busy")
+        else:
+            log.info("store_lost_checkpointed", wal=f"{self.path}-wal")
+
     def _failed(self, failure: StoreUnavailable, jobs: int) -> None:
         self.failed_batches += 1
+        if isinstance(failure, StoreLost):
+            return  # said once, as store_lost, when it was found
         if isinstance(failure, StorageFull):
             self.full_reason = str(failure.__cause__ or failure.message)
         if self._failing is None:
@@ -332,6 +484,7 @@ class Store:
 
     def _succeeded(self) -> None:
         self.full_reason = None
+        self._io_since = None
         if self._failing is not None:
             log.info("store_commit_recovered", failed_batches=self.failed_batches)
             self._failing = None
@@ -342,6 +495,12 @@ class _TransactionLost(Exception):
     def __init__(self, cause: Exception):
         super().__init__(str(cause))
         self.cause = cause
+
+
+class _Moved(Exception):
+    def __init__(self, loss: StoreLoss):
+        super().__init__(loss.message)
+        self.loss = loss
 
 
 def _rewrite_header(conn: sqlite3.Connection) -> None:

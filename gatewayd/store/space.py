@@ -14,6 +14,10 @@ The storage is full while either is true:
   writes, a small probe write finds out once the measured space is back.
 
 Each change is logged once (``storage_full``, ``storage_recovered``) and shown by ``gatewayd_storage_full``.
+
+The same watch asks the store whether its file is still there and writable (:meth:`Store.check`), so a database
+deleted, replaced or on a filesystem turned read-only shows on /healthz within ``space_check_s`` even when nothing
+is being written.
 """
 
 from __future__ import annotations
@@ -120,6 +124,7 @@ class DiskSpace:
     async def check(self) -> bool:
         """Measure now (in a thread: ``statvfs`` may wait on a sick card); probe the store if SQLite said full and
         the space looks back. Returns whether the storage is full."""
+        await asyncio.to_thread(self.store.check)
         try:
             free = await asyncio.to_thread(self._free_bytes, self.path)
         except OSError as err:

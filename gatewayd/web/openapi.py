@@ -26,8 +26,9 @@ _DESCRIPTIONS = {
     422: "Valid JSON that the device's profile does not accept",
     429: "Rate limited; see Retry-After and X-RateLimit-*",
     503: (
-        "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable, or too many "
-        "connections open (http.max_connections, with Retry-After)"
+        "Not now: starting, stopping, queue full, storage full (with Retry-After), store unavailable, store lost "
+        "(the database file deleted, replaced or unwritable: until a restart), or too many connections open "
+        "(http.max_connections, with Retry-After)"
     ),
     504: "?wait ran out before the command finished",
 }

@@ -29,6 +29,7 @@ from gatewayd.errors import (
     NotFound,
     PayloadTooLarge,
     StorageFull,
+    StoreLost,
     StoreUnavailable,
 )
 from gatewayd.interpret.errors import InterpretUnavailable
@@ -74,7 +75,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except GatewayError as err:
-        if err.status >= 500 and not isinstance(err, StorageFull):  # that one is logged once, when it begins
+        if err.status >= 500 and not isinstance(err, StorageFull | StoreLost):  # each logged once, when it begins
             log.warning("request_failed", path=request.path, code=err.code, error=err.message)
         # A refusal says when to come back: Retry-After (and X-RateLimit-* for a rate limit).
         headers = err.headers() if isinstance(err, RateLimited | CircuitOpenError | StorageFull) else None
@@ -307,20 +308,28 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Unhealthy: the loop or the store stuck, or the store's file lost (``reason: store_lost``, and why)."""
     status = _ctx(request).status()
     healthy = status["healthy"]
-    return web.json_response({"status": "ok" if healthy else "unhealthy", **status}, status=200 if healthy else 503)
+    body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy"}
+    lost = (status.get("store") or {}).get("lost")
+    if lost is not None:
+        body.update(reason="store_lost", message=lost["message"])
+    return web.json_response({**body, **status}, status=200 if healthy else 503)
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready = taking new commands: not while starting (until the uplink has subscribed, or found the broker away)
     or stopping, nor while the storage is full (alive then, and /healthz says so: a restart would not free the
-    disk)."""
+    disk), nor once the store's file is lost."""
     service = _ctx(request).service
     status = _ctx(request).status()
     body: dict[str, Any] = {"status": "ready", "phase": status["phase"]}
+    lost = (status.get("store") or {}).get("lost")
     if not service.accepting or status["phase"] != "running":
         body["status"] = "not_ready"
+    elif lost is not None:
+        body.update(status="not_ready", reason="store_lost", message=lost["message"], store_lost=lost)
     elif service.storage_full:
         body.update(status="not_ready", reason="storage_full", storage=status["storage"])
     return web.json_response(body, status=200 if body["status"] == "ready" else 503)
