@@ -217,11 +217,11 @@ async def test_with_the_storage_full_a_refusal_is_published_before_its_ack(h: Ha
 
 
 async def test_past_the_rate_commands_are_paced_in_order_critical_ones_first_and_a_runaway_is_refused() -> None:
-    h = Harness(commands_per_s=50, commands_burst=10, critical_per_s=1, critical_burst=2)
+    h = Harness(commands_per_s=50, commands_burst=10, max_wait_s=0.2, critical_per_s=1, critical_burst=2)
     h.intake.open()
     task = asyncio.create_task(h.intake.serve(h.client, h.publish))  # type: ignore[arg-type]
     try:
-        # The burst goes at once, the next ten wait in line, five more would wait behind ten: refused.
+        # The burst goes at once, the next ten wait in line (0.2 s at 50/s), five more would wait longer: refused.
         ordinary = [f"n{i:02d}" for i in range(25)]
         for cid in ordinary:
             h.service.gate(cid).set()
