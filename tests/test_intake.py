@@ -19,7 +19,7 @@ import pytest
 
 from gatewayd.commands.model import State
 from gatewayd.config.models import MqttSection
-from gatewayd.errors import ShuttingDown, StorageFull, StoreUnavailable
+from gatewayd.errors import QueueFull, ShuttingDown, StorageFull, StoreUnavailable
 from gatewayd.telemetry.sink import Record
 from gatewayd.uplink.intake import Intake
 
@@ -56,6 +56,7 @@ class FakeService:
     def __init__(self) -> None:
         self.gates: dict[str, asyncio.Event] = {}
         self.raises: dict[str, list[BaseException]] = {}
+        self.raises_late: dict[str, BaseException] = {}  # raised once its gate is set
         self.committed: list[str] = []
         self.storage_full = False
         self.boot_id = "boot"
@@ -69,6 +70,8 @@ class FakeService:
         if errors:
             raise errors.pop(0)
         await self.gate(command_id).wait()
+        if command_id in self.raises_late:
+            raise self.raises_late[command_id]
         self.committed.append(command_id)
         return SimpleNamespace(id=command_id, state=State.QUEUED), True
 
@@ -202,6 +205,22 @@ async def test_retained_non_finite_and_buggy_messages_are_refused_typed_and_ackn
         "bug": "internal_error",
     }
     assert h.service.committed == ["after"]
+
+
+async def test_refusals_events_keep_the_order_of_the_commands_however_long_each_took(h: Harness) -> None:
+    h.service.raises_late["slow"] = QueueFull("the pump's queue is full")
+    h.client.send(cmd("slow"))  # refused once its gate opens, after the two below
+    h.client.send(None, raw=b"{not json")
+    h.client.send(cmd("ret"), retain=True)
+    await until(lambda: h.intake.taking == 1, "the two quick refusals done")
+    assert h.recorder.events == [] and h.client.acks == []  # both wait behind the first
+    h.service.gate("slow").set()
+    await until(lambda: len(h.client.acks) == 3, "three acks")
+    assert [(r.data["id"], r.data["code"]) for r in h.recorder.events] == [
+        ("slow", "queue_full"),
+        (None, "bad_request"),
+        ("ret", "retained_command"),
+    ]
 
 
 async def test_with_the_storage_full_a_refusal_is_published_before_its_ack(h: Harness) -> None:

@@ -8,6 +8,7 @@ critical ones have a few slots of their own (``_CRITICAL_SLOTS``) that ordinary 
 PUBACKs follow the durability contract and MQTT's ordering rule: a command is acknowledged only once it is
 committed (or refused for good, its ``command_rejected`` event on its way), and acknowledgements go out in the
 order the messages arrived (MQTT 3.1.1 section 4.6), each as soon as it and everything before it are settled.
+Refusals' events are put in the outbox at the same moment, so they too keep the order of the commands.
 
 What is never acknowledged, so the broker keeps it for the next session (ours is persistent):
 - a message that arrives while intake is closed: before the gateway is ready, and from the moment it stops
@@ -39,6 +40,7 @@ message the daemon cannot take must never become a crash loop (the broker would 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -99,6 +101,7 @@ class _Message:
     device: str = "gateway"  # a configured device, else "gateway": rejection events are attributed to it
     critical: bool = False
     turn: asyncio.Event | None = None  # set by the pacer when a paced message may be taken
+    event: Record | None = None  # its command_rejected event, put in the outbox when it is settled, in order
 
 
 class Intake:
@@ -164,13 +167,20 @@ class Intake:
     async def serve(self, client: aiomqtt.Client, publish: Publish) -> None:
         """Take the session's messages until it ends (cancelled with it; a command being committed still reaches
         the dispatcher: CommandService.submit shields its commit)."""
-        order: deque[tuple[aiomqtt.Message, asyncio.Future[bool]]] = deque()  # QoS 1 and 2, in arrival order
+        order: deque[tuple[_Message, asyncio.Future[bool]]] = deque()  # QoS 1 and 2, in arrival order
+
+        def settle(m: _Message, fut: asyncio.Future[bool]) -> None:
+            """Its refusal's event (so events keep the order of the commands), then its PUBACK."""
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            if m.event is not None:
+                self._recorder.put(m.event)
+            if fut.result():
+                _ack(client, m.message)
 
         def settled(_fut: asyncio.Future[bool] | None = None) -> None:
             while order and order[0][1].done():
-                message, fut = order.popleft()
-                if not fut.cancelled() and fut.exception() is None and fut.result():
-                    _ack(client, message)
+                settle(*order.popleft())
 
         await self._open.wait()  # messages wait in the client's queue meanwhile, unacknowledged
         async with asyncio.TaskGroup() as tg:
@@ -184,8 +194,10 @@ class Intake:
                 looked = self._look(message)
                 task = tg.create_task(self._take(looked, publish), name="gatewayd[uplink].command")
                 if message.qos > 0:
-                    order.append((message, task))
+                    order.append((looked, task))
                     task.add_done_callback(settled)
+                else:
+                    task.add_done_callback(functools.partial(settle, looked))
 
     def _look(self, message: aiomqtt.Message) -> _Message:
         """Parse and admit, synchronously and cheaply: what is refused here takes no slot."""
@@ -344,7 +356,7 @@ class Intake:
                 self._suppressed_since = 0
             record = Record.of_event(m.device, "command_rejected", data, severity="warning")
             if not isinstance(err, StorageFull) and not self._service.storage_full:
-                self._recorder.put(record)
+                m.event = record  # into the outbox with its PUBACK, in the order the commands came
                 return
             topic, payload = self._recorder.message_now(record)
         except Exception as bug:  # shaping the event failed: the message is still answered for
