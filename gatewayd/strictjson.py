@@ -43,17 +43,32 @@ _ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 _ESCAPED_SURROGATE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def loads(raw: str | bytes | bytearray) -> Any:
-    """Parse strictly; :class:`NotStrictJson` (or the parser's own ``ValueError``) when the text is not JSON."""
+def loads(raw: str | bytes | bytearray, *, max_depth: int | None = None) -> Any:
+    """Parse strictly; :class:`NotStrictJson` (or the parser's own ``ValueError``) when the text is not JSON, and
+    :class:`TooDeep` when arrays and objects nest more than ``max_depth`` levels (or past the recursion limit)."""
     try:
         value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise TooDeep("arrays and objects are nested too deep") from None
+    if max_depth is not None and depth_over(value, max_depth):
+        raise TooDeep(f"arrays and objects are nested more than {max_depth} levels deep")
     # A surrogate can only come from a \\uD8xx..\\uDFxx escape (raw UTF-8 cannot encode one): look only then.
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if _ESCAPED_SURROGATE.search(data) and _has_lone_surrogate(value):
         raise NotStrictJson("a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not text")
     return value
+
+
+def depth_over(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep (without recursion: the input may be deep)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def _has_lone_surrogate(value: Any) -> bool:

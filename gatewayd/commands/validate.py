@@ -27,33 +27,15 @@ def decode_json(raw: bytes | bytearray, what: str) -> Any:
     """A client's JSON (an HTTP body, an MQTT payload), or BadRequest: never another exception, however broken,
     huge or deeply nested the bytes are."""
     try:
-        value = strictjson.loads(raw)
+        return strictjson.loads(raw, max_depth=MAX_JSON_DEPTH)
     except strictjson.TooDeep:
-        value = None
-        too_deep = True
+        raise BadRequest(
+            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", details={"max_depth": MAX_JSON_DEPTH}
+        ) from None
     except strictjson.NotStrictJson as err:
         raise BadRequest(f"{what} is not valid JSON: {err}", details={"reason": "not_strict_json"}) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise BadRequest(f"{what} is not valid JSON: {err}") from None
-    else:
-        too_deep = _depth_over(value, MAX_JSON_DEPTH)
-    if too_deep:
-        raise BadRequest(
-            f"{what} is nested more than {MAX_JSON_DEPTH} levels deep", details={"max_depth": MAX_JSON_DEPTH}
-        )
-    return value
-
-
-def _depth_over(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than ``limit`` deep (without recursion: the input may be deep)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict | list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return False
 
 
 @dataclass(frozen=True)

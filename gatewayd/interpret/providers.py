@@ -97,7 +97,7 @@ def answer_of(completion: Completion) -> Answer:
     if text.startswith("```"):
         text = text.strip("`").removeprefix("json").strip()
     try:
-        data = strictjson.loads(text)
+        data = strictjson.loads(text, max_depth=ANSWER_MAX_DEPTH)
     except ValueError:
         raise UnusableAnswer(
             "the model answered in prose, not with a command", details={"content": text[:200]}
@@ -107,11 +107,25 @@ def answer_of(completion: Completion) -> Answer:
     raise UnusableAnswer("the model's JSON is not a command", details={"content": text[:200]})
 
 
+ANSWER_MAX_DEPTH = 64  # a provider's answer nests some six levels; far deeper is junk that recursion would choke on
+
+
+def read_answer(raw: bytes, provider: str) -> Any:
+    """A provider's answer body, parsed as strictly as a client's command (no NaN, no Infinity, no lone surrogate,
+    no nesting past ANSWER_MAX_DEPTH), or :class:`UnusableAnswer`."""
+    try:
+        return strictjson.loads(raw, max_depth=ANSWER_MAX_DEPTH)
+    except ValueError as err:
+        raise UnusableAnswer(
+            f"{provider}: the answer is not JSON ({err})", details={"body": raw[:200].decode("utf-8", "replace")}
+        ) from None
+
+
 def _arguments(raw: Any) -> Any:
     """Tool arguments: an object, or (OpenAI) a JSON string of one."""
     if isinstance(raw, str):
         try:
-            return strictjson.loads(raw)
+            return strictjson.loads(raw, max_depth=ANSWER_MAX_DEPTH)
         except ValueError:
             raise UnusableAnswer("the tool call's arguments are not JSON", details={"arguments": raw[:200]}) from None
     return raw
@@ -180,12 +194,7 @@ class HttpProvider:
                     dict(resp.headers),
                     message=f"{self.name}: HTTP {resp.status}: {_error_message(data, raw)}",
                 )
-            try:
-                return strictjson.loads(raw)
-            except ValueError:
-                raise UnusableAnswer(
-                    f"{self.name}: the answer is not JSON", details={"body": raw[:200].decode("utf-8", "replace")}
-                ) from None
+            return read_answer(raw, self.name)
 
     async def _injected(self, limits: aiohttp.ClientTimeout) -> None:
         """Fail as the real thing would: a hang cut by the timeout, a 429 with Retry-After, a refused connection."""
