@@ -81,6 +81,8 @@ def payload(body: dict[str, Any], expect: str, kind: str, *codes: str, takes_id:
         # NaN, Infinity (1e999 too) and unpaired surrogates are refused when the JSON is parsed, before any field
         # is looked at: bad_request, whatever else is wrong or right.
         expect, codes = "reject", ("bad_request",)
+        if command_id is not None and not _ID.fullmatch(command_id):
+            command_id = None  # the refusal names the id only when it is one (it is read back from broken JSON)
     return Payload(dumps(body), expect, kind, frozenset(codes) or None, command_id, body if takes_id else None)
 
 
@@ -349,8 +351,88 @@ def text_oddities(draw: st.DrawFn, max_chars: int = 500) -> Payload:
     return payload(body, "reject", f"text_{oddity}", "validation_failed", takes_id=oddity != "bad_id")
 
 
+# Values that break parsers and stores rather than a field's rules: what Python's json reads but JSON does not allow,
+# numbers at and past every limit, booleans where numbers go, and strings a terminal, a log or SQLite may choke on.
+hostile_numbers = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -0.0, 2**63, -(2**63) - 1, 2**1024]),
+    big_ints,
+    st.builds(lambda n: -n, big_ints),
+    st.booleans(),
+)
+hostile_strings = st.one_of(
+    st.sampled_from(
+        [
+            "\x00",
+            "\x1b[31mred\x1b[0m",  # terminal escapes
+            "\r\n\tfield: injected",  # a new log line
+            "\u202epump1",  # right-to-left override
+            "pu\u200bmp1",  # a zero-width space
+            "\ufeff",
+            "\ud800",  # unpaired surrogates: not text
+            "x\udfffy",
+            "'; DROP TABLE commands; --",
+            "%s%s%n",
+            "\U0010ffff",
+            "\x7f\x85\u2028\u2029",
+        ]
+    ),
+    st.text(alphabet=st.characters(exclude_categories=[]), max_size=12),  # surrogates and controls included
+)
+hostile_values = st.one_of(hostile_numbers, hostile_strings)
+
+
+def _is_number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+@st.composite
+def hostile_commands(draw: st.DrawFn) -> Payload:
+    """A valid command with one field (or a parameter, or an extra key) replaced by a hostile value: refused with a
+    typed error, never stored, never a crash."""
+    device, action, params = draw(st.sampled_from(VALID_ACTIONS))
+    body: dict[str, Any] = {"device": device, "action": action, "params": dict(params)}
+    field = draw(st.sampled_from(["device", "action", "id", "ttl_s", "priority", "confirm", "param", "key"]))
+    codes: tuple[str, ...] = ("validation_failed",)
+    if field == "device":
+        body["device"] = draw(hostile_values.filter(lambda v: v not in DEVICES))
+        codes = device_codes(body["device"])
+    elif field == "action":
+        body["action"] = draw(hostile_values.filter(lambda v: v not in ACTION_NAMES))
+    elif field == "id":
+        body["id"] = draw(hostile_values.filter(lambda v: not (isinstance(v, str) and _ID.fullmatch(v))))
+    elif field == "ttl_s":
+        body["ttl_s"] = draw(hostile_values.filter(lambda v: not (_is_number(v, 0, 604_800) and v > 0)))
+    elif field == "priority":
+        body["priority"] = draw(
+            hostile_values.filter(
+                lambda v: not (isinstance(v, str) and v.upper() in ("CRITICAL", "HIGH", "NORMAL", "LOW"))
+            )
+        )
+    elif field == "confirm":
+        body["confirm"] = draw(hostile_values.filter(lambda v: not isinstance(v, bool)))
+    elif field == "param":
+        if action == "set_speed":
+            body["params"]["percent"] = draw(hostile_values.filter(lambda v: not _is_number(v, 0, 100) or v != int(v)))
+        else:
+            body["params"][draw(hostile_strings.filter(bool))] = draw(hostile_values)
+    else:
+        body[draw(hostile_strings.filter(lambda k: k not in _ENVELOPE and k != "text"))] = draw(hostile_values)
+    return payload(body, "reject", f"hostile_{field}", *codes, takes_id=field != "id")
+
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 def bad_payloads(limit: int) -> st.SearchStrategy[Payload]:
-    return st.one_of(bad_field_commands(), wrong_shapes(), not_json(), deep_nesting(), huge(limit), text_oddities())
+    return st.one_of(
+        bad_field_commands(),
+        hostile_commands(),
+        wrong_shapes(),
+        not_json(),
+        deep_nesting(),
+        huge(limit),
+        text_oddities(),
+    )
 
 
 # --- TOML -----------------------------------------------------------------------------------------------------------

@@ -177,8 +177,9 @@ def oversize(draw: st.DrawFn) -> Recipe:
 
 @st.composite
 def right_crc_wrong_inside(draw: st.DrawFn) -> Recipe:
-    """The CRC is right, what it covers is not a frame: bad JSON, not an object, not UTF-8, an unknown kind, an
-    address that is not hex."""
+    """The CRC is right, what it covers is not a frame: bad JSON, JSON with what RFC 8259 does not allow (NaN,
+    Infinity, 1e999, an unpaired surrogate), not an object, not UTF-8, an unknown kind, an address that is not
+    hex."""
     address, kind, body = draw(
         st.sampled_from(
             [
@@ -192,6 +193,12 @@ def right_crc_wrong_inside(draw: st.DrawFn) -> Recipe:
                 ("ZZ", "T", b'{"probe":1}'),
                 ("1", "T", b'{"probe":1}'),
                 ("01", "T", b"{" + b'"a":[' * 60 + b"]" * 60 + b"}"),  # unbalanced, deep
+                ("01", "T", b'{"probe":NaN}'),
+                ("01", "T", b'{"probe":1,"t":Infinity}'),
+                ("01", "T", b'{"probe":1,"t":-Infinity}'),
+                ("01", "T", b'{"probe":1,"t":1e999}'),
+                ("01", "R", b'{"probe":1,"speed":-1E400}'),
+                ("01", "T", b'{"probe":1,"name":"\\ud800"}'),
             ]
         )
     )
