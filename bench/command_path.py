@@ -8,10 +8,14 @@ a clean SIGTERM exit. Repeats with a fresh daemon per run and prints per-run fig
 
 With ``--via mqtt`` the same commands are published QoS 1 on ``gatewayd/<id>/cmd`` to a Mosquitto the benchmark
 starts on loopback (each counted as sent once the broker has PUBACKed it), and a subscriber on ``result/#`` also
-times each publish to its result: what an MQTT client sees end to end.
+times each publish to its result: what an MQTT client sees end to end. The ingress limits ([http.limits],
+[mqtt] commands_per_s) are lifted: one client sending as fast as it can would measure them, not the path.
+
+With ``--baseline REV`` every run is made twice, side by side, by the daemon of the git revision REV (its tree
+exported to a temp dir) and by this tree's, alternating which goes first; both tables and their ratios are printed.
 
     .venv/bin/python bench/command_path.py [--via http|mqtt] [--commands 2000] [--concurrency 32] [--runs 3]
-                                           [--json PATH]
+                                           [--baseline REV] [--json PATH]
 
 Exit status: 0 every check passed; 1 a check failed or the daemon misbehaved; 2 bad usage. Linux only (/proc).
 """
@@ -26,6 +30,7 @@ import math
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +44,7 @@ from typing import Any, TypeVar
 import aiohttp
 import aiomqtt
 import report  # bench/report.py: the script's own directory is on sys.path
-from daemon import CONFIG, BenchError, Daemon, proc_cpu_s, proc_status_mib, scan_log
+from daemon import CONFIG, BenchError, Daemon, knows, proc_cpu_s, proc_status_mib, scan_log
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -272,7 +277,7 @@ class RunResult:
     problems: list[str]
 
 
-async def one_run(run: int, args: argparse.Namespace) -> RunResult:
+async def one_run(run: int, args: argparse.Namespace, root: Path = ROOT) -> RunResult:
     rng = random.Random(args.seed + run)
     specs = make_specs(args.commands, run, rng)
     workdir = Path(tempfile.mkdtemp(prefix=f"gatewayd-bench-{run}-"))
@@ -284,11 +289,12 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
         # One client sending 2,000 commands as fast as it can: the per-client HTTP limit would measure itself, not
         # the command path.
         "GATEWAYD_HTTP__LIMITS__ENABLED": "false",
-        # --concurrency up to 256 keeps that many connections open: above [http] max_connections (64) the rest would
-        # be refused 503; room for them, and for the wrapper's readiness probes.
-        "GATEWAYD_HTTP__MAX_CONNECTIONS": str(max(64, args.concurrency + 8)),
         "GATEWAYD_MQTT__ENABLED": "false",
     }
+    if knows(root, "max_connections"):
+        # --concurrency up to 256 keeps that many connections open: above [http] max_connections (64) the rest
+        # would be refused 503; room for them, and for the wrapper's readiness probes.
+        env["GATEWAYD_HTTP__MAX_CONNECTIONS"] = str(max(64, args.concurrency + 8))
     if args.via == "mqtt":
         broker = Broker(workdir / "broker")
         broker.start()
@@ -298,7 +304,9 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
             "GATEWAYD_MQTT__PORT": str(broker.port),
             "GATEWAYD_MQTT__DRAIN_MESSAGES_PER_S": "0",  # results as fast as the broker takes them
         }
-    daemon = Daemon(workdir, env, stop_timeout_s=STOP_TIMEOUT_S)
+        if knows(root, "commands_per_s"):  # the MQTT ingress pace, as the HTTP limits above
+            env |= {"GATEWAYD_MQTT__COMMANDS_PER_S": "1000000", "GATEWAYD_MQTT__COMMANDS_BURST": "1000000"}
+    daemon = Daemon(workdir, env, stop_timeout_s=STOP_TIMEOUT_S, root=root)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session, daemon:
             subscriber: asyncio.Task[None] | None = None
@@ -316,7 +324,10 @@ async def one_run(run: int, args: argparse.Namespace) -> RunResult:
                 results_mono = math.nan
                 if mqtt is not None:
                     assert broker is not None
-                    async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"bench-cmd-{run}") as client:
+                    publisher = aiomqtt.Client("127.0.0.1", broker.port, identifier=f"bench-cmd-{run}")
+                    # aiomqtt warns about every publish beyond 10 awaiting its PUBACK: --concurrency is the point.
+                    publisher.pending_calls_threshold = args.concurrency + 10
+                    async with publisher as client:
                         submitted = await bounded_map(lambda s: mqtt.submit(client, s), specs, args.concurrency)
                 else:
                     submitted = await bounded_map(lambda s: submit(session, daemon.url, s), specs, args.concurrency)
@@ -494,17 +505,53 @@ NOTES = """\
 [6] per command, from the publish call to the arrival of its result/<id> at the subscriber (same process clock)."""
 
 
-def render(results: list[RunResult], args: argparse.Namespace, machine: dict[str, Any]) -> str:
+def render(
+    results: list[RunResult],
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    baseline: list[RunResult] | None = None,
+) -> str:
     load = (
         f"over {args.via.upper()}: {args.commands} commands per run "
         "(pump1 set_speed random percent / relay1 on|off, about 50/50), "
         f"{args.concurrency} in flight, {args.runs} run(s), seed {args.seed}; config {CONFIG.relative_to(ROOT)}"
     )
     lines = report.header("gatewayd command-path benchmark", machine, load)
-    lines += report.runs_table(rows_for(args.via), results)
+    rows = rows_for(args.via)
+    if baseline:
+        lines += [f"before: the daemon of {args.baseline} (runs interleaved with the ones after)", ""]
+        lines += report.runs_table(rows, baseline)
+        lines += ["", "after: this tree", ""]
+    lines += report.runs_table(rows, results)
+    if baseline:
+        before, after = report.medians(rows, baseline), report.medians(rows, results)
+        lines += ["", "after / before, medians:"]
+        for label, name, fmt in rows:
+            if before[name] and not math.isnan(before[name]) and name in RATIO_ROWS:
+                ratio = after[name] / before[name]
+                lines.append(
+                    f"  {label:<44} {fmt.format(before[name]):>10} -> {fmt.format(after[name]):>10}  x{ratio:.2f}"
+                )
     lines += ["", NOTES, ""]
+    for r in baseline or []:
+        lines += [f"baseline run {r.run}: {p}" for p in r.problems]  # shown, not this tree's verdict
     lines += report.log_events_and_result(results)
     return "\n".join(lines)
+
+
+RATIO_ROWS = frozenset(
+    {
+        "throughput_transitions_cps",
+        "throughput_wall_cps",
+        "throughput_results_cps",
+        "e2e_p50_ms",
+        "e2e_p99_ms",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "daemon_cpu_s",
+        "peak_rss_mib",
+    }
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -515,6 +562,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs, each with a fresh daemon (default 3, max 10)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the command mix (default 1)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also run the daemon of git revision REV, side by side (before/after)"
+    )
     args = parser.parse_args(argv)
     for name, hi in (("commands", 20_000), ("concurrency", 256), ("runs", 10)):
         if not 1 <= getattr(args, name) <= hi:
@@ -522,33 +572,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def bench(args: argparse.Namespace) -> list[RunResult]:
+async def bench(args: argparse.Namespace) -> tuple[list[RunResult], list[RunResult]]:
+    """(this tree's runs, the baseline's runs: empty without --baseline)."""
     main_task = asyncio.current_task()
     assert main_task is not None
     # SIGTERM cleans up like Ctrl-C: the daemon is stopped and the temp dir removed on the way out.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    results = []
-    for run in range(1, args.runs + 1):
-        print(f"run {run}/{args.runs} ...", file=sys.stderr, flush=True)
-        results.append(await one_run(run, args))
-    return results
+    results: list[RunResult] = []
+    before: list[RunResult] = []
+    with contextlib.ExitStack() as stack:
+        base_root = stack.enter_context(exported(args.baseline)) if args.baseline else None
+        for run in range(1, args.runs + 1):
+            order = [(ROOT, results)]
+            if base_root is not None:
+                order.insert(run % 2, (base_root, before))  # the baseline first in odd runs, second in even ones
+            for root, into in order:
+                what = "baseline" if root != ROOT else "this tree"
+                print(f"run {run}/{args.runs} ({what}) ...", file=sys.stderr, flush=True)
+                into.append(await one_run(run, args, root))
+    return results, before
+
+
+@contextlib.contextmanager
+def exported(rev: str) -> Any:
+    """The tree of git revision ``rev`` in a temp dir (removed on the way out)."""
+    target = Path(tempfile.mkdtemp(prefix="gatewayd-baseline-"))
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=False)
+        if archive.returncode != 0:
+            raise BenchError(f"--baseline {rev}: {archive.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = report.machine_info()
     try:
-        results = asyncio.run(bench(args))
+        results, baseline = asyncio.run(bench(args))
     except BenchError as err:
         print(f"command_path: FAILED: {err}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("command_path: interrupted; the daemon was killed and its temp dir removed", file=sys.stderr)
         return 130
-    print(render(results, args, machine))
+    print(render(results, args, machine, baseline))
     passed = not any(r.problems for r in results)
     median = report.medians(rows_for(args.via), results)
-    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
+    runs = [asdict(r) for r in results]
+    if baseline:  # the baseline's runs too, marked, with their medians under "baseline_median"
+        runs += [{**asdict(r), "baseline": args.baseline} for r in baseline]
+        median = {**median, **{f"baseline_{k}": v for k, v in report.medians(rows_for(args.via), baseline).items()}}
+    report.write_json(args.json, machine, vars(args), runs, median, passed)
     return 0 if passed else 1
 
 

@@ -84,12 +84,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def knows(root: Path, section_field: str) -> bool:
+    """Whether the config models of the tree at ``root`` have a field of that name: an override a baseline commit
+    does not know would stop its daemon at start (unknown keys are refused)."""
+    return f"    {section_field}:" in (root / "gatewayd" / "config" / "models.py").read_text(encoding="utf-8")
+
+
 class Daemon:
     """One ``python -m gatewayd run --config config.toml`` with its own data directory and loopback HTTP port, never
     outliving the ``async with``. ``env`` adds the run's overrides (``GATEWAYD_SECTION__KEY``, ``NOTIFY_SOCKET``) to
     the ones every run needs; ``stop_timeout_s`` is how long ``stop()`` waits for the exit after SIGTERM."""
 
-    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, stop_timeout_s: float = STOP_TIMEOUT_S):
+    def __init__(
+        self,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+        root: Path = ROOT,
+    ):
+        self.root = root  # the source tree the daemon runs from: this one, or an earlier commit's (a baseline)
         self.data_dir = workdir / "data"
         self.log_path = workdir / "daemon.log"
         self.port = free_port()
@@ -119,7 +132,7 @@ class Daemon:
                 "GATEWAYD_HTTP__HOST": "127.0.0.1",
                 "GATEWAYD_HTTP__PORT": str(self.port),
                 "GATEWAYD_GATEWAY__DATA_DIR": str(self.data_dir),
-                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(self.root), env.get("PYTHONPATH", "")) if p),
             }
         )
         env.update(self.extra_env)
@@ -134,8 +147,8 @@ class Daemon:
                 "gatewayd",
                 "run",
                 "--config",
-                str(CONFIG),
-                cwd=ROOT,
+                str(self.root / "config.toml"),
+                cwd=self.root,
                 env=self.environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -235,26 +235,42 @@ async def test_with_the_storage_full_a_refusal_is_published_before_its_ack(h: Ha
     assert b"storage_full" in h.published[1][1]
 
 
-async def test_past_the_rate_commands_are_paced_in_order_critical_ones_first_and_a_runaway_is_refused() -> None:
+async def test_past_the_rate_commands_are_paced_in_order_critical_ones_first_and_a_qos0_runaway_is_refused() -> None:
     h = Harness(commands_per_s=50, commands_burst=10, max_wait_s=0.2, critical_per_s=1, critical_burst=2)
     h.intake.open()
     task = asyncio.create_task(h.intake.serve(h.client, h.publish))  # type: ignore[arg-type]
     try:
-        # The burst goes at once, the next ten wait in line (0.2 s at 50/s), five more would wait longer: refused.
+        # QoS 1: the burst goes at once, the rest wait their turn however many (the broker keeps the publisher
+        # from getting far ahead, or not: nothing of it is refused).
         ordinary = [f"n{i:02d}" for i in range(25)]
         for cid in ordinary:
             h.service.gate(cid).set()
             h.client.send(cmd(cid))
-        critical = [f"c{i}" for i in range(4)]  # two from their reserve at once, then two at the head of the line
+        critical = [f"c{i}" for i in range(4)]  # arriving last, they go ahead of every ordinary one still waiting
         for cid in critical:
             h.service.gate(cid).set()
             h.client.send(cmd(cid, priority="critical"))
         began = asyncio.get_running_loop().time()
         await until(lambda: len(h.client.acks) == 29, "every message answered")
         took = asyncio.get_running_loop().time() - began
-        assert h.rejections() == {cid: "rate_limited" for cid in ordinary[20:]}
-        assert h.service.committed == ordinary[:10] + critical + ordinary[10:20]
-        assert took >= 11 / 50 * 0.9  # two critical and ten ordinary ones paced at 50/s
+        assert h.rejections() == {}
+        assert h.service.committed == critical + ordinary
+        assert took >= 19 / 50 * 0.9  # ten at once, the other nineteen paced at 50/s
+
+        # QoS 0: nothing holds the publisher back, so what would wait past max_wait_s (10 here) is refused.
+        await asyncio.sleep(0.3)  # the bucket full again
+        runaway = [f"q{i:02d}" for i in range(30)]
+        for cid in runaway:
+            h.service.gate(cid).set()
+            h.client.send(cmd(cid), qos=0)
+        await until(
+            lambda: len(h.service.committed) + len(h.rejections()) + h.intake.suppressed == 29 + 30,
+            "every runaway taken or refused",
+        )
+        assert h.service.committed[29:] == runaway[:10]  # ten may wait 0.2 s at 50/s
+        refused = sorted(h.rejections())  # the refusals' own events: at most their burst of 10 at once
+        assert refused == runaway[10:20] and h.intake.suppressed == 10
+        assert set(h.rejections().values()) == {"rate_limited"}
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -40,13 +40,14 @@ message the daemon cannot take must never become a crash loop (the broker would 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -80,7 +81,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gatewayd.uplink")
 
 _CRITICAL_SLOTS = 4  # commands being taken at once that only critical ones may use
-_MAX_TAKING = 1000  # messages held at once (QoS 0 ones have no broker window to bound them); more are refused
+# Messages held at once, waiting for their turn or being taken. A broker need not wait for our acknowledgements
+# before it sends more (Mosquitto sent 2,000 unacknowledged QoS 1 commands at once), so this bound, not the
+# broker, keeps memory in check: a waiting message costs about a kilobyte. Past it, a message is refused.
+_MAX_HELD = 10_000
 _STORE_RETRY_S = 1.0
 
 Publish = Callable[[str, bytes], Awaitable[None]]  # (topic below the prefix, payload), QoS 1, awaited to PUBACK
@@ -100,8 +104,10 @@ class _Message:
     command_id: str | None = None
     device: str = "gateway"  # a configured device, else "gateway": rejection events are attributed to it
     critical: bool = False
-    turn: asyncio.Event | None = None  # set by the pacer when a paced message may be taken
     event: Record | None = None  # its command_rejected event, put in the outbox when it is settled, in order
+    now: tuple[str, bytes] | None = None  # ... or that event to publish at once (the storage full)
+    done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # ^ resolved when it is settled: True to acknowledge it, False to leave it to the broker
 
 
 class Intake:
@@ -129,12 +135,11 @@ class Intake:
         self._closed = False
         self._bucket = TokenBucket(cfg.commands_burst, cfg.commands_per_s, name="mqtt.commands")
         self._critical = TokenBucket(cfg.critical_burst, cfg.critical_per_s, name="mqtt.commands.critical")
-        self._slots = asyncio.Semaphore(cfg.intake_concurrency)
-        self._critical_slots = asyncio.Semaphore(_CRITICAL_SLOTS)
-        self._taking = 0
-        self._line: deque[_Message] = deque()  # waiting for the pacer, in arrival order (critical ones first)
-        self._line_changed = asyncio.Event()
+        self._waiting: deque[_Message] = deque()  # looked at, not taken yet, in arrival order, critical ones first
         self._critical_waiting = 0  # at the head of the line
+        self._running = 0  # being taken in the ordinary slots (intake_concurrency)
+        self._running_critical = 0  # ... in the critical ones
+        self._wake = asyncio.Event()  # a message came to wait, or a slot came free
         self._line_limit = max(cfg.commands_burst, int(cfg.commands_per_s * cfg.max_wait_s))
         # Refusals for the rate get their events at the same rate at most; the rest are counted.
         self._refusals = TokenBucket(cfg.commands_burst, cfg.commands_per_s, name="mqtt.refusal_events")
@@ -160,47 +165,60 @@ class Intake:
 
     @property
     def taking(self) -> int:
-        return self._taking
+        """Messages held: waiting for their turn or being taken."""
+        return len(self._waiting) + self._running + self._running_critical
 
     # --- a session -------------------------------------------------------------------------------------------
 
     async def serve(self, client: aiomqtt.Client, publish: Publish) -> None:
         """Take the session's messages until it ends (cancelled with it; a command being committed still reaches
         the dispatcher: CommandService.submit shields its commit)."""
-        order: deque[tuple[_Message, asyncio.Future[bool]]] = deque()  # QoS 1 and 2, in arrival order
+        order: deque[_Message] = deque()  # QoS 1 and 2, in arrival order
 
-        def settle(m: _Message, fut: asyncio.Future[bool]) -> None:
+        def settle(m: _Message) -> None:
             """Its refusal's event (so events keep the order of the commands), then its PUBACK."""
-            if fut.cancelled() or fut.exception() is not None:
+            if m.done.cancelled() or m.done.exception() is not None:
                 return
             if m.event is not None:
                 self._recorder.put(m.event)
-            if fut.result():
+            if m.done.result():
                 _ack(client, m.message)
 
         def settled(_fut: asyncio.Future[bool] | None = None) -> None:
-            while order and order[0][1].done():
-                settle(*order.popleft())
+            while order and order[0].done.done():
+                settle(order.popleft())
 
         await self._open.wait()  # messages wait in the client's queue meanwhile, unacknowledged
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._pace(), name="gatewayd[uplink].pacer")
-            async for message in client.messages:
-                if not self._open.is_set():
-                    self.left_to_broker += 1
-                    counter(UPLINK_COMMANDS, "left_to_broker").inc()
-                    continue
-                self.received += 1
-                looked = self._look(message)
-                task = tg.create_task(self._take(looked, publish), name="gatewayd[uplink].command")
-                if message.qos > 0:
-                    order.append((looked, task))
-                    task.add_done_callback(settled)
-                else:
-                    task.add_done_callback(functools.partial(settle, looked))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._feed(tg, publish), name="gatewayd[uplink].feeder")
+                async for message in client.messages:
+                    if not self._open.is_set():
+                        self.left_to_broker += 1
+                        counter(UPLINK_COMMANDS, "left_to_broker").inc()
+                        continue
+                    self.received += 1
+                    m = self._look(message)
+                    if message.qos > 0:
+                        order.append(m)
+                        m.done.add_done_callback(settled)
+                    else:
+                        m.done.add_done_callback(functools.partial(_settle_one, settle, m))
+                    if m.refusal is None:
+                        self._wait(m)
+                    elif self._note(m, m.refusal):
+                        m.done.set_result(True)
+                    else:  # the storage full: its event published at once, before its PUBACK
+                        tg.create_task(self._refuse(m, publish), name="gatewayd[uplink].refusal")
+        finally:
+            # The session ended: what waited comes again when the broker delivers it again.
+            for m in self._waiting:
+                m.done.cancel()
+            self._waiting.clear()
+            self._critical_waiting = 0
 
     def _look(self, message: aiomqtt.Message) -> _Message:
-        """Parse and admit, synchronously and cheaply: what is refused here takes no slot."""
+        """Parse, and refuse what can be refused at once: synchronously and cheaply, taking no slot."""
         m = _Message(message)
         try:
             body = _parse(message.payload, self.cfg.max_payload_bytes)
@@ -217,23 +235,12 @@ class Intake:
                     "again at every restart and reconnect; publish commands with retain=false (clear this one "
                     "with an empty retained message on the topic)"
                 )
-            if self._taking >= _MAX_TAKING:
-                raise RateLimited("mqtt.commands (busy)", 1.0, limit=_MAX_TAKING, remaining=0, reset_s=1.0)
-            if not self._line and self._bucket.try_acquire().allowed:
-                pass  # its turn now
-            elif m.critical and self._critical.try_acquire().allowed:
-                pass  # the reserve: not behind ordinary traffic
-            elif (self._critical_waiting if m.critical else len(self._line)) >= self._line_limit:
-                wait_s = len(self._line) / self.cfg.commands_per_s
+            if self.taking >= _MAX_HELD:
+                raise RateLimited("mqtt.commands (busy)", 1.0, limit=_MAX_HELD, remaining=0, reset_s=1.0)
+            if message.qos == 0 and not m.critical and len(self._waiting) >= self._line_limit:
+                # Nothing holds a QoS 0 publisher back: one this far ahead of the rate is refused, not queued.
+                wait_s = len(self._waiting) / self.cfg.commands_per_s
                 raise RateLimited(self._bucket.name, wait_s, limit=self.cfg.commands_per_s, remaining=0, reset_s=wait_s)
-            else:
-                m.turn = asyncio.Event()
-                if m.critical:  # behind the critical ones already waiting, ahead of every other
-                    self._line.insert(self._critical_waiting, m)
-                    self._critical_waiting += 1
-                else:
-                    self._line.append(m)
-                self._line_changed.set()
             m.body = body
         except GatewayError as err:
             m.refusal = err
@@ -241,39 +248,63 @@ class Intake:
                 m.command_id = _salvage_id(message.payload)
         return m
 
-    async def _pace(self) -> None:
-        """Let the waiting messages go, in their order, as the bucket refills."""
-        try:
-            while True:
-                while not self._line:
-                    self._line_changed.clear()
-                    await self._line_changed.wait()
-                await self._bucket.acquire()
-                m = self._line.popleft()
-                if m.critical:
-                    self._critical_waiting -= 1
-                assert m.turn is not None
-                m.turn.set()
-        finally:
-            self._line.clear()
-            self._critical_waiting = 0  # the session ended: what waited comes again when the broker delivers it again
+    def _wait(self, m: _Message) -> None:
+        if m.critical:  # behind the critical ones already waiting, ahead of every other
+            self._waiting.insert(self._critical_waiting, m)
+            self._critical_waiting += 1
+        else:
+            self._waiting.append(m)
+        self._wake.set()
 
-    async def _take(self, m: _Message, publish: Publish) -> bool:
-        """True when the message may be acknowledged."""
-        self._taking += 1
+    async def _feed(self, tg: asyncio.TaskGroup, publish: Publish) -> None:
+        """Start the waiting messages, head first, as slots come free and the bucket allows."""
+        while True:
+            head = self._waiting[0] if self._waiting else None
+            critical_slot = False
+            if head is not None and self._running >= self.cfg.intake_concurrency:
+                critical_slot = head.critical and self._running_critical < _CRITICAL_SLOTS
+                if not critical_slot:
+                    head = None  # no slot for it: wait for one to come free
+            wait_s: float | None = None
+            if head is not None:
+                decision = self._bucket.try_acquire()
+                allowed = decision.allowed or (head.critical and self._critical.try_acquire().allowed)
+                if not allowed:
+                    head, wait_s = None, decision.wait_s  # or sooner, if a critical one comes to the head
+            if head is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                continue
+            self._waiting.popleft()
+            if head.critical:
+                self._critical_waiting -= 1
+            if critical_slot:
+                self._running_critical += 1
+            else:
+                self._running += 1
+            tg.create_task(self._run(head, critical_slot, publish), name="gatewayd[uplink].command")
+
+    async def _run(self, m: _Message, critical_slot: bool, publish: Publish) -> None:
         try:
-            if m.refusal is not None:
-                await self._rejected(m, m.refusal, publish)
-                return True
-            if m.turn is not None:
-                await m.turn.wait()
-            slots = self._slots
-            if m.critical and self._slots.locked():
-                slots = self._critical_slots
-            async with slots:
-                return await self._submit(m, publish)
+            m.done.set_result(await self._submit(m, publish))
+        except BaseException:
+            m.done.cancel()
+            raise
         finally:
-            self._taking -= 1
+            if critical_slot:
+                self._running_critical -= 1
+            else:
+                self._running -= 1
+            self._wake.set()
+
+    async def _refuse(self, m: _Message, publish: Publish) -> None:
+        try:
+            await self._publish_now(m, publish)
+        except BaseException:
+            m.done.cancel()
+            raise
+        m.done.set_result(True)
 
     async def _submit(self, m: _Message, publish: Publish) -> bool:
         assert m.body is not None
@@ -333,10 +364,10 @@ class Intake:
         counter(UPLINK_COMMANDS, "left_to_broker").inc()
         log.debug("mqtt_command_left_to_broker", command_id=_clip(m.command_id), reason=why)
 
-    async def _rejected(self, m: _Message, err: GatewayError, publish: Publish) -> None:
-        """The ``command_rejected`` event: through the outbox as a rule; published at once, before the command's
-        PUBACK, while the storage is full (the outbox would have no room for it, or eat the reserve). Never
-        raises but :class:`LinkLost` (that immediate publish failed): a refusal cannot end the daemon."""
+    def _note(self, m: _Message, err: GatewayError) -> bool:
+        """Count and log a refusal and make its ``command_rejected`` event: ``m.event``, for the outbox with the
+        PUBACK (True); or, while the storage is full, ``m.now`` to publish at once, before the PUBACK (False: the
+        outbox would have no room for it, or eat the reserve). Never raises: a refusal cannot end the daemon."""
         counter(UPLINK_COMMANDS, "rejected").inc()
         if isinstance(err, RateLimited) and not self._refusals.try_acquire().allowed:
             self.suppressed += 1
@@ -344,7 +375,7 @@ class Intake:
             counter(UPLINK_COMMANDS, "rejected_unannounced").inc()
             if self._suppressed_since == 1:
                 log.warning("mqtt_refusals_suppressed", reason="more refusals a second than commands_per_s")
-            return
+            return True
         if not isinstance(err, StorageFull):
             log.warning(
                 "mqtt_command_rejected", command_id=_clip(m.command_id), code=err.code, error=_clip(err.message)
@@ -356,14 +387,24 @@ class Intake:
                 self._suppressed_since = 0
             record = Record.of_event(m.device, "command_rejected", data, severity="warning")
             if not isinstance(err, StorageFull) and not self._service.storage_full:
-                m.event = record  # into the outbox with its PUBACK, in the order the commands came
-                return
-            topic, payload = self._recorder.message_now(record)
+                m.event = record
+                return True
+            m.now = self._recorder.message_now(record)
         except Exception as bug:  # shaping the event failed: the message is still answered for
             log.error("mqtt_rejection_failed", command_id=_clip(m.command_id), exc_info=bug)
+            return True
+        return False
+
+    async def _rejected(self, m: _Message, err: GatewayError, publish: Publish) -> None:
+        """:meth:`_note`, and the event published now when it cannot wait for the outbox."""
+        if self._note(m, err):
             return
+        await self._publish_now(m, publish)
+
+    async def _publish_now(self, m: _Message, publish: Publish) -> None:
+        assert m.now is not None
         try:
-            await publish(topic, payload)
+            await publish(*m.now)
         except (aiomqtt.MqttError, OSError) as lost:
             raise LinkLost(f"a command's refusal could not be published: {lost}") from lost
 
@@ -394,6 +435,10 @@ def _parse(payload: Any, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the command must be a JSON object")
     return body
+
+
+def _settle_one(settle: Callable[[_Message], None], m: _Message, _fut: asyncio.Future[bool]) -> None:
+    settle(m)
 
 
 def _salvage_id(payload: Any) -> str | None:

@@ -377,7 +377,8 @@ def test_a_flood_is_paced_a_runaway_refused_and_an_emergency_stop_still_runs_at_
     """QoS 1: a batch far past the rate is taken in full, paced. QoS 0 (nothing holds the publisher back): what
     would wait longer than max_wait_s is refused, and the refusals' own events are bounded too."""
     broker.start()
-    rate, burst, max_wait = (100, 50, 10) if qos == 1 else (20, 10, 1)
+    # QoS 1: 1,500 at once, which Mosquitto hands over without waiting for acknowledgements; QoS 0: 300.
+    count, rate, burst, max_wait = (1500, 500, 100, 10) if qos == 1 else (300, 20, 10, 1)
     env = daemon_env(
         broker,
         GATEWAYD_MQTT__COMMANDS_PER_S=str(rate),
@@ -392,7 +393,7 @@ def test_a_flood_is_paced_a_runaway_refused_and_an_emergency_stop_still_runs_at_
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
         try:
-            bodies = [{"id": f"f{i:04d}", "device": "sensor1", "action": "read"} for i in range(300)]
+            bodies = [{"id": f"f{i:04d}", "device": "sensor1", "action": "read"} for i in range(count)]
             infos = [client.publish(f"{GW}/cmd", json.dumps(body), qos=qos) for body in bodies]
             stop = {"id": "estop", "device": "pump1", "action": "stop", "priority": "critical"}
             infos.append(client.publish(f"{GW}/cmd", json.dumps(stop), qos=1))
@@ -415,7 +416,7 @@ def test_a_flood_is_paced_a_runaway_refused_and_an_emergency_stop_still_runs_at_
             return ran, limited, unannounced
 
         if qos == 1:
-            wait_until(lambda: counts()[0] == 300, 30, "every command run")
+            wait_until(lambda: counts()[0] == count, 30, "every command run")
         else:
             wait_until(lambda: d.get("/api/v1/stats")[1]["uplink"]["commands_taking"] == 0, 30, "the intake idle")
             time.sleep(1.0)  # the last results and events on their way to the subscriber
