@@ -26,8 +26,9 @@ of their own (``critical_per_s``, ``critical_burst``); past that they wait at th
 Refused, acknowledged, answered with a typed ``command_rejected`` event on ``events``:
 - a retained message (``retained_command``): the broker replays a retained message to every new subscription,
   so it would run again at every restart and reconnect, an order of unknown age;
-- a message that would wait longer than ``max_wait_s`` for its turn (``rate_limited``): a publisher far ahead of
-  the rate, not a backlog. These refusals are themselves bounded: past ``commands_per_s`` a second their events
+- a QoS 0 message that would wait longer than ``max_wait_s`` for its turn (``rate_limited``): a publisher far
+  ahead of the rate with nothing holding it back, not a backlog (a QoS 1 one waits however long: the broker keeps
+  it for its publisher), and anything past ``_MAX_HELD`` messages held at once. These refusals are themselves bounded: past ``commands_per_s`` a second their events
   are left out, counted, and the count rides on the next one (``suppressed``), so a flood cannot fill the
   outbox with refusals instead;
 - anything else a sender got wrong (bad JSON, unknown device, invalid parameters, a full queue, the storage
