@@ -19,18 +19,18 @@ What is never acknowledged, so the broker keeps it for the next session (ours is
 Paced: commands are taken at most ``commands_per_s`` a second (burst ``commands_burst``), in the order they
 arrived, so one runaway publisher cannot grow the queues and the store faster than that, while a backlog the
 broker kept for us during an outage is taken in full, only spread out. A message waiting for its turn holds no
-slot and is not acknowledged, so the broker's window of unacknowledged messages slows the publisher down.
-Critical commands are not paced behind ordinary ones: they take a token from the shared bucket, or from a reserve
-of their own (``critical_per_s``, ``critical_burst``); past that they wait at the head of the line.
+slot and no task, and is not acknowledged. Critical commands are not paced behind ordinary ones: they take a
+token from the shared bucket, or from a reserve of their own (``critical_per_s``, ``critical_burst``); past that
+they wait at the head of the line.
 
 Refused, acknowledged, answered with a typed ``command_rejected`` event on ``events``:
 - a retained message (``retained_command``): the broker replays a retained message to every new subscription,
   so it would run again at every restart and reconnect, an order of unknown age;
 - a QoS 0 message that would wait longer than ``max_wait_s`` for its turn (``rate_limited``): a publisher far
   ahead of the rate with nothing holding it back, not a backlog (a QoS 1 one waits however long: the broker keeps
-  it for its publisher), and anything past ``_MAX_HELD`` messages held at once. These refusals are themselves bounded: past ``commands_per_s`` a second their events
-  are left out, counted, and the count rides on the next one (``suppressed``), so a flood cannot fill the
-  outbox with refusals instead;
+  it for its publisher), and anything past ``_MAX_HELD`` messages held at once. These refusals are themselves
+  bounded: past ``commands_per_s`` a second their events are left out, counted, and the count rides on the next
+  one (``suppressed``), so a flood cannot fill the outbox with refusals instead;
 - anything else a sender got wrong (bad JSON, unknown device, invalid parameters, a full queue, the storage
   full), as over HTTP.
 
