@@ -234,17 +234,26 @@ def test_the_end_of_an_on_period_survives_a_kill(make_daemon: Any) -> None:
     d.start()
     status, rec, _ = d.post({"text": "switch the irrigation pump on for 2 seconds"}, wait=5)
     assert status == 200 and rec["state"] == "succeeded" and rec["interpretation"]["duration_s"] == 2.0
-    _, body = d.get("/api/v1/providers")
-    assert body["followups"] == [{"command_id": rec["id"], "device": "pump1", "action": "stop", "after_s": 2.0}]
+    _, body = d.get("/api/v1/schedule")
+    [row] = body["scheduled"]
+    assert (row["kind"], row["device"], row["action"], row["after"], row["delay_s"], row["state"]) == (
+        "on_period",
+        "pump1",
+        "stop",
+        rec["id"],
+        2.0,
+        "armed",
+    )
     d.kill9()  # before the pump was switched off again
     started = time.monotonic()
     d.start()
-    off = _wait(lambda: _final(d, f"{rec['id']}.off"), 10, "switched off")
+    off_id = f"~{row['id']}"  # the gateway's own id for it: no client can have used it
+    off = _wait(lambda: _final(d, off_id), 10, "switched off")
     assert off["state"] == "succeeded" and off["source"] == "interpret" and off["priority"] == "high"
     assert time.monotonic() - started < 6
     # Only our two ids: other processes on a shared machine can land frames on a reused pty number.
     ours = [(e["id"], e["action"]) for e in d.sim_log() if e["id"] in (rec["id"], off["id"])]
-    assert ours == [(rec["id"], "start"), (f"{rec['id']}.off", "stop")]
+    assert ours == [(rec["id"], "start"), (off_id, "stop")]
 
 
 def _final(d: Daemon, command_id: str) -> dict[str, Any] | None:

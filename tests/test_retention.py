@@ -61,9 +61,10 @@ async def test_old_finished_commands_go_open_ones_and_pending_followups_stay(tmp
                     (state.value, at, cid),
                 )
             conn.execute(
-                "INSERT INTO interpret_followups (command_id, device, action, after_s, user, created_at) "
-                "VALUES ('old-with-followup', 'relay1', 'off', 864000, NULL, ?)",
-                (now - 9 * DAY,),
+                "INSERT INTO scheduled_actions (id, kind, device, action, priority, source, after, delay_s, state, "
+                "due_at, created_at, updated_at) VALUES ('s1', 'on_period', 'relay1', 'off', 1, 'interpret', "
+                "'old-with-followup', 864000, 'armed', ?, ?, ?)",
+                (now + DAY, now - 9 * DAY, now - 9 * DAY),
             )
 
         await store.write(fill)

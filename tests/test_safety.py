@@ -16,7 +16,7 @@ from gatewayd.config import load_config
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import ConfigError, SafetyLimited
 from gatewayd.resilience import FakeClock
-from tests.conftest import CONFIG, ROOT, Daemon
+from tests.conftest import CONFIG, ROOT, Daemon, wait_until
 
 LIMITED_RELAY = """
 kind = "gpio_output"
@@ -98,23 +98,35 @@ def test_max_on_time_switches_the_output_off_and_an_off_cancels_it(gw: Daemon) -
     on = _send(gw, "relay2", "on")
     assert on["state"] == "succeeded"
     switched_on = time.monotonic()
-    deadline = switched_on + 5
+    # The switch-off was written with the on command, and armed when it reached the pin: visible in the API.
+    _, scheduled = gw.get("/api/v1/schedule?device=relay2")
+    assert [(r["kind"], r["action"], r["after"], r["state"]) for r in scheduled["scheduled"]] == [
+        ("max_on", "off", on["id"], "armed")
+    ]
+    _, device = gw.get("/api/v1/devices/relay2")
+    assert device["scheduled"][0]["action"] == "off" and 0 < device["scheduled"][0]["due_in_s"] <= 1.0
     auto: list[dict[str, Any]] = []
-    while time.monotonic() < deadline and not auto:
+
+    def switched_off() -> bool:
         _, listing = gw.get("/api/v1/commands?device=relay2")
-        auto = [c for c in listing["commands"] if c["source"] == "safety" and c["state"] == "succeeded"]
-        time.sleep(0.05)
-    assert auto, "no automatic off within 5 s"
+        auto[:] = [c for c in listing["commands"] if c["source"] == "safety" and c["state"] == "succeeded"]
+        return bool(auto)
+
+    wait_until(switched_off, 5, "the automatic off")
     assert time.monotonic() - switched_on >= 0.95
     assert auto[0]["action"] == "off" and auto[0]["priority"] == "critical"
+    assert auto[0]["id"].startswith("~")  # a gateway-made id: no client can have used it
     _, device = gw.get("/api/v1/devices/relay2")
     assert device["state"]["state"] == "off"
-    assert any(e.get("event") == "max_on_time_reached" and e.get("device") == "relay2" for e in gw.log_lines())
+    fired = [e for e in gw.log_lines() if e.get("event") == "scheduled_action_fired" and e.get("device") == "relay2"]
+    assert len(fired) == 1 and fired[0]["kind"] == "max_on" and fired[0]["command_id"] == auto[0]["id"]
 
-    # Switched off by hand before the limit: no automatic off follows.
-    assert _send(gw, "relay2", "on")["state"] == "succeeded"
-    assert _send(gw, "relay2", "off")["state"] == "succeeded"
-    time.sleep(1.5)
+    # Switched off by hand before the limit: the automatic off is cancelled, said so, and never sent.
+    second = _send(gw, "relay2", "on")
+    off = _send(gw, "relay2", "off")
+    _, every = gw.get("/api/v1/schedule?device=relay2&all=1")
+    cancelled = [r for r in every["scheduled"] if r["after"] == second["id"]]
+    assert [(r["state"], r["reason"]) for r in cancelled] == [("cancelled", f"done by {off['id']}")]
     _, listing = gw.get("/api/v1/commands?device=relay2")
     assert len([c for c in listing["commands"] if c["source"] == "safety"]) == 1
 

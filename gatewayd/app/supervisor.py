@@ -16,7 +16,6 @@ import contextlib
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from gatewayd.app.operator import Operator
 from gatewayd.app.systemd import Notifier
 from gatewayd.commands.dispatcher import Dispatcher
 from gatewayd.commands.model import Clock
+from gatewayd.commands.scheduler import Scheduler
 from gatewayd.commands.service import CommandService
 from gatewayd.config.loader import LoadedConfig, load_config
 from gatewayd.devices.manager import DeviceManager
@@ -81,6 +81,7 @@ class Supervisor:
         self.operator = Operator(self)
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
+        self.scheduler: Scheduler | None = None
         self.web: WebServer | None = None
         self.interpret: InterpretService | None = None
         self.resilience = ResilienceState()
@@ -189,6 +190,7 @@ class Supervisor:
             self.devices = await stack.enter_async_context(DeviceManager(self.loaded, sink=self.recorder))
             self.recorder.attach(self.devices.profiles)
             self.service = CommandService(self.store, self.devices, cfg.commands, self.clock, self.space)
+            self.scheduler = Scheduler(self.store, self.service, self.clock)
             dispatcher = Dispatcher(
                 self.store,
                 self.devices.devices,
@@ -198,6 +200,7 @@ class Supervisor:
                 breaker=cfg.resilience.device_breaker,
                 forward_results=cfg.mqtt.enabled,
                 reconcile_interval_s=cfg.commands.reconcile_interval_s,
+                on_armed=self.scheduler.wake,
             )
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)
@@ -227,6 +230,7 @@ class Supervisor:
                 recorder=self.recorder,
                 operator=self.operator,
                 interpret=self.interpret,
+                scheduler=self.scheduler,
             )
             self.uplink = await stack.enter_async_context(
                 Uplink(
@@ -260,9 +264,9 @@ class Supervisor:
                 tasks.spawn("systemd", self._systemd())
 
             self.service.attach(self.dispatcher)
-            self.dispatcher.request_off = self._switch_off
-            if self.interpret is not None:
-                await self.interpret.resume()  # ends of on-periods from before the restart, now commands are taken
+            # Switch-offs and ends of on-periods, those from before a restart too (overdue ones at once): now that
+            # commands are taken.
+            await stack.enter_async_context(self.scheduler)
             self.uplink.open_intake()
             # Ready means a command published from now on is not lost: the uplink has subscribed (or the broker is
             # away, which is a normal state: commands then wait at the broker for our persistent session).
@@ -297,17 +301,6 @@ class Supervisor:
                 log.warning("resilience_state_not_saved", error=err.message)
             # The exit stack now closes, in reverse order: tasks, HTTP, dispatcher, devices, store.
         log.info("gateway_stopped", unfinished=unfinished, queued_for_restart=self.dispatcher.queued())
-
-    async def _switch_off(self, device: str, action: str) -> None:
-        """A device's max on-time has passed: its off action, as a critical command of its own (durable, visible)."""
-        assert self.service is not None
-        payload = {
-            "device": device,
-            "action": action,
-            "priority": "critical",
-            "id": f"max-on-{device}-{uuid.uuid4().hex[:12]}",
-        }
-        await self.service.submit(payload, source="safety")
 
     # --- background duties -------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import sqlite3
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -38,6 +38,7 @@ from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Trans
 from gatewayd.commands.safety import SafetyGate
 from gatewayd.config.models import BreakerSettings, RetrySettings
 from gatewayd.devices.base import Device
+from gatewayd.devices.line import CALL, Call, DeadlinePassed, Preempted
 from gatewayd.errors import DeviceRejected, DeviceUnavailable, GatewayError, SafetyLimited, StoreUnavailable
 from gatewayd.observability.metrics import DISPATCHER_GAPS
 from gatewayd.resilience import (
@@ -53,14 +54,13 @@ from gatewayd.resilience import (
 )
 from gatewayd.resilience import Clock as ResilienceClock
 from gatewayd.resilience.breaker import local_refusal_is_ignored
-from gatewayd.store import Store, outbox
+from gatewayd.store import Store, outbox, schedule
 from gatewayd.store import commands as sql
 from gatewayd.tasks import TaskOwner
 
 log = structlog.get_logger("gatewayd.dispatcher")
 
 FinalCallback = Callable[[CommandRecord], None]
-OffRequest = Callable[[str, str], Awaitable[object]]  # (device, off action): submits the automatic off command
 STORE_RETRY_S = 1.0
 OUTCOME_UNKNOWN = "outcome_unknown"
 HOLD_RECHECK_S = 1.0  # a held worker looks again this often even if no wake-up came
@@ -80,6 +80,7 @@ class Dispatcher:
         breaker: BreakerSettings | None = None,
         rclock: ResilienceClock = REAL_CLOCK,
         forward_results: bool = True,
+        on_armed: Callable[[], None] = lambda: None,
     ):
         self._store = store
         # False without an uplink ([mqtt] enabled = false): no result row for an outbox nobody drains.
@@ -90,6 +91,7 @@ class Dispatcher:
         self.clock_synced: Callable[[], bool] = lambda: False  # the telemetry clock's, for result timestamps
         self._sweep_interval_s = sweep_interval_s
         self._reconcile_interval_s = reconcile_interval_s
+        self._on_armed = on_armed  # a scheduled action was armed: the Scheduler looks at its due times again
         self._suspects: set[str] = set()  # open in the store, unknown here, at the last reconciliation
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, str]]] = {}
         self._queued = _Waiting()  # everything waiting in a queue, by command id
@@ -116,8 +118,8 @@ class Dispatcher:
             for name in devices
         }
         self.safety = {name: SafetyGate(name, device.profile, rclock) for name, device in devices.items()}
-        self.request_off: OffRequest | None = None  # set by the supervisor: how the max on-time switches off
-        self._on_timers: dict[str, asyncio.Task[None]] = {}
+        # device -> the command in hand and its preemption flag (set when a critical one arrives for the device)
+        self._preempts: dict[str, tuple[CommandRecord, asyncio.Event]] = {}
         # A push, a drain, or the device coming back wakes a worker that holds its queue.
         self._wake = {name: asyncio.Event() for name in devices}
         for name, device in devices.items():
@@ -166,7 +168,13 @@ class Dispatcher:
     # --- queue ---------------------------------------------------------------------------------------------------
 
     def push(self, rec: CommandRecord) -> None:
-        """Put an accepted (committed, state queued) command in its device's queue."""
+        """Put an accepted (committed, state queued) command in its device's queue. A critical one preempts the
+        device's command in hand, if that one is less urgent and has not reached the wire."""
+        if rec.priority is Priority.CRITICAL:
+            current = self._preempts.get(rec.device)
+            if current is not None and current[0].priority > rec.priority and not current[1].is_set():
+                current[1].set()
+                log.info("command_preempted", command_id=current[0].id, device=rec.device, by=rec.id)
         self._queued.put(rec)
         self._queues.setdefault(rec.device, asyncio.PriorityQueue()).put_nowait((int(rec.priority), rec.seq, rec.id))
         wake = self._wake.get(rec.device)
@@ -297,8 +305,19 @@ class Dispatcher:
             except SafetyLimited as err:
                 await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
                 return
+            t = self._transition(State.DISPATCHED)
+            actuating = _actuates(device, rec.action)
+
+            def dispatched(c: sqlite3.Connection) -> int:
+                # The command may act from the moment it reaches the wire: what it asked for later (the max on-time
+                # switch-off, the end of an on-period) is armed in the same transaction.
+                sql.transition(c, rec.seq, t)
+                return schedule.dispatched(
+                    c, rec.id, rec.device, actuating=actuating, wall=t.at, mono=t.mono, boot_id=t.boot_id
+                )
+
             try:
-                await self._store.write(lambda c: sql.transition(c, rec.seq, self._transition(State.DISPATCHED)))
+                armed = await self._store.write(dispatched)
             except StoreUnavailable as err:
                 self._store_failed(rec, "dispatch_not_recorded", err)
                 await asyncio.sleep(STORE_RETRY_S)
@@ -307,8 +326,14 @@ class Dispatcher:
             rec.state = State.DISPATCHED
             self._store_ok(rec)
             log.info("command_dispatched", action=rec.action)
+            if armed:
+                self._on_armed()
             try:
                 result = await self._execute(device, rec)
+            except Preempted as err:
+                await self._requeue(rec, f"preempted: {err}")
+            except DeadlinePassed as err:
+                await self._expire(rec, err.message)
             except DeviceRejected as err:
                 await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
             except CircuitOpenError as err:
@@ -329,37 +354,7 @@ class Dispatcher:
                 await self._finish(rec, State.FAILED, code="internal_error", message=f"{type(err).__name__}: {err}")
             else:
                 self.executed += 1
-                self._watch_on_time(device, rec.action)
                 await self._finish(rec, State.SUCCEEDED, result=result)
-
-    def _watch_on_time(self, device: Device, action: str) -> None:
-        """After an on action, switch the device off when its profile's max on-time has passed; any safe action
-        (off, stop) in between calls that off."""
-        safety = device.profile.safety
-        spec = device.profile.actions.get(action)
-        if action in safety.on_actions and safety.max_on_s is not None and safety.off_action is not None:
-            self._cancel_on_timer(device.name)
-            coro = self._switch_off_later(device.name, safety.off_action, safety.max_on_s)
-            self._on_timers[device.name] = self._tasks.spawn(f"{device.name}.max_on", coro)
-        elif spec is not None and spec.safe:
-            self._cancel_on_timer(device.name)
-
-    def _cancel_on_timer(self, name: str) -> None:
-        timer = self._on_timers.pop(name, None)
-        if timer is not None:
-            timer.cancel()
-
-    async def _switch_off_later(self, name: str, off_action: str, after_s: float) -> None:
-        await asyncio.sleep(after_s)
-        self._on_timers.pop(name, None)
-        log.warning("max_on_time_reached", device=name, max_on_s=after_s, action=off_action)
-        if self.request_off is None:
-            log.error("max_on_time_no_way_to_switch_off", device=name)
-            return
-        try:
-            await self.request_off(name, off_action)
-        except GatewayError as err:  # shutting down: a GPIO output is released on close and on start anyway
-            log.error("max_on_time_off_not_accepted", device=name, code=err.code, error=err.message)
 
     def _held_for(self, breaker: CircuitBreaker) -> float:
         """Seconds until the breaker lets a probe through; 0 when it admits calls now."""
@@ -369,11 +364,20 @@ class Dispatcher:
         return 0.0 if retry_at is None else max(0.0, retry_at - self._rclock.monotonic())
 
     async def _execute(self, device: Device, rec: CommandRecord) -> dict[str, Any]:
-        """Run the action with retries, each attempt through the device's breaker, within the deadline."""
+        """Run the action with retries, each attempt through the device's breaker, within the deadline. The
+        deadline and the priority travel down to the wire (:class:`~gatewayd.devices.line.Call`): a bus hands its
+        line over most urgent first, and puts nothing on the wire after the deadline (DeadlinePassed: not sent).
+        A critical command pushed meanwhile for this device preempts the attempt while it waits for its turn, or
+        the pause between two attempts (Preempted: not sent, back to the queue)."""
         breaker = self.breakers[rec.device]
         critical = rec.priority is Priority.CRITICAL
+        deadline = self._deadline(rec)
+        preempt = asyncio.Event()
+        self._preempts[rec.device] = (rec, preempt)
 
         async def attempt() -> dict[str, Any]:
+            if preempt.is_set():
+                raise Preempted(f"{rec.id} gave its turn to a critical command")
             if not device.availability.available:
                 raise _DeviceDown(device.availability.last_error or "unavailable")
             try:
@@ -382,13 +386,33 @@ class Dispatcher:
                 if not critical:
                     raise
                 # An emergency stop is sent even to a device that has been failing: it may be the one that works.
-                self._maybe_sent.add(rec.id)
-                return await device.execute(rec.id, rec.action, rec.params)
+                return await self._call_device(device, rec, deadline, preempt)
             async with permit:
-                self._maybe_sent.add(rec.id)
-                return await device.execute(rec.id, rec.action, rec.params)
+                return await self._call_device(device, rec, deadline, preempt)
 
-        return await self._retry.call(attempt, name=f"device:{rec.device}", deadline=self._deadline(rec))
+        try:
+            return await self._retry.call(
+                attempt, name=f"device:{rec.device}", deadline=deadline, clock=_Preemptible(self._rclock, preempt)
+            )
+        finally:
+            self._preempts.pop(rec.device, None)
+
+    async def _call_device(
+        self, device: Device, rec: CommandRecord, deadline: float, preempt: asyncio.Event
+    ) -> dict[str, Any]:
+        call = Call(rec.id, int(rec.priority), deadline, preempt=preempt)
+        token = CALL.set(call)
+        try:
+            return await device.execute(rec.id, rec.action, rec.params)
+        except (DeadlinePassed, Preempted):
+            raise  # not sent: the device layer said so before the wire
+        except BaseException:
+            call.sent = True  # a device that does not say when it sends: it may have
+            raise
+        finally:
+            CALL.reset(token)
+            if call.sent:
+                self._maybe_sent.add(rec.id)
 
     def _deadline(self, rec: CommandRecord) -> float:
         """The command's deadline on the resilience clock."""
@@ -445,10 +469,16 @@ class Dispatcher:
         )
         row = outbox.result_row(final, mono=t.mono, boot_id=t.boot_id, synced=self.clock_synced())
 
+        acted = {State.SUCCEEDED: True, State.FAILED: None}.get(state, False)
+
         def job(c: sqlite3.Connection) -> None:
             moved = sql.transition(c, rec.seq, t, result=result, error_code=code, error_message=message)
             if moved and self._forward_results:
                 outbox.insert(c, [row])
+            if moved:
+                schedule.settled(c, rec.id, acted=acted, wall=t.at, why=f"{rec.id} ended {state.value}")
+                if state is State.SUCCEEDED:  # a manual off: the automatic one it would have been is not needed
+                    schedule.done_by(c, rec.device, rec.action, rec.id, wall=t.at)
 
         while True:
             try:
@@ -550,17 +580,51 @@ class _DeviceDown(Exception):
 
 
 def _device_verdict(err: BaseException) -> Verdict:
-    """As :func:`classify`, except that an open breaker or a device gone away ends the retries: the command goes
-    back to the queue rather than failing."""
-    if isinstance(err, CircuitOpenError | _DeviceDown):
+    """As :func:`classify`, except that an open breaker, a device gone away or a preemption ends the retries (the
+    command goes back to the queue rather than failing), and so does a deadline that passed on the way to the
+    wire."""
+    if isinstance(err, CircuitOpenError | _DeviceDown | Preempted):
         return Verdict(False, None, "held")
+    if isinstance(err, DeadlinePassed):
+        return Verdict(False, None, "deadline")
     return classify(err)
+
+
+class _Preemptible:
+    """The retry policy's clock for one command: its pause between two attempts ends at once, with Preempted,
+    when a critical command for the same device arrives."""
+
+    def __init__(self, clock: ResilienceClock, preempt: asyncio.Event):
+        self._clock = clock
+        self._preempt = preempt
+
+    def monotonic(self) -> float:
+        return self._clock.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        if self._preempt.is_set():
+            raise Preempted("a critical command came while waiting to try again")
+        waiter = asyncio.ensure_future(self._preempt.wait())
+        pause = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait({waiter, pause}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            pause.cancel()
+        if self._preempt.is_set():
+            raise Preempted("a critical command came while waiting to try again")
 
 
 def _breaker_ignores(err: BaseException) -> bool:
     """Besides our own refusals, an unavailable bus says nothing about the device: availability handles it, and an
-    unplugged cable must not open every breaker on the bus."""
-    return local_refusal_is_ignored(err) or isinstance(err, DeviceUnavailable)
+    unplugged cable must not open every breaker on the bus. Nor does a command that never reached the wire (its
+    deadline passed waiting for the bus, or a critical one took its turn)."""
+    return local_refusal_is_ignored(err) or isinstance(err, DeviceUnavailable | DeadlinePassed | Preempted)
+
+
+def _actuates(device: Device, action: str) -> bool:
+    spec = device.profile.actions.get(action)
+    return spec is None or spec.actuates
 
 
 def _waker(event: asyncio.Event) -> Callable[[bool], None]:

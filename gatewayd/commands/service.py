@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -19,14 +20,28 @@ from gatewayd.commands import validate as v
 from gatewayd.commands.dispatcher import Dispatcher
 from gatewayd.commands.model import Clock, CommandRecord, CommandRequest, Priority, State, Transition, new_command_id
 from gatewayd.config.models import CommandsSection
+from gatewayd.config.profiles import Profile
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import Conflict, GatewayError, QueueFull, ShuttingDown, StoreUnavailable, UnknownCommand
 from gatewayd.observability.metrics import COMMANDS_PRUNED
-from gatewayd.store import Store
+from gatewayd.store import Store, schedule
 from gatewayd.store import commands as sql
 from gatewayd.store.space import DiskSpace
 
 log = structlog.get_logger("gatewayd.commands")
+
+
+@dataclass(frozen=True)
+class Then:
+    """Something a command asks the gateway to do by itself later: ``action`` on the same device, ``delay_s`` after
+    the command reaches the wire (a row of ``scheduled_actions``)."""
+
+    kind: str  # max_on | on_period
+    action: str
+    delay_s: float
+    priority: Priority
+    source: str  # of the command sent then: safety | interpret
+
 
 PRUNE_BATCH = 500  # commands per store job: other writes get their turn between two
 
@@ -77,7 +92,14 @@ class CommandService:
             raise self.space.refusal()
 
     async def submit(
-        self, payload: Any, *, source: str, user: str | None = None, interpretation: dict[str, Any] | None = None
+        self,
+        payload: Any,
+        *,
+        source: str,
+        user: str | None = None,
+        interpretation: dict[str, Any] | None = None,
+        then: Sequence[Then] = (),
+        command_id: str | None = None,
     ) -> tuple[CommandRecord, bool]:
         """Validate and durably accept a command. Returns (record, created); created is False for a replay.
         ``interpretation`` is stored with a command that came from natural language (gatewayd.interpret).
@@ -86,9 +108,16 @@ class CommandService:
         again because it never heard the answer (an MQTT redelivery after a lost PUBACK, an HTTP retry) gets the
         command it sent, not ``queue_full``, ``shutting_down`` or a validation error from a profile reloaded since.
         New commands take one store write (insert, or the existing record when the id is taken); the extra read
-        happens only on the way to a refusal."""
+        happens only on the way to a refusal.
+
+        What the command asks the gateway to do later (``then``: the end of an on-period; and the profile's max
+        on-time switch-off, added here for every on action) is written in the same transaction, before the command
+        is acknowledged. ``command_id`` is a gateway-made id, outside the alphabet clients may use (the Scheduler's
+        commands)."""
         received = self._transition(State.RECEIVED)
         request = v.parse_request(payload)  # the envelope: what a replay must match too
+        if command_id is not None:
+            request = request.model_copy(update={"id": command_id})
         try:
             checked = self._admit(request)
         except GatewayError:
@@ -120,10 +149,28 @@ class CommandService:
             Transition(State.ACCEPTED, now, mono, self._clock.boot_id),
             Transition(State.QUEUED, now, mono, self._clock.boot_id),
         ]
+        later = [*then, *self._safety_then(checked.profile, rec.action)]
+        rows = [
+            schedule.Scheduled(
+                id=schedule.new_id(),
+                kind=t.kind,
+                device=rec.device,
+                action=t.action,
+                priority=int(t.priority),
+                source=t.source,
+                after=rec.id,
+                delay_s=t.delay_s,
+                state=schedule.WAITING,
+                created_at=now,
+                updated_at=now,
+                user=user,
+            )
+            for t in later
+        ]
         # Shielded: once the commit is under way, the command reaches the dispatcher even if the caller is
         # cancelled meanwhile (an MQTT session torn down, a client gone). Cancelled between the COMMIT and the
         # push, a command would stay queued in the store and in no queue until the next restart.
-        stored, created = await asyncio.shield(self._commit(rec, transitions))
+        stored, created = await asyncio.shield(self._commit(rec, transitions, rows))
         if not created:
             return await self._replayed(stored, request, rec.params)
         log.info(
@@ -163,10 +210,22 @@ class CommandService:
             return None
         return await self._store.read(lambda c: sql.get(c, command_id))
 
-    async def _commit(self, rec: CommandRecord, transitions: list[Transition]) -> tuple[CommandRecord, bool]:
+    @staticmethod
+    def _safety_then(profile: Profile, action: str) -> list[Then]:
+        """The profile's max on-time: an on action is followed by its off action, critical, ``max_on_s`` after it
+        reaches the wire."""
+        safety = profile.safety
+        if action in safety.on_actions and safety.max_on_s is not None and safety.off_action is not None:
+            return [Then("max_on", safety.off_action, safety.max_on_s, Priority.CRITICAL, "safety")]
+        return []
+
+    async def _commit(
+        self, rec: CommandRecord, transitions: list[Transition], later: list[schedule.Scheduled]
+    ) -> tuple[CommandRecord, bool]:
         def accept(conn: Any) -> tuple[CommandRecord, bool]:
             inserted = sql.insert(conn, rec, transitions)
             if inserted is not None:
+                schedule.insert(conn, later)
                 return inserted, True
             existing = sql.get(conn, rec.id)
             assert existing is not None
@@ -280,6 +339,7 @@ class CommandService:
             total += n
             COMMANDS_PRUNED.inc(n)
             if n < PRUNE_BATCH:
+                await self._store.write(lambda c: schedule.prune(c, older_than=older_than))
                 return total
 
     async def run_pruner(self) -> None:

@@ -23,6 +23,7 @@ import structlog
 from gatewayd.config.models import DeviceConfig
 from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
+from gatewayd.devices.line import sending
 from gatewayd.errors import DeviceRejected, DeviceUnavailable
 
 log = structlog.get_logger("gatewayd.gpio")
@@ -121,6 +122,7 @@ class GpioOutput:
         if action not in ("on", "off"):
             raise DeviceRejected(f"GPIO output has no action {action!r}")
         # on/off set an absolute state, so repeating one after a crash cannot act twice.
+        sending()
         await self._controller.call(device.on if action == "on" else device.off)
         self._state = await self._controller.call(self._read)
         return {"state": self._state}
@@ -157,6 +159,7 @@ class GpioPwm(GpioOutput):
         else:
             raise DeviceRejected(f"PWM output has no action {action!r}")
         # An absolute level, so repeating it after a crash cannot act twice.
+        sending()
         await self._controller.call(setattr, device, "value", value)
         self._state = await self._controller.call(self._read)
         return self._result()

@@ -42,6 +42,7 @@ from pymodbus.pdu import ModbusPDU
 from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import BIT_TABLES, ModbusAction, Profile
 from gatewayd.devices.base import Availability
+from gatewayd.devices.line import Line
 from gatewayd.devices.modbus_codec import READ_FUNCTION, ReadBlock, Value, encode_registers, find_reply, plan_reads
 from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
 from gatewayd.devices.serial_bus import reopen_policy, transaction_bucket
@@ -92,9 +93,9 @@ class ModbusBus:
         self.timeouts = 0
         self.opens = 0
         self._clock = clock
-        self._lock = asyncio.Lock()
-        self._bucket = transaction_bucket(name, cfg, clock)
-        self._line_free_at = 0.0  # monotonic: turnaround, or the quiet after a lost reply
+        # One transaction at a time, commands before polls and the most urgent first, none sent after its
+        # command's deadline (gatewayd.devices.line).
+        self._line = Line(f"bus {name}", clock, transaction_bucket(name, cfg, clock))
         self._client: AsyncModbusSerialClient | None = None
         self._lost = asyncio.Event()  # the open port went away (a fresh one per open)
         self._request: bytes | None = None  # the request whose reply is being waited for, as sent
@@ -216,12 +217,7 @@ class ModbusBus:
     ) -> ModbusPDU:
         """One request and its reply, or a typed error. Exception replies are returned, not raised."""
         details = {"bus": self.name, "unit": unit, "function": function}
-        async with self._lock:
-            if self._bucket is not None:
-                await self._bucket.acquire()
-            pause = self._line_free_at - self._clock.monotonic()
-            if pause > 0:
-                await self._clock.sleep(pause)
+        async with self._line.turn() as turn:
             client, lost = self._client, self._lost
             if client is None or lost.is_set() or not self.availability.available:
                 raise DeviceUnavailable(
@@ -230,6 +226,7 @@ class ModbusBus:
             answered = False
             self._inflight = timeout = asyncio.timeout(self.cfg.response_timeout_s)
             cancelling = _cancelling()
+            self._line.sent(turn)  # the last look at the command's deadline: from here on, the unit may act
             try:
                 async with timeout:
                     reply = await call(client)
@@ -252,7 +249,7 @@ class ModbusBus:
             finally:
                 self._request = self._inflight = None
                 quiet = self.cfg.turnaround_s if answered else max(self.cfg.turnaround_s, self.cfg.response_timeout_s)
-                self._line_free_at = self._clock.monotonic() + quiet
+                self._line.free_at = self._clock.monotonic() + quiet
             self.transactions += 1
         if reply.isError():
             code = reply.exception_code

@@ -37,6 +37,7 @@ from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.framing import Decoder, Frame, Kind
+from gatewayd.devices.line import Line
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable, ProtocolError
 from gatewayd.observability.metrics import SERIAL_BAD_FRAMES, SERIAL_INBOUND_DROPPED, counter
 from gatewayd.resilience.bucket import BucketSpec, TokenBucket
@@ -84,7 +85,8 @@ def reopen_policy(bus: str, cfg: SerialBusConfig, clock: Clock) -> RetryPolicy:
 
 def transaction_bucket(bus: str, cfg: SerialBusConfig, clock: Clock) -> TokenBucket | None:
     """The bus's limit on requests put on the line (``transactions_per_s``), or None. Every request takes a token
-    inside the bus lock, before it is sent; the line does not know priorities, so none bypasses it."""
+    once it has its turn on the line, before it is sent: none bypasses it (the line does not know priorities),
+    but a critical command has its turn first, so it takes the next token."""
     if cfg.transactions_per_s is None:
         return None
     return TokenBucket(cfg.transactions_burst, cfg.transactions_per_s, name=f"bus:{bus}.transactions", clock=clock)
@@ -115,8 +117,8 @@ class SerialBus:
         self.unsolicited: Counter[int] = Counter()  # delivered, by address
         self.inbound_dropped: Counter[int] = Counter()  # over the inbound rate, by address
         self._clock = clock
-        self._line_free_at = 0.0  # monotonic; turnaround after the last transaction
-        self._transactions = transaction_bucket(name, cfg, clock)
+        # One transaction at a time, most urgent first, none sent after its command's deadline (gatewayd.devices.line).
+        self._line = Line(f"bus {name}", clock, transaction_bucket(name, cfg, clock))
         self._inbound = KeyedLimiter(
             BucketSpec(cfg.inbound_burst, cfg.inbound_frames_per_s),
             name=f"serial.{name}.inbound",
@@ -127,7 +129,6 @@ class SerialBus:
         # (address, "telemetry" | "event") -> frames dropped since its throttling started
         self._throttled: dict[tuple[int, str], int] = {}
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
         self._seq = itertools.cycle(range(256))
         self._pending: dict[tuple[int, int], asyncio.Future[Frame]] = {}
         self._tasks = TaskOwner(f"{name}")
@@ -300,13 +301,9 @@ class SerialBus:
                 fut.set_exception(err)
 
     async def transact(self, address: int, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return the reply's payload. One transaction at a time on the bus."""
-        async with self._lock:
-            if self._transactions is not None:
-                await self._transactions.acquire()
-            turnaround = self._line_free_at - self._clock.monotonic()
-            if turnaround > 0:
-                await self._clock.sleep(turnaround)
+        """Send one request and return the reply's payload. One transaction at a time on the bus, the most urgent
+        first; :class:`DeadlinePassed` (never sent) if the command's deadline passes before it can go out."""
+        async with self._line.turn() as call:
             writer = self._writer
             if writer is None or writer.is_closing() or not self.availability.available:
                 raise DeviceUnavailable(
@@ -319,7 +316,9 @@ class SerialBus:
             fut: asyncio.Future[Frame] = loop.create_future()
             self._pending[(address, seq)] = fut
             try:
-                writer.write(Frame(address, seq, Kind.REQUEST, payload).to_bytes())
+                wire = Frame(address, seq, Kind.REQUEST, payload).to_bytes()
+                self._line.sent(call)  # the last look at the deadline: from here on, the device may act
+                writer.write(wire)
                 await writer.drain()
                 reply = await asyncio.wait_for(fut, self.cfg.response_timeout_s)
             except TimeoutError:
@@ -335,7 +334,7 @@ class SerialBus:
             finally:
                 self._pending.pop((address, seq), None)
                 if self.cfg.turnaround_s:
-                    self._line_free_at = self._clock.monotonic() + self.cfg.turnaround_s
+                    self._line.free_at = self._clock.monotonic() + self.cfg.turnaround_s
             self.transactions += 1
             log.debug(
                 "serial_transaction",

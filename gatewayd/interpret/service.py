@@ -26,8 +26,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from gatewayd.commands.model import Clock as CommandClock
-from gatewayd.commands.model import CommandId, CommandRecord, StrictBool
-from gatewayd.commands.service import CommandService
+from gatewayd.commands.model import CommandId, CommandRecord, Priority, StrictBool
+from gatewayd.commands.service import CommandService, Then
 from gatewayd.commands.validate import field_errors, parse_request
 from gatewayd.config.models import InterpretSection
 from gatewayd.config.profiles import Profile
@@ -35,11 +35,10 @@ from gatewayd.errors import BadRequest, Conflict, GatewayError, ShuttingDown, Un
 from gatewayd.interpret.cache import PromptCache
 from gatewayd.interpret.chain import Chain, Outcome, Slot
 from gatewayd.interpret.errors import ConfirmationRequired
-from gatewayd.interpret.followup import FollowUps
 from gatewayd.interpret.ledger import SpendLedger
 from gatewayd.interpret.local import LocalRules
 from gatewayd.interpret.providers import HttpProvider, build_provider
-from gatewayd.interpret.registry import Registry, on_actions
+from gatewayd.interpret.registry import Registry
 from gatewayd.interpret.rules import EMPTY, RulesFile, load_rules
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, CircuitState, Clock, KeyedLimiter, ResilienceState, StateChange
 from gatewayd.store import Store
@@ -143,7 +142,6 @@ class InterpretService:
         self._tasks = TaskOwner("interpret")
         self._session: aiohttp.ClientSession | None = None
         self.chain: Chain | None = None
-        self.followups: FollowUps | None = None
         self._wake = {slot.name: asyncio.Event() for slot in self.slots}
 
     def register(self, state: ResilienceState) -> None:
@@ -180,7 +178,6 @@ class InterpretService:
             registry = self.registry()
             await self.ledger.load()
             await self._tasks.open()
-            self.followups = FollowUps(self._store, self._service, self._tasks, self._command_clock, self._clock)
             self._tasks.spawn("local_rules", self._prepare(registry))
             for slot in self.chain.active:
                 self._tasks.spawn(f"health.{slot.name}", self._monitor(slot))
@@ -203,11 +200,6 @@ class InterpretService:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def resume(self) -> None:
-        """Pick up the ends of on-periods saved before a restart; once the command service takes commands."""
-        if self.followups is not None:
-            await self.followups.resume()
 
     def _read_rules(self) -> RulesFile:
         if self.rules_path is not None and not self.rules_path.exists():
@@ -383,15 +375,14 @@ class InterpretService:
             value = getattr(req, key)
             if value is not None:
                 body[key] = value
-        rec, created = await self._service.submit(body, source=source, user=req.user, interpretation=interpretation)
-        if (
-            created
-            and self.followups is not None
-            and (command.action in on_actions(entry.profile) or command.action == entry.off_action)
-        ):
-            await self.followups.supersede(command.device, rec.id)
-            if command.duration_s is not None and entry.off_action is not None:
-                await self.followups.schedule(rec, entry.off_action, command.duration_s)
+        then = []
+        if command.duration_s is not None and entry.off_action is not None:
+            # "on for ten minutes": the off is a scheduled action, written with the on command (before it is
+            # acknowledged), armed when the on reaches the wire, ended by a newer instruction for the device.
+            then.append(Then("on_period", entry.off_action, command.duration_s, Priority.HIGH, "interpret"))
+        rec, created = await self._service.submit(
+            body, source=source, user=req.user, interpretation=interpretation, then=then
+        )
         log.info(
             "command_interpreted",
             command_id=rec.id,
@@ -454,10 +445,6 @@ class InterpretService:
                 "rules_file_found": self.rules_path is not None and self.rules_path.exists(),
                 "can_do": local.capabilities if local is not None else [],
             },
-            "followups": [
-                {"command_id": f.command_id, "device": f.device, "action": f.action, "after_s": f.after_s}
-                for f in (self.followups.pending if self.followups else [])
-            ],
             "providers": providers,
         }
 

@@ -183,14 +183,14 @@ def prune(conn: sqlite3.Connection, *, older_than: float, keep_max: int, batch: 
     before ``older_than`` (wall clock), or older than the newest ``keep_max`` commands. Looks at the oldest
     ``batch`` finished commands only, so a pass costs about the same however large the table is; the caller
     repeats while it gets ``batch`` back. Never an open command, nor one whose interpreted follow-up ("off in 10
-    minutes") is still pending. Returns how many were deleted."""
+    minutes", a max on-time switch-off) is still to come. Returns how many were deleted."""
     row = conn.execute("SELECT seq FROM commands ORDER BY seq DESC LIMIT 1 OFFSET ?", (keep_max,)).fetchone()
     cap_seq = row[0] if row is not None else 0
     cur = conn.execute(
         "DELETE FROM commands WHERE seq IN ("
         " SELECT seq FROM (SELECT c.seq, c.updated_at FROM commands c"
         f"  WHERE c.state IN ({_final_placeholders()})"
-        "   AND NOT EXISTS (SELECT 1 FROM interpret_followups f WHERE f.command_id = c.id)"
+        "   AND NOT EXISTS (SELECT 1 FROM scheduled_actions s WHERE s.after = c.id AND s.state IN ('waiting', 'armed'))"
         "  ORDER BY c.seq LIMIT ?)"
         " WHERE updated_at < ? OR seq <= ?)",
         (*_final_values(), batch, older_than, cap_seq),

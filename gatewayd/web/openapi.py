@@ -214,6 +214,16 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/outbox": {"get": {"summary": "Records waiting for the uplink", "responses": _responses(200)}},
         "/api/v1/queue": {"get": {"summary": "Queued and executing commands", "responses": _responses(200)}},
+        "/api/v1/schedule": {
+            "get": {
+                "summary": "What the gateway will send by itself: max on-time switch-offs, ends of on-periods",
+                "parameters": [
+                    _query("device", {"type": "string"}, "only for this device"),
+                    _query("all", {"type": "string", "enum": ["0", "1", "true", "false"]}, "1: fired, cancelled too"),
+                ],
+                "responses": _responses(200),
+            }
+        },
         "/api/v1/stats": {"get": {"summary": "Counters and component states", "responses": _responses(200)}},
         "/api/v1/admin/config": {
             "get": {"summary": "Effective configuration, secrets redacted (admin)", "responses": _responses(200)}

@@ -188,6 +188,18 @@ def queue_text(q: dict[str, Any] | None) -> str:
     return text + (f", executing {q['executing']}" if q.get("executing") else "")
 
 
+def scheduled_text(rows: list[dict[str, Any]] | None) -> str:
+    """What the gateway will send to the device by itself, soonest first: "off in 59m 10s (max on-time)"."""
+    if not rows:
+        return "—"
+    why = {"max_on": "max on-time", "on_period": "end of the on-period"}
+    parts = []
+    for r in sorted(rows, key=lambda r: (r.get("due_in_s") is None, r.get("due_in_s") or 0)):
+        when = "after the command runs" if r.get("due_in_s") is None else f"in {duration(r['due_in_s'])}"
+        parts.append(f"{r['action']} {when} ({why.get(r['kind'], r['kind'])})")
+    return "; ".join(parts)
+
+
 def _device(d: dict[str, Any], csrf: str, queue: dict[str, Any] | None = None) -> str:
     name = d["name"]
     badge = (
@@ -212,6 +224,7 @@ def _device(d: dict[str, Any], csrf: str, queue: dict[str, Any] | None = None) -
 <dt>Last error</dt><dd class="last-error">{_e(d.get("last_error") or "—")}</dd>
 <dt>Circuit</dt><dd class="breaker">{circuit}</dd>
 <dt>Queue</dt><dd class="dqueue">{_e(queue_text(queue))}</dd>
+<dt>Scheduled</dt><dd class="scheduled">{_e(scheduled_text(d.get("scheduled")))}</dd>
 <dt>State</dt><dd><code class="state">{_e(json.dumps(d.get("state") or {}, default=str))}</code></dd></dl>
 <div class="sparks" data-device="{_e(name)}"></div>
 <div class="actions">{forms}</div>

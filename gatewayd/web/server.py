@@ -45,6 +45,7 @@ from gatewayd.web.limits import RateLimits, metrics_middleware
 
 if TYPE_CHECKING:
     from gatewayd.app.operator import Operator
+    from gatewayd.commands.scheduler import Scheduler
     from gatewayd.interpret.service import InterpretService
 
 log = structlog.get_logger("gatewayd.web")
@@ -61,6 +62,7 @@ class WebContext:
     recorder: Recorder | None = None  # recent telemetry and the outbox
     operator: Operator | None = None  # config, reset, fault scenarios
     interpret: InterpretService | None = None  # natural-language commands, when [interpret] is enabled
+    scheduler: Scheduler | None = None  # what the gateway sends by itself later (max on-time, on-periods)
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> web.Response:
@@ -199,6 +201,16 @@ async def get_command(request: web.Request) -> web.Response:
     return web.json_response(rec.to_api())
 
 
+async def list_schedule(request: web.Request) -> web.Response:
+    """What the gateway will send by itself: ``?all=1`` adds the fired and cancelled ones (newest first)."""
+    scheduler = _ctx(request).scheduler
+    if scheduler is None:
+        return web.json_response({"scheduled": []})
+    every = request.query.get("all") in ("1", "true")
+    rows = await scheduler.listing(open_only=not every, device=request.query.get("device"))
+    return web.json_response({"scheduled": rows})
+
+
 async def list_commands(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state is not None and state not in State.__members__.values():
@@ -213,8 +225,15 @@ async def list_commands(request: web.Request) -> web.Response:
 def _devices(ctx: WebContext) -> list[dict[str, Any]]:
     devices = ctx.devices.describe()
     recorder = ctx.recorder
+    scheduler = ctx.scheduler
     for device in devices:
         device["breaker"] = ctx.breaker_state(device["name"])
+        if scheduler is not None:  # the switch-offs to come: "off at 14:03:10 (max on-time)"
+            device["scheduled"] = [
+                {**r.to_api(iso), "due_in_s": round(scheduler.left_s(r), 1) if r.state == "armed" else None}
+                for r in scheduler.open
+                if r.device == device["name"]
+            ]
         if recorder is not None:
             ring = recorder.recent.get(device["name"])
             device["telemetry"] = None if not ring else {"at": iso(ring[-1].ts), "values": ring[-1].values}
@@ -379,6 +398,7 @@ def build_app(
     app.router.add_get("/api/v1/devices/{name}/telemetry", device_telemetry)
     app.router.add_get("/api/v1/outbox", outbox)
     app.router.add_get("/api/v1/queue", queue)
+    app.router.add_get("/api/v1/schedule", list_schedule)
     app.router.add_get("/api/v1/providers", providers)
     app.router.add_get("/api/v1/stats", stats)
     app.router.add_get("/api/v1/admin/config", admin_config)

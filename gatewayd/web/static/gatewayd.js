@@ -128,6 +128,15 @@
     state.accepted = ov.commands_accepted;
   }
 
+  // What the gateway will send to the device by itself (as page.py's scheduled_text writes it).
+  function scheduledText(rows) {
+    if (!rows || !rows.length) return "—";
+    const why = { max_on: "max on-time", on_period: "end of the on-period" };
+    return rows.slice().sort((a, b) => (a.due_in_s ?? Infinity) - (b.due_in_s ?? Infinity))
+      .map((r) => `${r.action} ${r.due_in_s === null || r.due_in_s === undefined ? "after the command runs" : `in ${duration(r.due_in_s)}`} (${why[r.kind] || r.kind})`)
+      .join("; ");
+  }
+
   function applyDevice(d, dq) {
     const card = $(`article.device[data-device="${CSS.escape(d.name)}"]`);
     if (!card) return;
@@ -142,6 +151,8 @@
     else breaker.textContent = b ? "closed" : "—";
     $(".state", card).textContent = JSON.stringify(d.state || {});
     $(".dqueue", card).textContent = dq ? `${dq.queued} queued${dq.executing ? `, executing ${dq.executing}` : ""}` : "—";
+    const sched = $(".scheduled", card);
+    if (sched) sched.textContent = scheduledText(d.scheduled);
     if (d.telemetry && d.telemetry.at !== state.lastReading[d.name]) {
       const ring = state.readings[d.name] || (state.readings[d.name] = []);
       ring.push(d.telemetry);
