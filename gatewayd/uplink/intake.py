@@ -28,9 +28,9 @@ Refused, acknowledged, answered with a typed ``command_rejected`` event on ``eve
   so it would run again at every restart and reconnect, an order of unknown age;
 - a QoS 0 message that would wait longer than ``max_wait_s`` for its turn (``rate_limited``): a publisher far
   ahead of the rate with nothing holding it back, not a backlog (a QoS 1 one waits however long: the broker keeps
-  it for its publisher), and anything past ``_MAX_HELD`` messages held at once. These refusals are themselves bounded: past ``commands_per_s`` a second their events
-  are left out, counted, and the count rides on the next one (``suppressed``), so a flood cannot fill the
-  outbox with refusals instead;
+  it for its publisher), and anything past ``_MAX_HELD`` messages held at once. These refusals are themselves
+  bounded: past ``commands_per_s`` a second their events are left out, counted, and the count rides on the next
+  one (``suppressed``), so a flood cannot fill the outbox with refusals instead;
 - anything else a sender got wrong (bad JSON, unknown device, invalid parameters, a full queue, the storage
   full), as over HTTP.
 
