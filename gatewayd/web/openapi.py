@@ -100,7 +100,13 @@ _TEXT_REQUEST = {
     "description": "A natural-language command: interpreted (providers, else the local rules), then validated.",
     "properties": {
         "text": {"type": "string", "minLength": 1},
-        "user": {"type": "string"},
+        "user": {
+            "type": "string",
+            "description": (
+                "With access control on: leave it out (the command is the authenticated user's; any other name "
+                "is refused, 422). Off: a label kept as the command's user, unverified."
+            ),
+        },
         "confirm": {"type": "boolean"},
         "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": _ID},
         "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": _TTL},

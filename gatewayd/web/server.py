@@ -182,7 +182,9 @@ async def post_command(request: web.Request) -> web.Response:
     if isinstance(payload, dict) and "text" in payload:  # natural language: interpreted, then submitted
         if ctx.interpret is None:
             raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
-        rec, created, headers = await ctx.interpret.submit(payload, source=source, client=request.remote or "")
+        rec, created, headers = await ctx.interpret.submit(
+            payload, source=source, client=request.remote or "", principal=auth.user_of(request)
+        )
     else:
         rec, created = await ctx.service.submit(payload, source=source, user=auth.user_of(request))
     if wait_s:
