@@ -45,6 +45,7 @@ from gatewayd.errors import (
     InvalidCredentials,
     Unauthenticated,
 )
+from gatewayd.observability import logging as gwlog
 from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, Clock, Decision, KeyedLimiter, RateLimited
 from gatewayd.web.crosssite import SAFE_METHODS
@@ -266,6 +267,7 @@ class Authenticator:
             if entry is None:
                 return None
             self._verified[digest] = entry
+            gwlog.add_secret("http.auth", token)  # a real token now known in clear: the log must never show it
         return Principal(entry.name, entry.role, "bearer")
 
     def _find(self, token: str) -> AuthToken | None:
@@ -281,6 +283,7 @@ class Authenticator:
             return None
         if not await asyncio.to_thread(verify_token, token, entry.hash):
             return None
+        gwlog.add_secret("http.auth", token)
         return Principal(entry.name, entry.role, "session")
 
     # --- identification ----------------------------------------------------------------------------------------
