@@ -128,6 +128,14 @@ class PayloadTooLarge(PermanentError):
     status = 413
 
 
+class UnsupportedMediaType(PermanentError):
+    """A body of a type this route does not read: the JSON API takes ``application/json`` only, so a body a web page
+    could send elsewhere without asking first (a form, ``text/plain``) never reaches it."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
 class Unauthenticated(PermanentError):
     """No credentials, or credentials that are not valid."""
 
@@ -147,6 +155,9 @@ class Forbidden(PermanentError):
 
 
 class CsrfFailed(Forbidden):
+    """A state-changing request a browser sent on behalf of another site (its Origin, Sec-Fetch-Site or Referer
+    says so), or a cookie session's request without its CSRF token."""
+
     code = "csrf_failed"
 
 

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from gatewayd.config.models import AuthSection, AuthToken, HttpSection
 from gatewayd.resilience import FakeClock
-from gatewayd.web import auth
+from gatewayd.web import auth, crosssite
 from gatewayd.web.auth import Authenticator, Principal, hash_token, verify_token
+from gatewayd.web.server import errors_middleware
 
 # The cheapest cost the configuration accepts: these tests check logic, not scrypt's strength.
 FAST = 10
@@ -87,10 +88,10 @@ def test_roles_are_ordered_and_routes_need_the_right_one() -> None:
 
 
 def test_origin_and_next_checks() -> None:
-    assert auth.same_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
-    assert not auth.same_origin("http://127.0.0.1:8081", "127.0.0.1:8080")
-    assert not auth.same_origin("http://evil.example", "127.0.0.1:8080")
-    assert not auth.same_origin("file://", "127.0.0.1:8080")
+    assert crosssite.same_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
+    assert not crosssite.same_origin("http://127.0.0.1:8081", "127.0.0.1:8080")
+    assert not crosssite.same_origin("http://evil.example", "127.0.0.1:8080")
+    assert not crosssite.same_origin("file://", "127.0.0.1:8080")
     assert auth.safe_next("/?state=failed") == "/?state=failed"
     for bad in (None, "", "http://evil.example/", "//evil.example/", "/\\evil.example", "javascript:alert(1)"):
         assert auth.safe_next(bad) == "/"
@@ -175,7 +176,8 @@ async def client_for() -> AsyncIterator[Any]:
     clients: list[TestClient[web.Request, web.Application]] = []
 
     async def make(cfg: AuthSection) -> TestClient[web.Request, web.Application]:
-        app = web.Application()
+        # The order build_app gives them: the error format, the cross-site check, then access control.
+        app = web.Application(middlewares=[errors_middleware, crosssite.middleware])
         auth.install(app, Authenticator(cfg))
         for path in ("/api/v1/thing", "/api/v1/admin/test/x", "/healthz"):
             app.router.add_get(path, _ok)
@@ -204,8 +206,9 @@ async def test_without_access_control_everything_is_allowed_but_cross_origin_cha
         "via": "open",
     }
     assert (await resp.json())["user"] is None
-    resp = await client.post("/api/v1/thing", headers={"Origin": "http://evil.example"})
-    assert await _error(resp) == (403, "csrf_failed")
+    for origin in ("http://evil.example", "null"):
+        resp = await client.post("/api/v1/thing", headers={"Origin": origin})
+        assert await _error(resp) == (403, "csrf_failed")
     resp = await client.post("/api/v1/thing", headers={"Origin": f"http://{client.host}:{client.port}"})
     assert resp.status == 200
 
@@ -262,8 +265,11 @@ async def test_a_cookie_session_must_carry_its_csrf_token(client_for: Any) -> No
     assert await _error(await client.post("/api/v1/thing", headers={"X-CSRF-Token": "wrong"})) == (403, "csrf_failed")
     resp = await client.post("/api/v1/thing", headers={"X-CSRF-Token": token})
     assert resp.status == 200 and (await resp.json())["user"] == "ops"
-    resp = await client.post("/api/v1/thing", data={"csrf_token": token})  # a form field does as well
-    assert resp.status == 200
+    # A form field does as well, on the routes that take forms; a JSON route takes no form at all.
+    assert await _error(await client.post("/api/v1/thing", data={"csrf_token": token})) == (
+        415,
+        "unsupported_media_type",
+    )
     # Logging out needs the token too, then the session is gone.
     resp = await client.post("/logout", data={"csrf_token": token}, allow_redirects=False)
     assert resp.status == 303

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from gatewayd.commands.model import Clock
 from gatewayd.commands.scheduler import Scheduler
 from gatewayd.commands.service import CommandService
 from gatewayd.config.loader import LoadedConfig, load_config
+from gatewayd.config.models import Config
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt, StoreUnavailable
 from gatewayd.interpret.service import InterpretService
@@ -127,9 +129,19 @@ class Supervisor:
 
     # --- run -------------------------------------------------------------------------------------------------
 
+    def _register_secrets(self, *configs: Config) -> None:
+        """The values the configuration points at that the log must never show (keys, passwords): before any
+        component reads them, and again on SIGHUP (the running components keep the old ones until a restart)."""
+        environ = os.environ if self._environ is None else self._environ
+        found: set[str] = set()
+        for cfg in configs:
+            found.update(cfg.secrets(environ).values())
+        gwlog.register_secrets("config", found)
+
     async def run(self, *, install_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
+        self._register_secrets(self.loaded.config)
         if install_signals:
             self._install_signals(loop)
         self.notifier.notify("STATUS=starting")
@@ -319,6 +331,7 @@ class Supervisor:
             log.error("reload_rejected", problems=[str(p) for p in err.problems])
             return
         gwlog.configure(new.config.log.level)
+        self._register_secrets(old.config, new.config)
         assert self.devices is not None
         changed = self.devices.reload_profiles(
             new.profiles, {name: dev.profile for name, dev in new.config.devices.items()}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -428,6 +430,25 @@ class Config(Section):
     @property
     def db_path(self) -> Path:
         return self.gateway.data_dir / self.store.filename
+
+    def secrets(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The secret values this configuration points at, by where they are named: the environment variables of
+        ``mqtt.password_env`` and of each provider's ``api_key_env`` (enabled or not: the value is in the
+        environment all the same), and a password written into a provider's ``base_url``. What the log redacts
+        (gatewayd.observability.logging)."""
+        found: dict[str, str] = {}
+        if self.mqtt.password_env and environ.get(self.mqtt.password_env):
+            found[f"mqtt.password_env ({self.mqtt.password_env})"] = environ[self.mqtt.password_env]
+        for name, provider in self.interpret.providers.items():
+            if provider.api_key_env and environ.get(provider.api_key_env):
+                found[f"interpret.providers.{name}.api_key_env ({provider.api_key_env})"] = environ[
+                    provider.api_key_env
+                ]
+            password = urlsplit(provider.base_url).password
+            if password:
+                found[f"interpret.providers.{name}.base_url"] = unquote(password)
+                found[f"interpret.providers.{name}.base_url (as written)"] = password
+        return found
 
     def bus_simulated(self, bus: str) -> bool:
         flag = self.serial[bus].simulate

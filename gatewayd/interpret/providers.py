@@ -22,6 +22,7 @@ from gatewayd import __version__, strictjson
 from gatewayd.config.models import ProviderConfig
 from gatewayd.interpret.errors import UnusableAnswer
 from gatewayd.interpret.registry import DECLINE_TOOL, RUN_TOOL
+from gatewayd.observability.logging import scrub
 from gatewayd.resilience import HttpStatusError
 
 MAX_BODY_BYTES = 1 << 20  # an answer is a few hundred bytes; a megabyte is a broken or hostile server
@@ -133,14 +134,16 @@ def _arguments(raw: Any) -> Any:
 
 def _error_message(data: Any, raw: bytes) -> str:
     """The provider's own words from an error body: OpenAI and Anthropic ``{"error": {"message"}}``, Ollama
-    ``{"error": "..."}``; else the start of the body."""
+    ``{"error": "..."}``; else the start of the body. Secrets are taken out before it is cut short (a key cut in
+    two would no longer be recognised): a provider or a proxy may quote the key it was sent, and these words end up
+    in the log, in /api/v1/providers and in the command's stored interpretation."""
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:200]
+            return scrub(str(error["message"]))[:200]
         if isinstance(error, str):
-            return error[:200]
-    return raw[:200].decode("utf-8", "replace")
+            return scrub(error)[:200]
+    return scrub(raw[:4096].decode("utf-8", "replace"))[:200]
 
 
 async def _read(resp: aiohttp.ClientResponse) -> bytes:

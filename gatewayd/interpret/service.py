@@ -52,7 +52,8 @@ Profiles = Callable[[], Mapping[str, Profile]]
 class TextRequest(BaseModel):
     """``POST /api/v1/commands`` with ``text``: the words, and what a structured command may also carry. The words
     and the user's name are trimmed (one is prose, the other a rate-limit key); id and confirm follow the command
-    envelope's rules: taken exactly as sent, or refused."""
+    envelope's rules: taken exactly as sent, or refused. ``user`` is only a claim: see
+    :meth:`InterpretService.submit` for when it counts."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -341,17 +342,36 @@ class InterpretService:
         local = await self._local_rules(registry)
         return await self.chain.interpret(text, registry, local)
 
-    async def submit(self, payload: Any, *, source: str, client: str) -> tuple[CommandRecord, bool, dict[str, str]]:
+    async def submit(
+        self, payload: Any, *, source: str, client: str, principal: str | None
+    ) -> tuple[CommandRecord, bool, dict[str, str]]:
         """Interpret and submit. Returns (record, created, rate-limit headers for the answer). A known id is
-        answered from the store first, before the shutdown, the rate limit or a provider can refuse it."""
+        answered from the store first, before the shutdown, the rate limit or a provider can refuse it.
+
+        Who asks: ``principal`` is the name the transport has verified (the HTTP bearer token's or session's), or
+        None where nothing is verified (HTTP with access control off, MQTT). With a principal, it is the command's
+        user and its rate-limit key, and a body ``user`` naming anyone else is refused (422): a client cannot
+        record its commands under another name, spend another user's allowance, or escape its own. Without one, a
+        body ``user`` is the client's unverified label, stored as said; its allowance is keyed by the client too
+        (the address, or the MQTT uplink), so a label never shares a bucket with a verified user."""
         req = parse_text_request(payload, self.settings.max_text_chars)
         if req.id is not None:
             replay = await self._replay(req)
             if replay is not None:
                 return replay, False, {}
+        if principal is not None and req.user is not None and req.user != principal:
+            raise ValidationFailed(
+                f"user is who you are authenticated as ({principal}): leave it out",
+                details={"errors": [{"field": "user", "message": f"must be {principal!r} or absent"}]},
+            )
+        user = principal if principal is not None else req.user
         if not self._service.accepting:
             raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
-        decision = self.users.try_acquire(f"user:{req.user}" if req.user else f"client:{client}")
+        if principal is not None:
+            key = f"user:{principal}"
+        else:
+            key = f"client:{client}" + (f":claimed:{req.user}" if req.user else "")
+        decision = self.users.try_acquire(key)
         if not decision.allowed:
             raise decision.refusal(self.users.name)
         headers = decision.headers()
@@ -381,7 +401,7 @@ class InterpretService:
             # acknowledged), armed when the on reaches the wire, ended by a newer instruction for the device.
             then.append(Then("on_period", entry.off_action, command.duration_s, Priority.HIGH, "interpret"))
         rec, created = await self._service.submit(
-            body, source=source, user=req.user, interpretation=interpretation, then=then
+            body, source=source, user=user, interpretation=interpretation, then=then
         )
         log.info(
             "command_interpreted",

@@ -316,8 +316,10 @@ class Intake:
                         raise InterpretUnavailable(
                             "natural-language commands are turned off ([interpret] enabled = false)"
                         )
+                    # No principal on MQTT: whoever the broker lets publish here is trusted to command, and a
+                    # body "user" is their unverified label (the interpreter keys its allowance by this uplink).
                     client = f"mqtt:{self._client_id}"
-                    rec, created, _ = await self.interpret.submit(m.body, source="mqtt", client=client)
+                    rec, created, _ = await self.interpret.submit(m.body, source="mqtt", client=client, principal=None)
                 else:
                     rec, created = await self._service.submit(m.body, source="mqtt")
             except StorageFull as err:

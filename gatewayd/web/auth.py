@@ -12,7 +12,8 @@ Configuration (``[http.auth]``) holds each token's name, role and scrypt hash, n
 
 Roles are ordered viewer < operator < admin: reading needs viewer, every change operator, ``/api/v1/admin/*``
 admin. With ``[http.auth] enabled = false`` (the default, allowed only on a loopback bind) every request may do
-everything; cross-origin browser requests that change state are refused in both modes.
+everything; requests that change state on behalf of another site are refused in both modes, before this module
+sees them (:mod:`gatewayd.web.crosssite`).
 
 Failed logins and failed bearer tokens take a token from two buckets of the resilience kit's
 :class:`~gatewayd.resilience.KeyedLimiter`, one per client address and one per user name; while either is
@@ -30,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -44,8 +45,10 @@ from gatewayd.errors import (
     InvalidCredentials,
     Unauthenticated,
 )
+from gatewayd.observability import logging as gwlog
 from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, Clock, Decision, KeyedLimiter, RateLimited
+from gatewayd.web.crosssite import SAFE_METHODS
 
 log = structlog.get_logger("gatewayd.web.auth")
 
@@ -60,7 +63,6 @@ SESSION_COOKIE = "gatewayd_session"
 LOGIN_COOKIE = "gatewayd_login"  # the login form's own CSRF token (double submit): there is no session yet
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # scrypt's cost for new hashes: 16 MiB and some tens of milliseconds on a laptop, well under a second on a Pi.
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
@@ -201,12 +203,6 @@ def csrf_matches(expected: str, presented: str | None) -> bool:
     return bool(presented) and hmac.compare_digest(expected.encode(), (presented or "").encode())
 
 
-def same_origin(origin: str, host: str) -> bool:
-    """Whether a browser's ``Origin`` header names this server (``host`` is the request's Host header)."""
-    parts = urlsplit(origin)
-    return parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
-
-
 def required_role(method: str, path: str) -> Role:
     if path.startswith("/api/v1/admin/"):
         return "admin"
@@ -271,6 +267,7 @@ class Authenticator:
             if entry is None:
                 return None
             self._verified[digest] = entry
+            gwlog.add_secret("http.auth", token)  # a real token now known in clear: the log must never show it
         return Principal(entry.name, entry.role, "bearer")
 
     def _find(self, token: str) -> AuthToken | None:
@@ -286,6 +283,7 @@ class Authenticator:
             return None
         if not await asyncio.to_thread(verify_token, token, entry.hash):
             return None
+        gwlog.add_secret("http.auth", token)
         return Principal(entry.name, entry.role, "session")
 
     # --- identification ----------------------------------------------------------------------------------------
@@ -344,10 +342,7 @@ async def presented_csrf(request: web.Request) -> str | None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     auth = request.app[AUTH]
-    unsafe = request.method not in SAFE_METHODS
-    origin = request.headers.get("Origin")
-    if unsafe and origin is not None and origin != "null" and not same_origin(origin, request.host):
-        return _refusal(CsrfFailed("cross-origin request refused", details={"origin": origin}))
+    unsafe = request.method not in SAFE_METHODS  # a request from another site never gets here (crosssite.py)
     if not auth.enabled:
         request["principal"] = OPEN
         return await handler(request)

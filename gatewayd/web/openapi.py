@@ -19,10 +19,14 @@ _DESCRIPTIONS = {
     202: "Accepted: committed to the store",
     400: "The request is malformed (not JSON, wrong types, bad query parameter)",
     401: "No valid credentials (access control on)",
-    403: "The credentials lack the role this needs, or the CSRF token is missing",
+    403: (
+        "The credentials lack the role this needs, the CSRF token is missing, or (csrf_failed) a browser sent this "
+        "change on behalf of another site: Origin not this server (null included), Sec-Fetch-Site not same-origin"
+    ),
     404: "No such command, device, route or scenario",
     409: "Conflicts with the current state",
     413: "The body is larger than http.max_body_bytes (a declared Content-Length is refused before it is read)",
+    415: "The body is not declared application/json (a form or text/plain body is never read by a JSON route)",
     422: "Valid JSON that the device's profile does not accept",
     429: "Rate limited; see Retry-After and X-RateLimit-*",
     503: (
@@ -96,7 +100,13 @@ _TEXT_REQUEST = {
     "description": "A natural-language command: interpreted (providers, else the local rules), then validated.",
     "properties": {
         "text": {"type": "string", "minLength": 1},
-        "user": {"type": "string"},
+        "user": {
+            "type": "string",
+            "description": (
+                "With access control on: leave it out (the command is the authenticated user's; any other name "
+                "is refused, 422). Off: a label kept as the command's user, unverified."
+            ),
+        },
         "confirm": {"type": "boolean"},
         "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$", "description": _ID},
         "ttl_s": {"type": "number", "exclusiveMinimum": 0, "description": _TTL},
@@ -123,7 +133,7 @@ def document() -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"oneOf": [_COMMAND_REQUEST, _TEXT_REQUEST]}}},
                 },
                 "responses": {
-                    **_responses(202, 400, 404, 409, 413, 422, 504),
+                    **_responses(202, 400, 404, 409, 413, 415, 422, 504),
                     "200": {
                         "description": "Final (with ?wait), or the existing command for a repeated id",
                         "content": {"application/json": {"schema": _JSON_OBJECT}},
@@ -229,7 +239,7 @@ def document() -> dict[str, Any]:
             "get": {"summary": "Effective configuration, secrets redacted (admin)", "responses": _responses(200)}
         },
         "/api/v1/admin/reset": {
-            "post": {"summary": "Close breakers, refill limiters (admin)", "responses": _responses(200)}
+            "post": {"summary": "Close breakers, refill limiters (admin)", "responses": _responses(200, 415)}
         },
         "/api/v1/admin/test/{scenario}": {
             "post": {
@@ -238,7 +248,7 @@ def document() -> dict[str, Any]:
                     _path_param("scenario", "serial_unplug, serial_garbage, broker_down, slow_disk, provider_*"),
                     _query("duration_s", {"type": "number", "exclusiveMinimum": 0, "maximum": 120}, "fault length"),
                 ],
-                "responses": _responses(200, 400, 404, 409),
+                "responses": _responses(200, 400, 404, 409, 415),
             }
         },
     }

@@ -38,7 +38,7 @@ from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.store import outbox as outbox_sql
 from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
-from gatewayd.web import auth, openapi
+from gatewayd.web import auth, crosssite, openapi
 from gatewayd.web.connections import Connections, listen
 from gatewayd.web.console import CONSOLE, Console
 from gatewayd.web.limits import RateLimits, metrics_middleware
@@ -184,7 +184,9 @@ async def post_command(request: web.Request) -> web.Response:
     if isinstance(payload, dict) and "text" in payload:  # natural language: interpreted, then submitted
         if ctx.interpret is None:
             raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
-        rec, created, headers = await ctx.interpret.submit(payload, source=source, client=request.remote or "")
+        rec, created, headers = await ctx.interpret.submit(
+            payload, source=source, client=request.remote or "", principal=auth.user_of(request)
+        )
     else:
         rec, created = await ctx.service.submit(payload, source=source, user=auth.user_of(request))
     if wait_s:
@@ -375,7 +377,9 @@ def build_app(
     console: Console | None = None,
     connections: Connections | None = None,
 ) -> web.Application:
-    middlewares = [metrics_middleware, errors_middleware, body_limit_middleware]
+    # The cross-site check is here, for every route, with or without access control: after the body limit (a body
+    # declared too large is refused first, unread) and before access control (a forged request costs no scrypt).
+    middlewares = [metrics_middleware, errors_middleware, body_limit_middleware, crosssite.middleware]
     if connections is not None:
         middlewares.insert(0, connections.middleware)  # first: no header deadline while a request is handled
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)

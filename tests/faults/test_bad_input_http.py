@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gatewayd.web import crosssite
 from tests.conftest import Daemon
 from tests.faults.bad_input import (
     REJECTION_CODES,
@@ -65,6 +66,15 @@ content_types = st.one_of(
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60),
 )
 encodings = st.sampled_from([None, None, None, None, "identity", "gzip", "deflate", "gzip-bad", "deflate-bad"])
+
+
+def media_type(ctype: str) -> str:
+    """A Content-Type's media type, without its parameters, as the daemon reads it."""
+    return ctype.split(";", 1)[0].strip().lower()
+
+
+def declared_json(ctype: str) -> bool:
+    return crosssite.is_json(media_type(ctype))
 
 
 def request(d: Daemon, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
@@ -160,6 +170,18 @@ def test_a_thousand_bad_command_bodies_get_typed_json_errors_and_change_nothing(
         headers["Content-Type"] = ctype
         status, rtype, answer = request(d, "POST", "/api/v1/commands", raw, headers)
         kinds[p.kind] += 1
+        if not declared_json(ctype):  # the JSON API reads no other type: nothing a page elsewhere could send
+            error = assert_typed_error(status, rtype, answer, (p, ctype))
+            # Too large is found first (before anything is read), and an empty body has nothing to refuse.
+            assert error["code"] in ("unsupported_media_type", "payload_too_large", "bad_request"), (error, ctype)
+            if error["code"] == "unsupported_media_type":
+                codes[error["code"]] += 1
+                if p.command_id is not None and re.fullmatch(r"h\d+", p.command_id):
+                    assert d.get(f"/api/v1/commands/{p.command_id}")[0] == 404, p  # nothing stored for it
+                # The same body again, declared JSON: on to the decoder and the validation.
+                headers["Content-Type"] = "application/json"
+                status, rtype, answer = request(d, "POST", "/api/v1/commands", raw, headers)
+        assert status != 415, (ctype, answer[:300])
         if status == 202 and p.expect in ("run", "either"):
             rec = json.loads(answer)
             assert rec["state"] == "queued" and (p.command_id is None or rec["id"] == p.command_id), rec
@@ -196,6 +218,7 @@ def test_a_thousand_bad_command_bodies_get_typed_json_errors_and_change_nothing(
         assert d.command(command_id) == rec, command_id  # the barrage changed nothing already accepted
     assert sum(kinds.values()) >= 1000 and len(accepted) > 20
     assert {"bad_request", "validation_failed", "unknown_device", "payload_too_large", "conflict"} <= set(codes)
+    assert "unsupported_media_type" in codes
     assert not [e for e in d.log_lines() if e.get("event") == "request_crashed"]
 
 
@@ -256,6 +279,9 @@ def test_the_other_write_endpoints_never_answer_500(make_daemon: Any) -> None:
                 assert_typed_error(status, rtype, answer, case)
         elif path in ("/login", "/logout"):
             assert status == 303, (path, status)  # access control is off: both go back to the page
+        elif not declared_json(ctype) and (body or media_type(ctype) in crosssite.SIMPLE_TYPES):
+            error = assert_typed_error(status, rtype, answer, case)  # a JSON route reads no other body
+            assert error["code"] in ("unsupported_media_type", "not_found"), error  # (or no such route)
         elif path == "/api/v1/admin/reset":
             assert status == 200, (status, answer[:200])
         else:
