@@ -112,7 +112,7 @@ def test_a_thousand_bad_mqtt_payloads_are_each_rejected_with_a_typed_event_and_c
         try:
 
             @settings(
-                max_examples=50,
+                max_examples=60,
                 deadline=None,
                 derandomize=True,
                 database=None,

@@ -41,6 +41,14 @@ min_interval_s = 30
 max_actuations_per_minute = 3
 """
 
+COUNTED_RELAY = """
+kind = "gpio_output"
+[actions.on]
+[actions.off]
+[safety]
+max_actuations_per_minute = 2
+"""
+
 TIMED_RELAY = """
 kind = "gpio_output"
 [actions.on]
@@ -58,6 +66,7 @@ def profiles(tmp_path: Path, *, board_max_on_s: float | None = None, pump_confir
     shutil.copytree(ROOT / "hardware" / "profiles", target)
     (target / "limited_relay.toml").write_text(LIMITED_RELAY)
     (target / "timed_relay.toml").write_text(TIMED_RELAY)
+    (target / "counted_relay.toml").write_text(COUNTED_RELAY)
     if board_max_on_s is not None:
         board = (target / "waveshare_relay8.toml").read_text()
         assert "max_on_s = 3600" in board
@@ -262,38 +271,47 @@ def test_an_emergency_stop_reaches_the_wire_first_behind_everything(broker: Brok
 # --- limits for every source ---------------------------------------------------------------------------------------
 
 
-def test_safety_limits_hold_for_every_source_and_priority(broker: Broker, make_daemon: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("limit", ["min_interval", "per_minute"])
+def test_safety_limits_hold_for_every_source_and_priority(
+    broker: Broker, make_daemon: Any, tmp_path: Path, limit: str
+) -> None:
+    """relay1 with a 30 s minimum interval, or with two actuations a minute (and no off exempt): once the limit is
+    reached, the next actuation is refused safety_limit whether it comes over HTTP at any priority, over MQTT as a
+    critical command, or as natural language, and none reaches the pin."""
     broker.start()
+    profile = "limited_relay" if limit == "min_interval" else "counted_relay"
     d: Daemon = make_daemon(
         {
             **daemon_env(broker),
             **NO_KEYS,
             "GATEWAYD_GATEWAY__PROFILES_DIR": str(profiles(tmp_path)),
-            "GATEWAYD_DEVICES__RELAY1__PROFILE": "limited_relay",
+            "GATEWAYD_DEVICES__RELAY1__PROFILE": profile,
         }
     )
     d.start(timeout=15)
     assert d.post({"device": "relay1", "action": "on"}, wait=5)[1]["state"] == "succeeded"
+    if limit == "per_minute":
+        assert d.post({"device": "relay1", "action": "off"}, wait=5)[1]["state"] == "succeeded"
     refused = []
     for i, body in enumerate(
         [
             {"device": "relay1", "action": "on"},
             {"device": "relay1", "action": "on", "priority": "critical"},
             {"device": "relay1", "action": "on", "priority": "high"},
+            {"device": "relay1", "action": "on", "priority": "low"},
             {"text": "turn on relay 1"},
         ]
     ):
         refused.append(d.post({**body, "id": f"again-{i}"}, wait=5)[1])
-    publish(
-        broker,
-        f"{GW}/cmd",
-        json.dumps({"id": "again-mqtt", "device": "relay1", "action": "on", "priority": "critical"}),
-    )
+    critical = {"id": "again-mqtt", "device": "relay1", "action": "on", "priority": "critical"}
+    publish(broker, f"{GW}/cmd", json.dumps(critical))
     refused.append(final(d, "again-mqtt"))
     for rec in refused:
         assert rec["state"] == "rejected" and rec["error"]["code"] == "safety_limit", rec
         assert "dispatched" not in [t["state"] for t in rec["transitions"]]
-    assert d.post({"device": "relay1", "action": "off"}, wait=5)[1]["state"] == "succeeded"  # the safe state, always
+        assert rec["source"] in ("http", "mqtt") and (rec.get("interpretation") is None or rec["source"] == "http")
+    if limit == "min_interval":
+        assert d.post({"device": "relay1", "action": "off"}, wait=5)[1]["state"] == "succeeded"  # safe: always
     assert d.stop() == 0
 
 
