@@ -87,7 +87,7 @@ def test_numbers(text: str, number: float | None) -> None:
             {"percent": 55.0, "ramp_s": 5.0},
             None,
         ),
-        ("what is the status of the irrigation pump", "pump1", "read", {}, None),
+        ("check the irrigation pump", "pump1", "read", {}, None),
         ("read pump 1", "pump1", "read", {}, None),
         ("water gently", "pump1", "set_speed", {"percent": 30}, None),
         ("water at 70 percent", "pump1", "set_speed", {"percent": 70.0}, None),

@@ -83,10 +83,11 @@ class FollowUps:
         log.info("followup_scheduled", command_id=rec.id, device=rec.device, action=off_action, after_s=after_s)
         return follow
 
-    async def supersede(self, device: str, by: str) -> None:
-        """A newer on or off for ``device`` (command ``by``): pending offs for it are dropped."""
+    async def supersede(self, device: str, by: str, only: str | None = None) -> None:
+        """A newer on or off for ``device`` (command ``by``): pending offs for it are dropped; with ``only``, just
+        those that would run that off action (one channel of a multi-channel device)."""
         for command_id, (follow, task) in list(self._pending.items()):
-            if follow.device == device and command_id != by:
+            if follow.device == device and command_id != by and (only is None or follow.action == only):
                 task.cancel()
                 del self._pending[command_id]
                 await self._forget(command_id)

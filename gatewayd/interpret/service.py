@@ -17,6 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Literal
@@ -32,14 +33,15 @@ from gatewayd.commands.validate import field_errors, parse_request
 from gatewayd.config.models import InterpretSection
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import BadRequest, Conflict, GatewayError, ShuttingDown, UnknownCommand, ValidationFailed
+from gatewayd.interpret.answers import DeviceFacts, answer
 from gatewayd.interpret.cache import PromptCache
-from gatewayd.interpret.chain import Chain, Outcome, Slot
-from gatewayd.interpret.errors import ConfirmationRequired
+from gatewayd.interpret.chain import Chain, Outcome, Slot, not_understood
+from gatewayd.interpret.errors import ConfirmationRequired, QuestionAnswered
 from gatewayd.interpret.followup import FollowUps
 from gatewayd.interpret.ledger import SpendLedger
-from gatewayd.interpret.local import LocalRules
+from gatewayd.interpret.local import LocalQuestion, LocalRefusal, LocalRules
 from gatewayd.interpret.providers import HttpProvider, build_provider
-from gatewayd.interpret.registry import Registry, on_actions
+from gatewayd.interpret.registry import Registry, channel_actions, on_actions
 from gatewayd.interpret.rules import EMPTY, RulesFile, load_rules
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, CircuitState, Clock, KeyedLimiter, ResilienceState, StateChange
 from gatewayd.store import Store
@@ -48,6 +50,8 @@ from gatewayd.tasks import TaskOwner
 log = structlog.get_logger("gatewayd.interpret")
 
 Profiles = Callable[[], Mapping[str, Profile]]
+# Refusals the local rules make before any provider is asked: no model may turn these into a command.
+SCREENED = frozenset({"negated", "several_commands", "ambiguous_device", "missing_channel", "no_such_channel"})
 
 
 class TextRequest(BaseModel):
@@ -109,6 +113,8 @@ class InterpretService:
         service: CommandService,
         profiles: Profiles,
         descriptions: Mapping[str, str],
+        channels: Mapping[str, Mapping[int, str]] | None = None,
+        facts: DeviceFacts | None = None,
         environ: Mapping[str, str] | None = None,
         clock: Clock = REAL_CLOCK,
         wall: Callable[[], float] = time.time,
@@ -120,6 +126,8 @@ class InterpretService:
         self._service = service
         self._profiles = profiles
         self._descriptions = dict(descriptions)
+        self._channels = {name: dict(labels) for name, labels in (channels or {}).items()}
+        self._facts = facts  # what questions are answered from; None: "no reading yet" for every device
         self._clock = clock
         self._wall = wall
         self._command_clock = command_clock or CommandClock()
@@ -229,7 +237,7 @@ class InterpretService:
         profiles = self._profiles()
         key = (id(self._rules), *((name, id(p)) for name, p in profiles.items()))
         if self._registry is None or key != self._registry_key:
-            self._registry = Registry.build(profiles, self._descriptions, self._rules)
+            self._registry = Registry.build(profiles, self._descriptions, self._rules, self._channels)
             self._registry_key = key
         return self._registry
 
@@ -350,19 +358,37 @@ class InterpretService:
         return await self.chain.interpret(text, registry, local)
 
     async def submit(self, payload: Any, *, source: str, client: str) -> tuple[CommandRecord, bool, dict[str, str]]:
-        """Interpret and submit. Returns (record, created, rate-limit headers for the answer). A known id is
+        """Interpret and submit, where only a command record can be the answer (MQTT): a question is refused
+        with :class:`QuestionAnswered`, whose message is the answer."""
+        result = await self.handle(payload, source=source, client=client)
+        if isinstance(result, Answer):
+            raise QuestionAnswered(result.body["answer"], details=result.body)
+        return result.record, result.created, result.headers
+
+    async def handle(self, payload: Any, *, source: str, client: str) -> Submitted | Answer:
+        """Interpret and submit, or answer a question about state without running anything. A known id is
         answered from the store first, before the shutdown, the rate limit or a provider can refuse it."""
+        started = self._clock.monotonic()
         req = parse_text_request(payload, self.settings.max_text_chars)
         if req.id is not None:
             replay = await self._replay(req)
             if replay is not None:
-                return replay, False, {}
+                return Submitted(replay, False, {})
         if not self._service.accepting:
             raise ShuttingDown("the gateway is not accepting commands (starting or shutting down)")
         decision = self.users.try_acquire(f"user:{req.user}" if req.user else f"client:{client}")
         if not decision.allowed:
             raise decision.refusal(self.users.name)
         headers = decision.headers()
+        # Questions, negations, two commands in one, an ambiguous name or a missing channel: the local rules
+        # decide these before any provider is asked, so no model can turn them into an actuation.
+        registry = self.registry()
+        local = await self._local_rules(registry)
+        screened = local.understand(req.text)
+        if isinstance(screened, LocalQuestion):
+            return Answer(self._answer(screened, req.text, registry, started), headers)
+        if isinstance(screened, LocalRefusal) and screened.reason in SCREENED:
+            raise not_understood(req.text, screened, local)
         # A full disk refuses before a provider is paid for an answer that could not be kept.
         envelope = {"device": "-", "action": "-"} | ({"priority": req.priority} if req.priority is not None else {})
         self._service.refuse_if_full(parse_request(envelope).priority)
@@ -384,14 +410,22 @@ class InterpretService:
             if value is not None:
                 body[key] = value
         rec, created = await self._service.submit(body, source=source, user=req.user, interpretation=interpretation)
+        channel_offs = {off for _, off in channel_actions(entry.profile).values()}
         if (
             created
             and self.followups is not None
-            and (command.action in on_actions(entry.profile) or command.action == entry.off_action)
+            and (
+                command.action in on_actions(entry.profile)
+                or command.action == entry.off_action
+                or command.action in channel_offs
+            )
         ):
-            await self.followups.supersede(command.device, rec.id)
-            if command.duration_s is not None and entry.off_action is not None:
-                await self.followups.schedule(rec, entry.off_action, command.duration_s)
+            # A channel's on or off replaces only that channel's pending off; the device's own off, all of them.
+            off = entry.off_for(command.action)
+            only = off if off in channel_offs else command.action if command.action in channel_offs else None
+            await self.followups.supersede(command.device, rec.id, only=only)
+            if command.duration_s is not None and off is not None:
+                await self.followups.schedule(rec, off, command.duration_s)
         log.info(
             "command_interpreted",
             command_id=rec.id,
@@ -403,7 +437,20 @@ class InterpretService:
             device=command.device,
             action=command.action,
         )
-        return rec, created, headers
+        return Submitted(rec, created, headers)
+
+    def _answer(self, question: LocalQuestion, text: str, registry: Registry, started: float) -> dict[str, Any]:
+        body = answer(question, self._facts, registry.profiles(), registry.channels, wall=self._wall)
+        body["interpretation"] = {
+            "text": text,
+            "provider": "local",
+            "model": "rules",
+            "kind": "question",
+            "language": question.language,
+            "latency_ms": round((self._clock.monotonic() - started) * 1000, 3),
+        }
+        log.info("question_answered", devices=[a.device for a in question.about])
+        return body
 
     async def _replay(self, req: TextRequest) -> CommandRecord | None:
         """The same id sent again: the first command's record, without paying a provider a second time."""
@@ -462,9 +509,24 @@ class InterpretService:
         }
 
 
+@dataclass(frozen=True)
+class Submitted:
+    record: CommandRecord
+    created: bool
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A question's answer: ``{"answer": text, "devices": [...], "interpretation": {...}}``; nothing was run."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
 def _build_local(registry: Registry) -> LocalRules:
     local = LocalRules.build(registry)
-    local.match("warm up")  # hassil parses its templates on first use: pay that here, off the request path
+    local.understand("warm up")  # hassil parses its templates on first use: pay that here, off the request path
     return local
 
 
