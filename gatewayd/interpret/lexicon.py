@@ -41,13 +41,13 @@ _CONCEPTS: dict[str, str] = {
     "ausschalten abschalten deaktiviere deaktivieren deaktivier ausschalte "
     "apaga apagar apagues desactiva desactivar desconecta desconectar corta cortar "
     "eteins eteindre eteignez coupe couper coupez desactive desactiver desactivez",
-    "START": "start starts run launch begin starte starten startet arranca arrancar arranque inicia iniciar "
+    "START": "start starts starting run launch begin starte starten startet arranca arrancar arranque inicia iniciar "
     "demarre demarrer demarrez lance lancer lancez",
-    "STOP": "stop halt stopp stoppe stoppen stoppt halte anhalten beende beenden para parar paren deten detener "
-    "detenga arrete arreter arretez stoppez",
-    "OPEN": "open opens offne offnen abre abrir ouvre ouvrir ouvrez",
-    "CLOSE": "close shut schliesse schliessen schliess cierra cerrar ferme fermer fermez",
-    "PVERB": "turn switch power flip schalte schalt schalten mach mache machen",
+    "STOP": "stop stopping halt stopp stoppe stoppen stoppt halte anhalten beende beenden para parar paren deten "
+    "detener detenga arrete arreter arretez stoppez",
+    "OPEN": "open opens opening offne offnen abre abrir ouvre ouvrir ouvrez",
+    "CLOSE": "close closing shut schliesse schliessen schliess cierra cerrar ferme fermer fermez",
+    "PVERB": "turn turning switch switching power flip schalte schalt schalten mach mache machen",
     "PART_ON": "on",
     "PART_OFF": "off aus ab",
     "SET": "set change adjust put make bring stelle stell stellen setze setz setzen andere aendere "
@@ -111,7 +111,7 @@ PHRASES: dict[tuple[str, ...], str] = {
             "in betrieb nehmen",
             "nimm in betrieb",
         ],
-        "STOP": ["shut down", "power down", "turn off", "cut off", "switch off"],
+        "STOP": ["shut down", "power down", "turn off", "cut off", "switch off", "shut off"],
         "ON": ["turn on", "switch on"],
         "READ": ["take a reading", "get a reading", "read out", "give me a reading"],
         "Q": ["tell me", "show me", "give me", "est ce que", "est ce qu", "how much", "how many", "dime", "zeig mir"],
@@ -148,6 +148,7 @@ PHRASES: dict[tuple[str, ...], str] = {
 # switch-off requests like "turn ... off".
 PHRASES[("turn", "off")] = "OFF"
 PHRASES[("switch", "off")] = "OFF"
+PHRASES[("shut", "off")] = "OFF"
 
 # What a device is while it runs: yes/no questions ("is the pump running?", "¿está encendida?").
 STATE_ON = _words(
@@ -228,8 +229,8 @@ POINT_WORDS: dict[str, frozenset[str]] = {
     "current": _words("current amps amperes amperage strom corriente courant"),
     "frequency": _words("frequency hz frequenz frecuencia frequence"),
     "factor": _words("factor cos phi"),
-    "speed": _words("speed rpm drehzahl geschwindigkeit velocidad vitesse"),
-    "running": _words("running laufen lauft funcionando marche tourne"),
+    "speed": _words("speed fast rpm drehzahl geschwindigkeit velocidad vitesse"),
+    "running": _words("running stopped laufen lauft funcionando marche tourne"),
 }
 
 # Sentence shapes the parser cannot act on safely: it says so instead of guessing.
@@ -293,7 +294,8 @@ _REWRITES: dict[str, list[tuple[str, str]]] = {
         (r"\b(?:an|one) hour\b", "1 hour"),
         (r"\b(?:a|one) minute\b", "1 minute"),
         (r"\b(?:a|one) day\b", "1 day"),
-        (r"\bcouple of (minutes|hours|seconds)\b", r"2 \1"),
+        (r"\b(?:a )?couple (?:of )?(minutes|hours|seconds)\b", r"2 \1"),
+        (r"\bde[- ]?energi([sz])e\b", r"deenergi\1e"),
         (r"\bfull (?:speed|power|blast)\b", "full"),
         (r"\bhalf (?:speed|power|way)\b", "half"),
         (r"\b(\w+) and a half (hours?|minutes?)\b", r"\1.5 \2"),

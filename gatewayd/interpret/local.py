@@ -452,6 +452,14 @@ _ACT_CLASSES = {
     "IDENTIFY": "identify",
 }
 _POSITIVE = {"on", "start", "open"}
+_VERB_GROUP = {
+    "on": "switch",
+    "off": "switch",
+    "start": "switch",
+    "stop": "switch",
+    "open": "switch",
+    "close": "switch",
+}
 _NEGATIVE = {"off", "stop", "close"}
 
 
@@ -777,10 +785,11 @@ class LocalRules:
             if nxt < len(toks) and toks[nxt].word in lx.NUMBER_MARK and toks[nxt].num is None:
                 nxt += 1
             is_noun = tok.word in channel_nouns or _singular(tok.word) in channel_nouns
-            if is_noun and nxt < len(toks) and _is_int(toks[nxt]) and not toks[nxt].used:
+            if is_noun and nxt < len(toks) and _is_int(toks[nxt]) and not _time_or_unit_follows(toks, nxt):
                 toks[nxt].used = True
                 tok.used = True
                 p.channels.append((i, int(toks[nxt].num or 0), _singular(tok.word)))
+                self._channel_mention(p, i, _singular(tok.word))
                 k = nxt + 1  # "relays 3 and 4", "relay 3, 4": more channels, so more than one command
                 while k + 1 < len(toks) and (toks[k].concept == "CONJ" or toks[k].word in (",", "&", "+")):
                     if not _is_int(toks[k + 1]) or _time_or_unit_follows(toks, k + 1):
@@ -806,6 +815,19 @@ class LocalRules:
                 if any(self._infos[r.device].channels for r in refs) and not _time_or_unit_follows(toks, end):
                     toks[end].used = True
                     p.channels.append((end, int(toks[end].num or 0), None))
+
+    def _channel_mention(self, p: _Parse, index: int, noun: str) -> None:
+        """A one-word name before a channel number ("valve 6") means a device with channels: "valve" is also
+        relay1's name, but relay1 has no channel 6."""
+        for k, (at, refs) in enumerate(p.mentions):
+            if at != index or p.tokens[at].span != 1:
+                continue
+            kept = [r for r in refs if self._infos[r.device].channels]
+            for name, info in self._infos.items():
+                if info.channels and noun in info.channel_nouns and not any(r.device == name for r in kept):
+                    kept.append(Ref(name, None, 2, noun in lx.VALVE_WORDS))
+            if kept:
+                p.mentions[k] = (at, tuple(kept))
 
     def _resolve(self, p: _Parse, question: bool) -> list[Ref] | LocalRefusal:
         """The devices the sentence names, as refs narrowed by every mention; several only for a question."""
@@ -888,7 +910,7 @@ class LocalRules:
 
     def _question(self, p: _Parse, refs: list[Ref]) -> Understanding:
         toks, lang = p.tokens, p.lang
-        asked_words = {t.word for t in toks if t.num is None and not t.used}
+        asked_words = {t.word for t in toks if t.num is None and (not t.used or (t.refs and t.span == 1))}
         expects: Literal["on", "off"] | None = None
         if asked_words & lx.STATE_ON or "PART_ON" in {t.concept for t in toks}:
             expects = "on"
@@ -926,6 +948,10 @@ class LocalRules:
 
     def _no_channel(self, info: DeviceInfo, channel: int, lang: str) -> LocalRefusal:
         numbers = sorted(info.channels)
+        if not numbers:
+            return LocalRefusal(
+                "no_such_channel", f"{info.name} has no channels (no {channel})", device=info.name, language=lang
+            )
         return LocalRefusal(
             "no_such_channel",
             f"{info.name} has channels {numbers[0]} to {numbers[-1]}, not {channel}",
@@ -962,7 +988,7 @@ class LocalRules:
         # the particle "on" of "relay 3 on relays1" is a preposition
         for i, t in enumerate(toks):
             if t.concept == "PART_ON" and i > 0:
-                before = any(x.refs or x.used for x in toks[:i])
+                before = any(x.refs or x.used or x.concept == "ALL" for x in toks[:i])
                 j = i + 1
                 while j < len(toks) and toks[j].concept in ("FILLER", "OF", "TO") and not toks[j].refs:
                     j += 1
@@ -987,6 +1013,10 @@ class LocalRules:
             return problem
         levels = [lx.LEVELS[t.word] for t in toks if t.word in lx.LEVELS and not t.used and t.concept != "FILLER"]
         kinds = set(verbs) | set(particles)
+        if len(values) == 1 and values[0][1] == "s?" and kinds & (_POSITIVE | {"open"}) and "set" not in kinds:
+            if duration is None:  # "open the valve 20 min": how long, said without "for"
+                duration, values = values[0][0], []
+        values = [(v, "s" if u == "s?" else u) for v, u in values]
         if {"open", "close"} & kinds:
             if not any(r.valve for r in refs) and refs:
                 return LocalRefusal(
@@ -1006,7 +1036,7 @@ class LocalRules:
                 device=refs[0].device if len(refs) == 1 else None,
                 language=lang,
             )
-        distinct_verbs = {v for v in verbs if v not in ("on", "off")} | ({"switch"} if positive or negative else set())
+        distinct_verbs = {_VERB_GROUP.get(v, v) for v in verbs} | ({"switch"} if positive or negative else set())
         distinct_verbs -= {"set"} if (positive or negative) and not values and not levels else set()
         if specific:
             distinct_verbs.add("specific")
@@ -1064,6 +1094,14 @@ class LocalRules:
             action = specific[0]
             if action not in info.profile.actions:
                 return self._cannot(info, _words(action), lang)
+        elif values and (positive or negative) and "set" not in kinds and values[0][1] is None:
+            shown = nice_number(values[0][0])
+            return LocalRefusal(
+                "unexplained_number",
+                f"what is {shown}? There is no {ref.device} {shown}: say the value with its unit, or leave it out",
+                device=ref.device,
+                language=lang,
+            )
         elif values or levels or (kinds & {"set"} and not (positive or negative)):
             chosen = self._set_action(p, info, values, levels)
             if isinstance(chosen, LocalRefusal):
@@ -1249,8 +1287,8 @@ class LocalRules:
                     duration = total
                     if after == "lang":
                         toks[j].concept = "FILLER"
-                else:
-                    values.append((total, "s"))
+                else:  # "set the interval to 5 minutes" (a value); "open the valve 20 min" (unmarked: "s?")
+                    values.append((total, "s" if marker == "TO" else "s?"))
                 i = j
                 continue
             unit: str | None = None
@@ -1471,9 +1509,14 @@ def _time_or_unit_follows(toks: list[Tok], i: int) -> bool:
     return word in lx.TIME_UNITS or word in lx.PERCENT or word in lx.CELSIUS or word in lx.FAHRENHEIT
 
 
+_SOFT = frozenset({"a", "an", "the", "about", "around", "approximately", "roughly", "just", "another", "un", "une"})
+
+
 def _before(toks: list[Tok], i: int) -> str | None:
     j = i - 1
-    while j >= 0 and toks[j].concept in ("FILLER",) and toks[j].word not in ("for", "pour", "por"):
+    while (
+        j >= 0 and (toks[j].concept == "FILLER" or toks[j].word in _SOFT) and toks[j].word not in ("for", "pour", "por")
+    ):
         j -= 1
     return toks[j].concept if j >= 0 else None
 
