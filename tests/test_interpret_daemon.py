@@ -130,7 +130,9 @@ def test_the_bundled_config_answers_from_the_local_rules_and_never_calls_out(mak
         timeout=30,
     )
     assert out.returncode == 2 and "not_understood" in out.stderr
-    assert 'pump1 set_speed: "set irrigation pump speed to 50 percent"' in out.stderr
+    # The closest sentence for each device, as the refusal's suggestions, not the whole list of capabilities.
+    assert "try:" in out.stderr and '"set irrigation pump speed to 50 percent"' in out.stderr
+    assert '"turn on channel 1 of relays1"' in out.stderr and "on2" not in out.stderr
 
     status, err, _ = d.post({"text": "make me a coffee"})
     assert status == 422 and err["error"]["code"] == "not_understood"
