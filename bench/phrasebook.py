@@ -179,7 +179,8 @@ def main() -> int:
     lines.append(f"{'overall':<24}{local['right']:>8}{local['utterances']:>6}{local['accuracy']:>10.1%}")
     lines += [
         "",
-        f"exact-command rate      : {local['exact_command_rate']:.1%} of {local['commands_expected']} expected commands",
+        f"exact-command rate      : {local['exact_command_rate']:.1%} of "
+        f"{local['commands_expected']} expected commands",
         f"false commands          : {len(local['false_commands'])}",
         f"in-process latency      : p50 {local['p50_ms']:.3f} ms, p99 {local['p99_ms']:.3f} ms, "
         f"max {local['max_ms']:.3f} ms (build {local['build_s']} s)",
