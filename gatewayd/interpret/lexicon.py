@@ -70,11 +70,14 @@ _CONCEPTS: dict[str, str] = {
     "BY": "by um up down increase decrease raise lower reduce more less faster slower higher lower "
     "erhohe erhoehe verringere sube baja aumenta reduce augmente baisse diminue",
     "IN": "in within nach dans dentro",
+    "IF": "if whether ob",
+    "COND": "unless when whenever once until wenn falls sobald ausser cuando salvo quand lorsque sauf",
+    "HEDGE": "maybe perhaps possibly probably vielleicht eventuell quizas quiza tal acaso peut etre",
     "UNTIL": "until till bis hasta jusqu jusque",
     "OF": "of from von vom der de del du des",
     "FILLER": "please pls plz kindly now right immediately asap quickly quick thanks thank thx cheers ty hey hi "
     "hello ok okay yo mate gateway the a an my our this that i id i'd we like want wanna need to you me "
-    "let lets let's go ahead just again for us u would be so well maybe could it its it's there some your "
+    "let lets let's go ahead just again for us u would be so well could it its it's there some your "
     "bitte jetzt sofort mal die der das den dem des ein eine einen einem danke hallo du ihr mir uns doch "
     "schnell gleich los "
     "por favor ahora la el los las lo un una unos gracias hola ya me nos ahorita rapido inmediatamente "
@@ -87,8 +90,8 @@ _CONCEPTS: dict[str, str] = {
 # Words whose concept depends on the language of the sentence (default English).
 LANGUAGE_ONLY: dict[str, dict[str, str]] = {
     "de": {"an": "PART_ON", "ist": "Q", "sind": "Q", "lauft": "Q", "laeuft": "Q", "was": "Q", "in": "IN"},
-    "es": {"esta": "Q", "estan": "Q", "para": "STOP", "por": "FOR", "en": "TO"},
-    "fr": {"est": "Q", "pour": "FOR", "en": "TO", "marche": "FILLER"},
+    "es": {"esta": "Q", "estan": "Q", "para": "STOP", "por": "FOR", "en": "TO", "si": "IF"},
+    "fr": {"est": "Q", "pour": "FOR", "en": "TO", "marche": "FILLER", "si": "IF"},
     "en": {"an": "FILLER", "is": "Q", "are": "Q", "does": "Q", "do": "FILLER", "was": "Q"},
 }
 
@@ -149,6 +152,9 @@ PHRASES: dict[tuple[str, ...], str] = {
 PHRASES[("turn", "off")] = "OFF"
 PHRASES[("switch", "off")] = "OFF"
 PHRASES[("shut", "off")] = "OFF"
+
+# "is", "ist", "está": a sentence that says what something *is* asks or tells a state; it orders nothing.
+COPULAS = _words("is are ist sind esta estan est sont")
 
 # What a device is while it runs: yes/no questions ("is the pump running?", "¿está encendida?").
 STATE_ON = _words(
@@ -309,6 +315,8 @@ _REWRITES: dict[str, list[tuple[str, str]]] = {
         (r"\beine sekunde\b", "1 sekunde"),
         (r"\beinen tag\b", "1 tag"),
         (r"\bein\s*$", "an"),  # the particle of "schalte die Pumpe ein": on, not the number one
+        (r"\bauf\s*$", "open"),  # "Ventil auf", "mach das Ventil auf"
+        (r"\bzu\s*$", "close"),
         (r"\bein\s+(?=(?:f[uü]r|bitte|sofort|jetzt)\b)", "an "),
     ],
     "es": [

@@ -177,6 +177,7 @@ Reason = Literal[
     "unexplained_number",
     "scheduled",
     "relative",
+    "conditional",
     "ambiguous_value",
     "not_understood",
 ]
@@ -351,7 +352,7 @@ _CONTRACTIONS = [
 ]
 _QUESTION_START = {"Q"}
 _QUESTION_NOISE = lx._words("status state what whats is are how hows the of all everything ? overall")
-_TYPO_3 = {"teh": "the", "hte": "the", "adn": "and", "nad": "and", "fro": "for", "ot": "to", "si": "is"}
+_TYPO_3 = {"teh": "the", "hte": "the", "adn": "and", "nad": "and", "fro": "for", "ot": "to"}
 
 
 def prepare(text: str) -> tuple[list[Tok], bool, str]:
@@ -521,6 +522,7 @@ class LocalRules:
         for word in (*lx.LEVELS, *lx.PERCENT, *lx.CELSIUS, *lx.FAHRENHEIT, *lx.ORDINALS, *lx.NUMBER_MARK):
             vocabulary.setdefault(word, "WORD:" + word)
         self._known = frozenset(vocabulary)
+        self._point_vocab = frozenset(w for info in infos.values() for words in info.points.values() for w in words)
         self._speller = Speller(vocabulary)
 
     # --- building ----------------------------------------------------------------------------------------------
@@ -753,12 +755,32 @@ class LocalRules:
         if "MODAL" in has and first is not None and first.concept == "MODAL":
             question = False
         if not question and "IF" in has and "READ" in has:
-            question = True
+            question = True  # "check if the pump is running"
+        if not question and not verb_classes and any(t.word in lx.COPULAS for t in toks):
+            question = True  # "the pump is on", "I think the valve is open": said of a state, not asked for
+        if not question and not any(t.num is not None and not t.used for t in toks):
+            particles = [c for c in concepts if c in ("PART_ON", "PART_OFF")]
+            point_words = {t.word for t in toks} & self._point_vocab
+            named = any(t.refs for t in toks)
+            if not verb_classes and not particles and ({"STATUS", "Q"} & has or point_words):
+                question = True  # "pump1 status", "sensor battery", "meter reading"
+            elif verb_classes == ["read"] and point_words and not named:
+                question = True  # "check the battery": a reading, from what the gateway knows
         # "no 3" is "number 3"; otherwise a negation word negates
         negated = any(
             t.concept == "NEG" and not (t.word in lx.NUMBER_MARK and i + 1 < len(toks) and toks[i + 1].num is not None)
             for i, t in enumerate(toks)
         )
+        if not question and {"COND", "IF"} & has:
+            return LocalRefusal(
+                "conditional",
+                "I don't act on conditions (if, unless, when): say what should happen now",
+                language=lang,
+            )
+        if not question and "HEDGE" in has:
+            return LocalRefusal(
+                "not_understood", "maybe? Say plainly what should happen, and I'll do it", language=lang
+            )
         if negated and not question:
             return LocalRefusal(
                 "negated",
@@ -977,6 +999,11 @@ class LocalRules:
                         "sets how long something stays on)",
                         language=lang,
                     )
+        if "BY" in has and _absolute_target(toks):
+            for t in toks:  # "lower the pump to 20 %": a value after all, said as a change
+                if t.concept == "BY":
+                    t.concept = "SET"
+            has = {t.concept for t in toks}
         if "BY" in has:
             return LocalRefusal(
                 "relative",
@@ -1013,6 +1040,9 @@ class LocalRules:
             return problem
         levels = [lx.LEVELS[t.word] for t in toks if t.word in lx.LEVELS and not t.used and t.concept != "FILLER"]
         kinds = set(verbs) | set(particles)
+        if "set" in kinds and not values and not levels and kinds - {"set"}:
+            kinds.discard("set")  # "make the sensor blink", "put the pump on": the other verb says what
+            verbs = [v for v in verbs if v != "set"]
         if len(values) == 1 and values[0][1] == "s?" and kinds & (_POSITIVE | {"open"}) and "set" not in kinds:
             if duration is None:  # "open the valve 20 min": how long, said without "for"
                 duration, values = values[0][0], []
@@ -1510,6 +1540,18 @@ def _time_or_unit_follows(toks: list[Tok], i: int) -> bool:
 
 
 _SOFT = frozenset({"a", "an", "the", "about", "around", "approximately", "roughly", "just", "another", "un", "une"})
+
+
+def _absolute_target(toks: list[Tok]) -> bool:
+    """ "to 20 %", "auf 40", "al máximo": a value to reach, not an amount to change by ("by 10 %")."""
+    for i, tok in enumerate(toks):
+        if tok.concept == "TO" and tok.word not in ("a", "en"):
+            j = i + 1
+            while j < len(toks) and toks[j].concept == "FILLER":
+                j += 1
+            if j < len(toks) and (toks[j].num is not None or toks[j].word in lx.LEVELS):
+                return not any(t.word in ("by", "um") for t in toks)
+    return False
 
 
 def _before(toks: list[Tok], i: int) -> str | None:
