@@ -218,18 +218,36 @@ def cmd_say(args: argparse.Namespace) -> int:
         error = (err.body or {}).get("error", {}) if isinstance(err.body, dict) else {}
         details = error.get("details") or {}
         code = _api_error(err)
-        for capability in details.get("can_do", []) if error.get("code") == "not_understood" else []:
+        if error.get("code") == "not_understood":
+            suggestions = details.get("suggestions")
+            if suggestions:  # the few closest sentences for the device it names
+                print("  try:", file=sys.stderr)
+                for sentence in suggestions:
+                    print(f'    "{sentence}"', file=sys.stderr)
+            elif suggestions is None:
+                for capability in details.get("can_do", []):
+                    print(
+                        f'  {capability.get("device")} {capability.get("action")}: "{capability.get("example")}"',
+                        file=sys.stderr,
+                    )
+        if error.get("code") == "confirmation_required":
+            how = details.get("interpretation") or {}
             print(
-                f'  {capability.get("device")} {capability.get("action")}: "{capability.get("example")}"',
+                f"  interpreted as: {how.get('understood') or json.dumps(details.get('command'))}; "
+                "add --confirm to run it",
                 file=sys.stderr,
             )
-        if error.get("code") == "confirmation_required":
-            print(f"  interpreted as: {json.dumps(details.get('command'))}; add --confirm to run it", file=sys.stderr)
         return code
     print(json.dumps(record, indent=2))
+    if "answer" in record and "id" not in record:  # a question: answered from state, nothing was run
+        print(f"gatewayd: {record['answer']}", file=sys.stderr)
+        return EXIT_OK
     how = record.get("interpretation") or {}
+    understood = how.get("understood") or (
+        f"{record.get('device')} {record.get('action')} {json.dumps(record.get('params'))}"
+    )
     print(
-        f"gatewayd: understood as {record.get('device')} {record.get('action')} {json.dumps(record.get('params'))} "
+        f"gatewayd: understood as {understood} "
         f"by {how.get('provider')}{' (cached)' if how.get('cached') else ''}"
         f"{' (degraded: local rules)' if how.get('degraded') else ''} in {how.get('latency_ms')} ms",
         file=sys.stderr,

@@ -130,7 +130,9 @@ def test_the_bundled_config_answers_from_the_local_rules_and_never_calls_out(mak
         timeout=30,
     )
     assert out.returncode == 2 and "not_understood" in out.stderr
-    assert 'pump1 set_speed: "set irrigation pump speed to 50 percent"' in out.stderr
+    # The closest sentence for each device, as the refusal's suggestions, not the whole list of capabilities.
+    assert "try:" in out.stderr and '"set irrigation pump speed to 50 percent"' in out.stderr
+    assert '"turn on channel 1 of relays1"' in out.stderr and "on2" not in out.stderr
 
     status, err, _ = d.post({"text": "make me a coffee"})
     assert status == 422 and err["error"]["code"] == "not_understood"
@@ -144,6 +146,20 @@ def test_the_bundled_config_answers_from_the_local_rules_and_never_calls_out(mak
     assert status == 422 and {e["field"] for e in err["error"]["details"]["errors"]} == {"text", "colour"}
     status, err, _ = d.post({"text": "start the pump", "priority": "urgent"})
     assert status == 422 and err["error"]["details"]["errors"][0]["field"] == "priority"
+    # A question is answered from state and telemetry: 200, an answer, and no command.
+    status, answer, _ = d.post({"text": "is the pump running?"})
+    assert status == 200 and answer["device"] == "pump1" and answer["interpretation"]["kind"] == "question", answer
+    assert "pump1" in answer["answer"] and "id" not in answer
+    out = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "say", "what's the humidity?", "--url", d.url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0 and "gatewayd: sensor1" in out.stderr, out.stderr
+    status, err, _ = d.post({"text": "turn on relays1"})  # a channel device without its channel: a question back
+    assert status == 422 and err["error"]["details"]["reason"] == "missing_channel"
+    assert err["error"]["details"]["suggestions"][0] == "turn on channel 1 of relays1"
     _, listing = d.get("/api/v1/commands")
     assert [c["id"] for c in listing["commands"]] == [rec["id"]]  # the refused requests never became commands
 

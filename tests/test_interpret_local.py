@@ -14,7 +14,7 @@ import pytest
 
 from gatewayd.errors import ValidationFailed
 from gatewayd.interpret.errors import NotUnderstood
-from gatewayd.interpret.local import LocalRules, parse_number
+from gatewayd.interpret.local import LocalQuestion, LocalRefusal, LocalRules, parse_number
 from gatewayd.interpret.registry import check_answer
 from gatewayd.interpret.rules import RulesFile, check_rules, read_rules, template_problem
 from tests.conftest import CONFIG, ROOT
@@ -87,7 +87,7 @@ def test_numbers(text: str, number: float | None) -> None:
             {"percent": 55.0, "ramp_s": 5.0},
             None,
         ),
-        ("what is the status of the irrigation pump", "pump1", "read", {}, None),
+        ("check the irrigation pump", "pump1", "read", {}, None),
         ("read pump 1", "pump1", "read", {}, None),
         ("water gently", "pump1", "set_speed", {"percent": 30}, None),
         ("water at 70 percent", "pump1", "set_speed", {"percent": 70.0}, None),
@@ -217,3 +217,47 @@ def test_hassil_is_imported_only_when_the_local_rules_are_built() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_channel_labels_are_checked_against_the_profile(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    text = (ROOT / "config.toml").read_text()
+    text = text.replace(
+        'channels = { 3 = "greenhouse valve", 4 = "nursery valve" }', 'channels = { 9 = "ghost valve" }'
+    )
+    text = text.replace(
+        '[devices.relay1]\nprofile = "gpio_relay"', '[devices.relay1]\nprofile = "gpio_relay"\nchannels = { 1 = "x" }'
+    )
+    config.write_text(text.replace('"./', f'"{ROOT}/'))
+    out = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2, out.stdout
+    assert "devices.relays1.channels.9: profile 'waveshare_relay8' has channels 1 to 8" in out.stdout
+    assert "devices.relay1.channels.1: profile 'gpio_relay' has no channels" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("don't start the pump", "negated"),
+        ("start pump 1 and turn on relay 1", "several_commands"),
+        ("switch on the fan 2 and the pump", "several_commands"),
+        ("turn on pump 2", "unexplained_number"),
+        ("set fan 2 to four fifty", "unexplained_number"),
+        ("turn on the pump in 10 minutes", "scheduled"),
+    ],
+)
+def test_refusals_say_why(local: LocalRules, text: str, reason: str) -> None:
+    found = local.understand(text)
+    assert isinstance(found, LocalRefusal) and found.reason == reason, found
+
+
+def test_a_question_is_not_a_command(local: LocalRules) -> None:
+    found = local.understand("is pump 1 running?")
+    assert isinstance(found, LocalQuestion) and [a.device for a in found.about] == ["pump1"]
+    assert found.expects == "on" and local.match("is pump 1 running?") is None

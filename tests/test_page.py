@@ -232,7 +232,8 @@ def test_admin_sees_fault_buttons_and_the_language_form_shows_refusals(make_daem
     rec = d.wait_final(command_id)
     assert (rec["device"], rec["action"], rec["state"]) == ("relay1", "on", "succeeded"), rec
     text = box.inner_text()
-    assert text.startswith('"turn on relay 1": succeeded') and f"(id {command_id})" in text, text
+    # ... with how the words were understood
+    assert text.startswith('"turn on relay 1" → relay1 on: succeeded') and f"(id {command_id})" in text, text
     assert box.get_attribute("data-source") in {"http", "sse", "poll"}
 
     # One it does not: the refusal, with the API's own code, replaces the previous answer.

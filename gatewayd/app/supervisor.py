@@ -33,6 +33,7 @@ from gatewayd.config.loader import LoadedConfig, load_config
 from gatewayd.config.models import Config
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.errors import ConfigError, GatewayError, StoreCorrupt, StoreUnavailable
+from gatewayd.interpret.answers import LiveFacts
 from gatewayd.interpret.service import InterpretService
 from gatewayd.observability import logging as gwlog
 from gatewayd.observability.collector import GatewayCollector
@@ -223,6 +224,8 @@ class Supervisor:
                     service=self.service,
                     profiles=self.devices.profiles,
                     descriptions={name: dev.description for name, dev in cfg.devices.items()},
+                    channels={name: dev.channels for name, dev in cfg.devices.items() if dev.channels},
+                    facts=LiveFacts(self.devices.devices, self.recorder.recent),
                     environ=self._environ,
                     command_clock=self.clock,
                 )

@@ -306,14 +306,14 @@ class Dispatcher:
                 await self._finish(rec, State.REJECTED, code=err.code, message=err.message)
                 return
             t = self._transition(State.DISPATCHED)
-            actuating = _actuates(device, rec.action)
+            ends_all = rec.action == device.profile.safety.off_action
 
             def dispatched(c: sqlite3.Connection) -> int:
                 # The command may act from the moment it reaches the wire: what it asked for later (the max on-time
                 # switch-off, the end of an on-period) is armed in the same transaction.
                 sql.transition(c, rec.seq, t)
                 return schedule.dispatched(
-                    c, rec.id, rec.device, actuating=actuating, wall=t.at, mono=t.mono, boot_id=t.boot_id
+                    c, rec.id, rec.device, rec.action, ends_all=ends_all, wall=t.at, mono=t.mono, boot_id=t.boot_id
                 )
 
             try:
@@ -620,11 +620,6 @@ def _breaker_ignores(err: BaseException) -> bool:
     unplugged cable must not open every breaker on the bus. Nor does a command that never reached the wire (its
     deadline passed waiting for the bus, or a critical one took its turn)."""
     return local_refusal_is_ignored(err) or isinstance(err, DeviceUnavailable | DeadlinePassed | Preempted)
-
-
-def _actuates(device: Device, action: str) -> bool:
-    spec = device.profile.actions.get(action)
-    return spec is None or spec.actuates
 
 
 def _waker(event: asyncio.Event) -> Callable[[bool], None]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gatewayd.config.models import Config
+from gatewayd.config.models import Config, DeviceConfig
 from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.errors import ConfigError, ConfigProblem
 
@@ -151,6 +151,7 @@ def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[C
         if profile is None:
             problems.append(ConfigProblem(file, f"{key}.profile", f"unknown profile {dev.profile!r}"))
             continue
+        problems.extend(_check_channels(dev, profile, key, file))
         if profile.kind in GPIO_KINDS:
             if dev.pin is None:
                 problems.append(ConfigProblem(file, f"{key}.pin", "a GPIO device needs a pin"))
@@ -193,6 +194,31 @@ def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[C
                     )
                 elif profile.simulator not in (MODBUS_SIMULATORS if profile.kind == "modbus_rtu" else KNOWN_SIMULATORS):
                     problems.append(ConfigProblem(file, f"{key}.profile", f"unknown simulator {profile.simulator!r}"))
+    return problems
+
+
+def _check_channels(dev: DeviceConfig, profile: Profile, key: str, file: str) -> list[ConfigProblem]:
+    """Channel labels name channels the profile has (its on3/off3 actions), each label once."""
+    problems: list[ConfigProblem] = []
+    if not dev.channels:
+        return problems
+    from gatewayd.interpret.registry import channel_actions  # only configurations that label channels load it
+
+    have = sorted(channel_actions(profile))
+    seen: dict[str, int] = {}
+    for channel, label in sorted(dev.channels.items()):
+        where = f"{key}.channels.{channel}"
+        if not have:
+            problems.append(ConfigProblem(file, where, f"profile {profile.name!r} has no channels (no on1/off1 ...)"))
+            break
+        if channel not in have:
+            problems.append(
+                ConfigProblem(file, where, f"profile {profile.name!r} has channels {have[0]} to {have[-1]}")
+            )
+        spoken = " ".join(label.lower().split())
+        if spoken in seen:
+            problems.append(ConfigProblem(file, where, f"{label!r} already names channel {seen[spoken]}"))
+        seen[spoken] = channel
     return problems
 
 

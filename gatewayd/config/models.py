@@ -226,6 +226,9 @@ class SimulatorConfig(Section):
     seed: int = 0
 
 
+ChannelLabel = Annotated[str, Field(min_length=1, max_length=60, pattern=r"^[^\W\d_][\w .'-]*$")]
+
+
 class DeviceConfig(Section):
     profile: Name
     description: str = ""
@@ -234,6 +237,8 @@ class DeviceConfig(Section):
     pin: int | None = Field(default=None, ge=0, le=53)
     active_high: bool = True
     simulator: SimulatorConfig = SimulatorConfig()
+    # Names of a multi-channel device's channels, for natural-language commands: {3 = "greenhouse valve"}.
+    channels: dict[Annotated[int, Field(ge=1, le=64)], ChannelLabel] = Field(default_factory=dict)
 
 
 class RetrySettings(Section):

@@ -39,7 +39,7 @@ from gatewayd.errors import GatewayError, StoreUnavailable, ValidationFailed
 from gatewayd.interpret.cache import Entry, PromptCache
 from gatewayd.interpret.errors import NotUnderstood, UnusableAnswer
 from gatewayd.interpret.ledger import SpendLedger, SpendRow, cost_of
-from gatewayd.interpret.local import LocalRules
+from gatewayd.interpret.local import LocalMatch, LocalQuestion, LocalRefusal, LocalRules, Understanding
 from gatewayd.interpret.metrics import (
     LATENCY,
     PROVIDER_CALLS,
@@ -49,7 +49,7 @@ from gatewayd.interpret.metrics import (
     REQUESTS,
 )
 from gatewayd.interpret.providers import Answer, Completion, Prompt, Provider, Usage, answer_of
-from gatewayd.interpret.registry import Command, Registry, check_answer, normalise
+from gatewayd.interpret.registry import Command, Registry, check_answer, normalise, understood
 from gatewayd.resilience import (
     CRITICAL,
     AdaptiveRate,
@@ -278,6 +278,45 @@ class Connectivity:
         permit.failure()
 
 
+def not_understood(
+    text: str,
+    found: Understanding | None,
+    local: LocalRules | None,
+    *,
+    tried: list[dict[str, Any]] | None = None,
+    declined: str | None = None,
+) -> NotUnderstood:
+    """The refusal of a text no interpreter acts on: the local rules' reason (negated, two commands, which
+    channel, which device ...) and the few closest sentences that would work for the device it names."""
+    details: dict[str, Any] = {"text": text, "can_do": local.capabilities if local is not None else []}
+    if tried is not None:
+        details["providers"] = tried
+    if declined is not None:
+        details["provider_reason"] = declined
+    if isinstance(found, LocalQuestion):
+        found = LocalRefusal("not_understood", "that is a question, and questions are answered, not run")
+    if isinstance(found, LocalRefusal) and local is not None:
+        suggestions = local.suggestions(found, text)
+        details["reason"] = found.reason
+        for key in ("device", "channel"):
+            if getattr(found, key) is not None:
+                details[key] = getattr(found, key)
+        if found.candidates:
+            details["candidates"] = list(found.candidates)
+        details["suggestions"] = suggestions
+        tries = "; ".join(f'"{s}"' for s in suggestions)
+        return NotUnderstood(
+            f"not understood: {found.message}" + (f"; try: {tries}" if tries and found.reason != "negated" else ""),
+            details=details,
+        )
+    examples = "; ".join(f'"{c["example"]}"' for c in details["can_do"][:6])
+    return NotUnderstood(
+        "not understood: no provider could interpret this and the local rules do not match it"
+        + (f"; the local rules understand, for example: {examples}" if examples else ""),
+        details=details,
+    )
+
+
 @dataclass
 class Outcome:
     """How one request was interpreted: the command, and everything the command record keeps about it."""
@@ -294,6 +333,8 @@ class Outcome:
     tokens_out: int
     tried: list[dict[str, Any]]
     cost_saved: float = 0.0
+    understood: str = ""  # the command in words: "relays1 on3 (channel 3, greenhouse valve) for 30 min"
+    channel: int | None = None
 
     def to_api(self, text: str) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -313,6 +354,10 @@ class Outcome:
             out["cost_saved"] = round(self.cost_saved, 8)
         if self.command.duration_s is not None:
             out["duration_s"] = self.command.duration_s
+        if self.understood:
+            out["understood"] = self.understood
+        if self.channel is not None:
+            out["channel"] = self.channel
         return out
 
 
@@ -410,6 +455,7 @@ class Chain:
         finally:
             await self._persist(req)
         self._finish("cache" if outcome.cached else "local" if outcome.degraded else "provider", started)
+        outcome.understood, outcome.channel = understood(outcome.command, registry)
         return outcome
 
     def _finish(self, outcome: str, started: float) -> None:
@@ -677,21 +723,10 @@ class Chain:
         )
 
     def _from_local(self, req: _Request, local: LocalRules | None) -> Outcome:
-        match = local.match(req.text) if local is not None else None
-        if match is None:
-            details: dict[str, Any] = {
-                "text": req.text,
-                "can_do": local.capabilities if local is not None else [],
-                "providers": req.tried,
-            }
-            if req.declined is not None:
-                details["provider_reason"] = req.declined
-            examples = "; ".join(f'"{c["example"]}"' for c in details["can_do"][:6])
-            raise NotUnderstood(
-                "not understood: no provider could interpret this and the local rules do not match it"
-                + (f"; the local rules understand, for example: {examples}" if examples else ""),
-                details=details,
-            )
+        found = local.understand(req.text) if local is not None else None
+        if not isinstance(found, LocalMatch):
+            raise not_understood(req.text, found, local, tried=req.tried, declined=req.declined)
+        match = found
         try:
             command = check_answer(match.answer(), req.registry)
         except UnusableAnswer as err:

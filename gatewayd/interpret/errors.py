@@ -33,3 +33,12 @@ class ConfirmationRequired(PermanentError):
 class InterpretUnavailable(TransientError):
     code = "interpret_unavailable"
     status = 503
+
+
+class QuestionAnswered(PermanentError):
+    """The text is a question about state, answered from what the gateway knows, and no command was made. Over
+    HTTP the answer is the response itself (200); where a command record is expected (MQTT) it is this refusal,
+    whose message is the answer and whose ``details`` hold it in full."""
+
+    code = "question_answered"
+    status = 422

@@ -58,6 +58,19 @@ def off_action(profile: Profile) -> str | None:
     return None
 
 
+_CHANNEL_ACTION = re.compile(r"^(on|off)(\d+)$")
+
+
+def channel_actions(profile: Profile) -> dict[int, tuple[str, str]]:
+    """The channels of a multi-channel device, from its actions: ``on3``/``off3`` are channel 3's on and off."""
+    found: dict[int, dict[str, str]] = {}
+    for action in profile.actions:
+        m = _CHANNEL_ACTION.match(action)
+        if m:
+            found.setdefault(int(m.group(2)), {})[m.group(1)] = action
+    return {ch: (pair["on"], pair["off"]) for ch, pair in sorted(found.items()) if len(pair) == 2}
+
+
 def on_actions(profile: Profile) -> frozenset[str]:
     """Actions that switch something on, and so may take a duration."""
     named = {a for a in ("on", "start") if a in profile.actions}
@@ -77,6 +90,13 @@ class DeviceEntry:
 
     def takes_duration(self, action: str) -> bool:
         return self.off_action is not None and action in on_actions(self.profile) and action != self.off_action
+
+    def off_for(self, action: str) -> str | None:
+        """What ends an on-period of ``action``: a channel's own off (on3 -> off3), else the device's off action."""
+        for on, off in channel_actions(self.profile).values():
+            if action == on:
+                return off
+        return self.off_action
 
 
 @dataclass(frozen=True)
@@ -103,10 +123,15 @@ class Registry:
     devices: dict[str, DeviceEntry]
     rules: RulesFile = EMPTY
     digest: str = field(default="")
+    channels: dict[str, dict[int, str]] = field(default_factory=dict)  # device -> channel -> its label
 
     @classmethod
     def build(
-        cls, profiles: Mapping[str, Profile], descriptions: Mapping[str, str], rules: RulesFile = EMPTY
+        cls,
+        profiles: Mapping[str, Profile],
+        descriptions: Mapping[str, str],
+        rules: RulesFile = EMPTY,
+        channels: Mapping[str, Mapping[int, str]] | None = None,
     ) -> Registry:
         devices = {}
         for name, profile in profiles.items():
@@ -116,6 +141,11 @@ class Registry:
                 if spoken and spoken not in names:
                     names.append(spoken)
             devices[name] = DeviceEntry(name, profile, descriptions.get(name) or profile.description, tuple(names))
+        labels = {
+            name: {int(ch): _SPACES.sub(" ", label.strip()).lower() for ch, label in sorted(chans.items())}
+            for name, chans in (channels or {}).items()
+            if name in devices and chans
+        }
         canonical = json.dumps(
             {
                 "prompt_version": PROMPT_VERSION,
@@ -124,11 +154,12 @@ class Registry:
                     for name, d in sorted(devices.items())
                 },
                 "rules": rules.model_dump(mode="json"),
+                "channels": {name: {str(ch): label for ch, label in chans.items()} for name, chans in labels.items()},
             },
             sort_keys=True,
             separators=(",", ":"),
         )
-        return cls(devices, rules, hashlib.sha256(canonical.encode()).hexdigest())
+        return cls(devices, rules, hashlib.sha256(canonical.encode()).hexdigest(), labels)
 
     def profiles(self) -> dict[str, Profile]:
         return {name: d.profile for name, d in self.devices.items()}
@@ -148,6 +179,8 @@ class Registry:
                     entry["takes_duration"] = True
                 actions[action] = entry
             catalogue[name] = {"names": list(d.names), "description": d.description, "actions": actions}
+            if self.channels.get(name):  # "the greenhouse valve" is channel 3 (on3/off3) for the providers too
+                catalogue[name]["channels"] = {str(ch): label for ch, label in self.channels[name].items()}
         return (
             "You turn an operator's instruction into exactly one command for a device of this gateway, by calling "
             f"{RUN_TOOL} with the device's name, one of its actions and that action's params. If the instruction "
@@ -196,6 +229,51 @@ class Registry:
     @cached_property
     def prompt_chars(self) -> int:
         return len(self.prompt) + len(json.dumps(self.tools))
+
+
+def understood(command: Command, registry: Registry) -> tuple[str, int | None]:
+    """A command in words, as the person who asked can check it, and its channel: "pump1 set_speed percent=40",
+    "relays1 on3 (channel 3: greenhouse valve) for 30 min"."""
+    entry = registry.devices.get(command.device)
+    channel = None
+    words = f"{command.device} {command.action}"
+    if entry is not None:
+        for ch, pair in channel_actions(entry.profile).items():
+            if command.action in pair:
+                channel = ch
+                label = registry.channels.get(command.device, {}).get(ch)
+                words += f" (channel {ch}" + (f": {label})" if label else ")")
+    for name, value in command.params.items():
+        words += f" {name}={_plain(value)}"
+    if command.duration_s is not None:
+        words += f" for {duration_words(command.duration_s)}"
+        if entry is not None:
+            off = entry.off_for(command.action)
+            if off is not None:
+                words += f", then {off}"
+    return words, channel
+
+
+def duration_words(seconds: float) -> str:
+    """``630`` -> "10 min 30 s", ``5400`` -> "1 h 30 min": a duration as a person reads it, no float noise."""
+    total = round(seconds, 3)
+    if total < 60:
+        return f"{_plain(total)} s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if total >= size:
+            count = int(total // size)
+            parts.append(f"{count} {unit}")
+            total -= count * size
+    if total:
+        parts.append(f"{_plain(round(total, 3))} s")
+    return " ".join(parts)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float) and value == int(value):
+        return str(int(value))
+    return str(value)
 
 
 def check_answer(answer: Any, registry: Registry) -> Command:

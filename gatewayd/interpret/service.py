@@ -17,6 +17,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Literal
@@ -32,11 +33,12 @@ from gatewayd.commands.validate import field_errors, parse_request
 from gatewayd.config.models import InterpretSection
 from gatewayd.config.profiles import Profile
 from gatewayd.errors import BadRequest, Conflict, GatewayError, ShuttingDown, UnknownCommand, ValidationFailed
+from gatewayd.interpret.answers import DeviceFacts, answer
 from gatewayd.interpret.cache import PromptCache
-from gatewayd.interpret.chain import Chain, Outcome, Slot
-from gatewayd.interpret.errors import ConfirmationRequired
+from gatewayd.interpret.chain import Chain, Outcome, Slot, not_understood
+from gatewayd.interpret.errors import ConfirmationRequired, QuestionAnswered
 from gatewayd.interpret.ledger import SpendLedger
-from gatewayd.interpret.local import LocalRules
+from gatewayd.interpret.local import LocalQuestion, LocalRefusal, LocalRules
 from gatewayd.interpret.providers import HttpProvider, build_provider
 from gatewayd.interpret.registry import Registry
 from gatewayd.interpret.rules import EMPTY, RulesFile, load_rules
@@ -47,6 +49,8 @@ from gatewayd.tasks import TaskOwner
 log = structlog.get_logger("gatewayd.interpret")
 
 Profiles = Callable[[], Mapping[str, Profile]]
+# Refusals the local rules make before any provider is asked: no model may turn these into a command.
+SCREENED = frozenset({"negated", "several_commands", "ambiguous_device", "missing_channel", "no_such_channel"})
 
 
 class TextRequest(BaseModel):
@@ -109,6 +113,8 @@ class InterpretService:
         service: CommandService,
         profiles: Profiles,
         descriptions: Mapping[str, str],
+        channels: Mapping[str, Mapping[int, str]] | None = None,
+        facts: DeviceFacts | None = None,
         environ: Mapping[str, str] | None = None,
         clock: Clock = REAL_CLOCK,
         wall: Callable[[], float] = time.time,
@@ -120,6 +126,8 @@ class InterpretService:
         self._service = service
         self._profiles = profiles
         self._descriptions = dict(descriptions)
+        self._channels = {name: dict(labels) for name, labels in (channels or {}).items()}
+        self._facts = facts  # what questions are answered from; None: "no reading yet" for every device
         self._clock = clock
         self._wall = wall
         self._command_clock = command_clock or CommandClock()
@@ -222,7 +230,7 @@ class InterpretService:
         profiles = self._profiles()
         key = (id(self._rules), *((name, id(p)) for name, p in profiles.items()))
         if self._registry is None or key != self._registry_key:
-            self._registry = Registry.build(profiles, self._descriptions, self._rules)
+            self._registry = Registry.build(profiles, self._descriptions, self._rules, self._channels)
             self._registry_key = key
         return self._registry
 
@@ -345,7 +353,15 @@ class InterpretService:
     async def submit(
         self, payload: Any, *, source: str, client: str, principal: str | None
     ) -> tuple[CommandRecord, bool, dict[str, str]]:
-        """Interpret and submit. Returns (record, created, rate-limit headers for the answer). A known id is
+        """Interpret and submit, where only a command record can be the answer (MQTT): a question is refused
+        with :class:`QuestionAnswered`, whose message is the answer."""
+        result = await self.handle(payload, source=source, client=client, principal=principal)
+        if isinstance(result, Answer):
+            raise QuestionAnswered(result.body["answer"], details=result.body)
+        return result.record, result.created, result.headers
+
+    async def handle(self, payload: Any, *, source: str, client: str, principal: str | None) -> Submitted | Answer:
+        """Interpret and submit, or answer a question about state without running anything. A known id is
         answered from the store first, before the shutdown, the rate limit or a provider can refuse it.
 
         Who asks: ``principal`` is the name the transport has verified (the HTTP bearer token's or session's), or
@@ -354,11 +370,12 @@ class InterpretService:
         record its commands under another name, spend another user's allowance, or escape its own. Without one, a
         body ``user`` is the client's unverified label, stored as said; its allowance is keyed by the client too
         (the address, or the MQTT uplink), so a label never shares a bucket with a verified user."""
+        started = self._clock.monotonic()
         req = parse_text_request(payload, self.settings.max_text_chars)
         if req.id is not None:
             replay = await self._replay(req)
             if replay is not None:
-                return replay, False, {}
+                return Submitted(replay, False, {})
         if principal is not None and req.user is not None and req.user != principal:
             raise ValidationFailed(
                 f"user is who you are authenticated as ({principal}): leave it out",
@@ -375,6 +392,15 @@ class InterpretService:
         if not decision.allowed:
             raise decision.refusal(self.users.name)
         headers = decision.headers()
+        # Questions, negations, two commands in one, an ambiguous name or a missing channel: the local rules
+        # decide these before any provider is asked, so no model can turn them into an actuation.
+        registry = self.registry()
+        local = await self._local_rules(registry)
+        screened = local.understand(req.text)
+        if isinstance(screened, LocalQuestion):
+            return Answer(self._answer(screened, req.text, registry, started), headers)
+        if isinstance(screened, LocalRefusal) and screened.reason in SCREENED:
+            raise not_understood(req.text, screened, local)
         # A full disk refuses before a provider is paid for an answer that could not be kept.
         envelope = {"device": "-", "action": "-"} | ({"priority": req.priority} if req.priority is not None else {})
         self._service.refuse_if_full(parse_request(envelope).priority)
@@ -396,10 +422,12 @@ class InterpretService:
             if value is not None:
                 body[key] = value
         then = []
-        if command.duration_s is not None and entry.off_action is not None:
-            # "on for ten minutes": the off is a scheduled action, written with the on command (before it is
-            # acknowledged), armed when the on reaches the wire, ended by a newer instruction for the device.
-            then.append(Then("on_period", entry.off_action, command.duration_s, Priority.HIGH, "interpret"))
+        off = entry.off_for(command.action)
+        if command.duration_s is not None and off is not None:
+            # "on for ten minutes": the off (a channel's own, on a multi-channel board) is a scheduled action,
+            # written with the on command (before it is acknowledged), armed when the on reaches the wire, ended by
+            # a newer on or off of the same channel (gatewayd.store.schedule.dispatched).
+            then.append(Then("on_period", off, command.duration_s, Priority.HIGH, "interpret"))
         rec, created = await self._service.submit(
             body, source=source, user=user, interpretation=interpretation, then=then
         )
@@ -414,7 +442,20 @@ class InterpretService:
             device=command.device,
             action=command.action,
         )
-        return rec, created, headers
+        return Submitted(rec, created, headers)
+
+    def _answer(self, question: LocalQuestion, text: str, registry: Registry, started: float) -> dict[str, Any]:
+        body = answer(question, self._facts, registry.profiles(), registry.channels, wall=self._wall)
+        body["interpretation"] = {
+            "text": text,
+            "provider": "local",
+            "model": "rules",
+            "kind": "question",
+            "language": question.language,
+            "latency_ms": round((self._clock.monotonic() - started) * 1000, 3),
+        }
+        log.info("question_answered", devices=[a.device for a in question.about])
+        return body
 
     async def _replay(self, req: TextRequest) -> CommandRecord | None:
         """The same id sent again: the first command's record, without paying a provider a second time."""
@@ -469,9 +510,24 @@ class InterpretService:
         }
 
 
+@dataclass(frozen=True)
+class Submitted:
+    record: CommandRecord
+    created: bool
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A question's answer: ``{"answer": text, "devices": [...], "interpretation": {...}}``; nothing was run."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
 def _build_local(registry: Registry) -> LocalRules:
     local = LocalRules.build(registry)
-    local.match("warm up")  # hassil parses its templates on first use: pay that here, off the request path
+    local.understand("warm up")  # hassil parses its templates on first use: pay that here, off the request path
     return local
 
 

@@ -103,17 +103,28 @@ def insert(conn: sqlite3.Connection, rows: Iterable[Scheduled]) -> None:
 
 
 def dispatched(
-    conn: sqlite3.Connection, command_id: str, device: str, *, actuating: bool, wall: float, mono: float, boot_id: str
+    conn: sqlite3.Connection,
+    command_id: str,
+    device: str,
+    action: str,
+    *,
+    ends_all: bool,
+    wall: float,
+    mono: float,
+    boot_id: str,
 ) -> int:
-    """``command_id`` is being put on the wire: the rows waiting for it are armed (due ``delay_s`` from now), and if
-    it actuates the device, the device's on-periods from earlier instructions end (the newest instruction decides
-    how long a device runs). Returns how many rows were armed."""
-    if actuating:
-        conn.execute(
-            "UPDATE scheduled_actions SET state = 'cancelled', reason = ?, updated_at = ? "
-            "WHERE device = ? AND kind = 'on_period' AND state IN ('waiting', 'armed') AND after != ?",
-            (f"superseded by {command_id}", wall, device, command_id),
-        )
+    """``command_id`` (``action`` on ``device``) is being put on the wire: the rows waiting for it are armed (due
+    ``delay_s`` from now), and the on-periods it overrides end, since the newest instruction decides how long a
+    thing runs: those that would send this same action (an off sent by hand), those of an earlier command with
+    this same action (a newer "on for an hour" for the same channel), and, when this is the device's own off for
+    everything (``ends_all``), all of the device's. A max on-time is never superseded. Returns how many rows were
+    armed."""
+    conn.execute(
+        "UPDATE scheduled_actions SET state = 'cancelled', reason = ?, updated_at = ? "
+        "WHERE device = ? AND kind = 'on_period' AND state IN ('waiting', 'armed') AND after != ? "
+        "AND (? OR action = ? OR after IN (SELECT id FROM commands WHERE device = ? AND action = ?))",
+        (f"superseded by {command_id}", wall, device, command_id, ends_all, action, device, action),
+    )
     cur = conn.execute(
         "UPDATE scheduled_actions SET state = 'armed', due_at = ? + delay_s, due_mono = ? + delay_s, boot_id = ?, "
         "updated_at = ? WHERE after = ? AND state = 'waiting'",

@@ -97,7 +97,10 @@ _COMMAND_REQUEST = {
 
 _TEXT_REQUEST = {
     "type": "object",
-    "description": "A natural-language command: interpreted (providers, else the local rules), then validated.",
+    "description": (
+        "A natural-language command: interpreted (providers, else the local rules), then validated; or a question "
+        "about state, answered (200) without a command"
+    ),
     "properties": {
         "text": {"type": "string", "minLength": 1},
         "user": {
@@ -113,6 +116,37 @@ _TEXT_REQUEST = {
         "priority": {"type": "string", "enum": ["critical", "high", "normal", "low"]},
     },
     "required": ["text"],
+}
+
+
+_ANSWER = {
+    "type": "object",
+    "description": (
+        'The answer to a question about state ({"text": "is the pump running?"}), from the devices\' state '
+        "and latest telemetry. No command is made, stored or run."
+    ),
+    "properties": {
+        "answer": {"type": "string", "description": 'e.g. "Yes: pump1 is running: speed 55 % (2 s ago)"'},
+        "device": {"type": "string", "description": "the device asked about (when there is one)"},
+        "values": {"type": "object", "description": "its values asked about, as last reported"},
+        "devices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "device": {"type": "string"},
+                    "channel": {"type": "integer"},
+                    "values": {"type": "object"},
+                    "text": {"type": "string"},
+                    "at": {"type": "string", "description": "when the reading was taken (UTC)"},
+                    "age_s": {"type": "number"},
+                },
+                "required": ["device", "values", "text"],
+            },
+        },
+        "interpretation": {"type": "object", "description": "text, provider (local), kind (question), latency_ms"},
+    },
+    "required": ["answer", "devices", "interpretation"],
 }
 
 
@@ -135,8 +169,11 @@ def document() -> dict[str, Any]:
                 "responses": {
                     **_responses(202, 400, 404, 409, 413, 415, 422, 504),
                     "200": {
-                        "description": "Final (with ?wait), or the existing command for a repeated id",
-                        "content": {"application/json": {"schema": _JSON_OBJECT}},
+                        "description": (
+                            "Final (with ?wait), or the existing command for a repeated id; for a question about "
+                            'state ({"text": ...} asking, not telling), its answer, and no command'
+                        ),
+                        "content": {"application/json": {"schema": {"anyOf": [_ANSWER, _JSON_OBJECT]}}},
                     },
                 },
             },

@@ -33,6 +33,7 @@ from gatewayd.errors import (
     StoreUnavailable,
 )
 from gatewayd.interpret.errors import InterpretUnavailable
+from gatewayd.interpret.service import Answer
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.store import outbox as outbox_sql
@@ -184,9 +185,12 @@ async def post_command(request: web.Request) -> web.Response:
     if isinstance(payload, dict) and "text" in payload:  # natural language: interpreted, then submitted
         if ctx.interpret is None:
             raise InterpretUnavailable("natural-language commands are turned off ([interpret] enabled = false)")
-        rec, created, headers = await ctx.interpret.submit(
+        result = await ctx.interpret.handle(
             payload, source=source, client=request.remote or "", principal=auth.user_of(request)
         )
+        if isinstance(result, Answer):  # a question about state: answered, nothing stored or run
+            return web.json_response(result.body, status=200, headers=result.headers)
+        rec, created, headers = result.record, result.created, result.headers
     else:
         rec, created = await ctx.service.submit(payload, source=source, user=auth.user_of(request))
     if wait_s:

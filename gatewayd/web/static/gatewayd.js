@@ -381,6 +381,10 @@
     if (box.dataset.ticket !== ticket) return;
     if (!r.ok) { showResult(box, `${label}: ${describeError(r)}`, "bad", "http"); return; }
     const c = r.data;
+    // A question about state is answered from what the gateway knows: no command, nothing to wait for.
+    if (c.answer !== undefined && c.id === undefined) { showResult(box, `${label}: ${c.answer}`, "ok", "http"); return; }
+    // How the words were understood (device, action, channel, duration), shown with the command's progress.
+    if (c.interpretation && c.interpretation.understood) label = `${label} → ${c.interpretation.understood}`;
     box.dataset.commandId = c.id;
     upsertCommand(c);
     if (FINAL.has(c.state)) { state.pending.set(c.id, { box, label }); noteRecord(c, "http"); return; }
