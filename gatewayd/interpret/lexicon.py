@@ -73,6 +73,12 @@ _CONCEPTS: dict[str, str] = {
     "IF": "if whether ob",
     "COND": "unless when whenever once until wenn falls sobald ausser cuando salvo quand lorsque sauf",
     "HEDGE": "maybe perhaps possibly probably vielleicht eventuell quizas quiza tal acaso peut etre",
+    # A time to come: "start the pump tomorrow" is not an order for now (and nothing here schedules for later).
+    "LATER": "tomorrow tonight later soon someday morgen spater spaeter bald manana pronto demain bientot tard",
+    # A length nobody gave: "run the pump for a bit" would run it until someone remembers.
+    "VAGUE": "bit while briefly moment weile kurz rato momento rato instant moment peu",
+    # More than once: one command at a time, and the same one twice is not a thing a device does.
+    "REPEAT": "twice thrice repeatedly zweimal dreimal mehrmals veces fois",
     "UNTIL": "until till bis hasta jusqu jusque",
     "OF": "of from von vom der de del du des",
     "FILLER": "please pls plz kindly now right immediately asap quickly quick thanks thank thx cheers ty hey hi "

@@ -310,7 +310,9 @@ def _describe(entry: DeviceEntry, labels: Mapping[int, str]) -> DeviceInfo:
             param = required[0]
             pspec = spec.params[param]
             words = {w for w in re.split(r"[_\W]+", lx.fold(f"{action} {param}")) if len(w) > 1} - {"set", "s", "c"}
-            words |= {w for w in _WORD.findall(lx.fold(f"{spec.description} {pspec.description}")) if len(w) > 3}
+            # The parameter's own description, not the action's prose: "Raise an event when the temperature goes
+            # above this" must not make "set the temperature to 20" an alarm threshold on a node with no setpoint.
+            words |= {w for w in _WORD.findall(lx.fold(pspec.description)) if len(w) > 3}
             for english, others in lx.TRANSLATIONS.items():
                 if english in words:
                     words |= others
@@ -780,6 +782,21 @@ class LocalRules:
         if not question and "HEDGE" in has:
             return LocalRefusal(
                 "not_understood", "maybe? Say plainly what should happen, and I'll do it", language=lang
+            )
+        if not question and "LATER" in has:
+            return LocalRefusal(
+                "scheduled",
+                'I can\'t schedule a command for later: say it when it should happen ("for 10 minutes" sets how '
+                "long something stays on)",
+                language=lang,
+            )
+        if not question and "VAGUE" in has:
+            return LocalRefusal(
+                "not_understood", 'for how long? Say it in time ("for 10 minutes"), and I\'ll do it', language=lang
+            )
+        if not question and "REPEAT" in has:
+            return LocalRefusal(
+                "several_commands", "one command at a time: say it once, and again when it's done", language=lang
             )
         if negated and not question:
             return LocalRefusal(
