@@ -24,6 +24,7 @@ from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import Profile
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.modbus import ModbusBus, ModbusDevice
+from gatewayd.devices.modbus_link import SerialLink
 from gatewayd.devices.modbus_sim import Block, Layout, ModbusSimulator, ModbusUnit, Sdm120Model, TableModel
 from gatewayd.devices.simulator import Faults
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable
@@ -175,8 +176,9 @@ async def _line(
     clock: Clock = REAL_CLOCK,
     **line: Any,
 ) -> AsyncIterator[tuple[ModbusSimulator, ModbusBus]]:
+    cfg = cfg or _cfg()
     async with ModbusSimulator("rtu", units, **line) as sim:
-        async with ModbusBus("rtu", cfg or _cfg(), sim.port, clock=clock) as bus:
+        async with ModbusBus("rtu", cfg, SerialLink(sim.port, cfg), clock=clock) as bus:
             assert bus.availability.available
             yield sim, bus
 
@@ -313,7 +315,7 @@ async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path:
     with structlog.testing.capture_logs() as logs:
         async with (
             ModbusSimulator("rtu", {1: unit}, link=link) as sim,
-            ModbusBus("rtu", cfg, str(link)) as bus,
+            ModbusBus("rtu", cfg, SerialLink(str(link), cfg)) as bus,
             _device(bus) as dev,
         ):
             await dev.execute("first", "set_speed", {"percent": 1})
@@ -357,7 +359,7 @@ async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path:
 
 async def test_a_bus_that_starts_without_its_port_opens_it_when_it_appears(tmp_path: Path) -> None:
     link = tmp_path / "sim" / "rtu.tty"
-    async with ModbusBus("rtu", _cfg(), str(link)) as bus:
+    async with ModbusBus("rtu", _cfg(), SerialLink(str(link), _cfg())) as bus:
         assert not bus.availability.available
         assert bus.availability.last_error == f"cannot open {link}: No such file or directory"
         async with ModbusSimulator("rtu", {1: _plant(tmp_path)}, link=link), _device(bus) as dev:
@@ -398,7 +400,8 @@ async def test_byte_at_a_time_with_noise(tmp_path: Path) -> None:
     unit = _plant(tmp_path, faults=Faults(garbage=0.5, garbage_max=16, seed=4))
     received: list[int] = []
     async with ModbusSimulator("rtu", {1: unit}, byte_at_a_time=True) as sim:
-        bus = ModbusBus("rtu", _cfg(response_timeout_s=0.5), sim.port)
+        cfg = _cfg(response_timeout_s=0.5)
+        bus = ModbusBus("rtu", cfg, SerialLink(sim.port, cfg))
         hunt = bus._filter_reply
 
         def counting(sending: bool, data: bytes) -> bytes:

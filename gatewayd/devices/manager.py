@@ -138,6 +138,7 @@ class DeviceManager:
     async def _open_modbus(self, bus_name: str, bus_cfg: SerialBusConfig) -> None:
         """A Modbus RTU bus and its units; in mock mode pymodbus's server answers for them behind a pty."""
         from gatewayd.devices.modbus import ModbusBus, ModbusDevice  # pymodbus only for configs that use it
+        from gatewayd.devices.modbus_link import SerialLink
 
         cfg = self._loaded.config
         profiles = self._loaded.profiles
@@ -166,7 +167,7 @@ class DeviceManager:
             )
             port = str(link)
             bus_cfg = pty_framing(bus_cfg)
-        bus = await self._stack.enter_async_context(ModbusBus(bus_name, bus_cfg, port))
+        bus = await self._stack.enter_async_context(ModbusBus(bus_name, bus_cfg, SerialLink(port, bus_cfg)))
         self.modbus_buses[bus_name] = bus
         for name, dev in on_bus.items():
             assert dev.address is not None
