@@ -134,6 +134,22 @@ def plant_layout() -> Layout:
     }
 
 
+# What plant_layout holds, read through PLANT's points (scaled, offset, in both word orders).
+PLANT_AT_POWER_UP = {
+    "running": False,
+    "alarm": True,
+    "speed": 0.0,
+    "mode": 7,
+    "setpoint": 21.5,
+    "counter": 0,
+    "temperature": -12.3,
+    "pressure": 1.5,
+    "flow": 12.5,
+    "energy": 123456.7,
+    "delta": -70_000,
+}
+
+
 class PlantModel(TableModel):
     """The plant's registers, refusing some register values with the exception code a test asks for, and telling
     the test when the unit served a read."""
@@ -226,19 +242,7 @@ async def test_telemetry_with_scale_offset_units_and_both_word_orders(tmp_path: 
         before = bus.transactions
         values = await dev.execute("r1", "read", {})
         assert bus.transactions - before == 7, "coils, discrete inputs, holding 10, 12, 20-21, 30-31, inputs 0-7"
-        assert values == {
-            "running": False,
-            "alarm": True,
-            "speed": 0.0,
-            "mode": 7,
-            "setpoint": 21.5,
-            "counter": 0,
-            "temperature": -12.3,
-            "pressure": 1.5,
-            "flow": 12.5,
-            "energy": 123456.7,
-            "delta": -70_000,
-        }
+        assert values == PLANT_AT_POWER_UP
         assert isinstance(values["mode"], int) and isinstance(values["speed"], float)
         described = dev.describe()
         assert described["points"]["temperature"] == {"value": -12.3, "unit": "°C"}
@@ -305,6 +309,16 @@ async def test_a_silent_or_absent_unit_times_out_while_its_neighbour_answers(tmp
 # --- hot-plug ----------------------------------------------------------------------------------------------------
 
 
+async def _in_flight(dev: ModbusDevice, unit: ModbusUnit, model: PlantModel) -> asyncio.Task[dict[str, Any]]:
+    """A read the unit has received, its reply held back by half a second of latency."""
+    unit.latency_s = 0.5
+    model.served.clear()
+    pending = asyncio.create_task(dev.execute("inflight", "read_speed", {}))
+    async with asyncio.timeout(2):
+        await model.served.wait()
+    return pending
+
+
 async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path: Path) -> None:
     cycles = 12
     link = tmp_path / "sim" / "rtu.tty"
@@ -320,11 +334,7 @@ async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path:
         ):
             await dev.execute("first", "set_speed", {"percent": 1})
             # A request in flight when the port goes fails at once as unavailable, not after the 1 s timeout.
-            unit.latency_s = 0.5
-            model.served.clear()
-            pending = asyncio.create_task(dev.execute("inflight", "read_speed", {}))
-            async with asyncio.timeout(2):
-                await model.served.wait()  # the unit has the request; its reply is held back by the latency
+            pending = await _in_flight(dev, unit, model)
             unplugged_at = time.monotonic()
             sim.unplug()
             with pytest.raises(DeviceUnavailable):
@@ -461,18 +471,23 @@ async def test_every_fault_at_once_byte_by_byte(tmp_path: Path) -> None:
     assert unit.faulted["garbage"] > 0
 
 
+async def _replies_lost_after_noise(dev: ModbusDevice) -> int:
+    """How many reads time out before one is answered (correctly); the next one is answered too."""
+    lost = 0
+    while True:
+        try:
+            assert await dev.execute("after", "read_mode", {}) == {"mode": 7}
+            break
+        except DeviceTimeout:
+            lost += 1
+    assert await dev.execute("next", "read_mode", {}) == {"mode": 7}
+    return lost
+
+
 async def test_a_burst_of_noise_between_requests_costs_at_most_one_reply(tmp_path: Path) -> None:
     async with _line(tmp_path, {1: _plant(tmp_path)}) as (sim, bus), _device(bus) as dev:
         sim.inject(bytes(range(256)) * 16)  # 4 KiB, with every unit address and function code in it
-        lost = 0
-        while True:
-            try:
-                assert await dev.execute("after", "read_mode", {}) == {"mode": 7}
-                break
-            except DeviceTimeout:
-                lost += 1
-        assert lost <= 1
-        assert await dev.execute("next", "read_mode", {}) == {"mode": 7}
+        assert await _replies_lost_after_noise(dev) <= 1
 
 
 # --- slow and late replies -------------------------------------------------------------------------------------

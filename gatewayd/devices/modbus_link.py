@@ -9,19 +9,31 @@ received, and says whether replies carry a transaction id.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from pymodbus.client import AsyncModbusSerialClient, ModbusBaseClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, ModbusBaseClient
 from pymodbus.framer import FramerType
 
 from gatewayd.config.models import SerialBusConfig
-from gatewayd.devices.modbus_codec import find_reply
+from gatewayd.devices.modbus_codec import find_mbap_reply, find_reply
 
 TracePacket = Callable[[bool, bytes], bytes]
 TraceConnect = Callable[[bool], None]
+
+# A peer that vanished without closing (a cable pulled, a device powered off) leaves a TCP connection that looks
+# open. The kernel finds out: keepalive probes after this much idle time, and a request whose bytes stay
+# unacknowledged this long ends the connection (TCP_USER_TIMEOUT), so the bus reconnects instead of timing out for
+# ever against a dead socket.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 3
+UNACKNOWLEDGED_S = 20
 
 
 class ModbusLink(Protocol):
@@ -108,3 +120,101 @@ def _why_not_open(port: str) -> str:
     if not os.access(port, os.R_OK | os.W_OK):
         return f"cannot open {port}: permission denied"
     return f"cannot open {port} (in use by another process, or not a serial port)"
+
+
+@dataclass(frozen=True)
+class TcpLink:
+    """A TCP connection to a Modbus TCP device or gateway (``framer = "socket"``), or to a serial server that
+    carries Modbus RTU frames as they are (``framer = "rtu"``)."""
+
+    host: str
+    port: int
+    framer: Literal["socket", "rtu"] = "socket"
+    connect_timeout_s: float = 3.0
+
+    @property
+    def where(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def transaction_ids(self) -> bool:
+        return self.framer == "socket"
+
+    def client(
+        self, name: str, timeout: float, trace_packet: TracePacket, trace_connect: TraceConnect
+    ) -> AsyncModbusTcpClient:
+        return AsyncModbusTcpClient(
+            self.host,
+            port=self.port,
+            framer=FramerType.SOCKET if self.framer == "socket" else FramerType.RTU,
+            name=name,
+            reconnect_delay=0,
+            # Also pymodbus's connect timeout: the link's own, shorter, decides that (see connect).
+            timeout=max(timeout, self.connect_timeout_s + 1),
+            retries=0,
+            trace_packet=trace_packet,
+            trace_connect=trace_connect,
+        )
+
+    async def connect(self, client: ModbusBaseClient) -> str | None:
+        """pymodbus reports a failed connection as False and drops the error; the error is noted on its way out
+        (refused, unreachable, an unknown name), and an attempt nobody answers is given up after
+        ``connect_timeout_s``."""
+        errors: list[OSError] = []
+        create = client.ctx.call_create
+
+        async def noting_the_error() -> Any:
+            try:
+                return await create()
+            except OSError as err:
+                errors.append(err)
+                raise
+
+        client.ctx.call_create = noting_the_error
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                connected = await client.connect()
+        except TimeoutError:
+            return f"cannot connect to {self.where}: no answer within {self.connect_timeout_s:g} s"
+        if not connected:
+            if not errors:
+                return f"cannot connect to {self.where}"
+            return f"cannot connect to {self.where}: {_reason(errors[0])}"
+        sock = client.ctx.transport.get_extra_info("socket")
+        if sock is not None:
+            _watch_for_a_dead_peer(sock)
+        return None
+
+    def find_reply(self, data: bytes | bytearray, request: bytes | bytearray) -> tuple[int, int] | None:
+        return find_mbap_reply(data, request) if self.framer == "socket" else find_reply(data, request)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "transport": "modbus_tcp" if self.framer == "socket" else "modbus_rtu_over_tcp",
+            "host": self.host,
+            "port": self.port,
+        }
+
+
+def _reason(err: OSError) -> str:
+    """ "Connection refused", "No route to host", "Name or service not known": asyncio words a failed connection
+    as "Connect call failed (address)", which says less than the errno."""
+    if isinstance(err, socket.gaierror) or not err.errno or err.errno < 0:
+        return err.strerror or str(err)
+    return os.strerror(err.errno)
+
+
+def _watch_for_a_dead_peer(sock: socket.socket) -> None:
+    """Keepalive and a bound on unacknowledged data (Linux), so a silent peer's connection ends (see above);
+    Modbus requests are small and sent one at a time, so Nagle's delay only slows them."""
+    options = [
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKNOWLEDGED_S * 1000),
+    ]
+    for level, option, value in options:
+        with contextlib.suppress(OSError):  # a kernel without one keeps its default
+            sock.setsockopt(level, option, value)

@@ -46,7 +46,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from gatewayd.config.profiles import BIT_TABLES, Profile
 from gatewayd.devices.linelog import LineLog
-from gatewayd.devices.modbus_codec import crc_ok, encode_registers, frame_length
+from gatewayd.devices.modbus_codec import encode_registers, frame_length, take_rtu_request
 from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
 from gatewayd.devices.simulator import NO_FAULTS, Faults, PtySimulator
 
@@ -269,8 +269,8 @@ class ModbusUnit:
     ):
         if faults.telemetry_hz:
             raise ValueError("a Modbus unit speaks only when asked: telemetry_hz does not apply")
-        if not 1 <= unit <= 247:
-            raise ValueError("a Modbus unit address is 1 to 247")
+        if not 0 <= unit <= 255:  # RS-485 addresses are 1-247 (the bus's simulator checks); TCP unit ids 0-255
+            raise ValueError("a Modbus unit id is 0 to 255")
         self.name = name
         self.unit = unit
         self.model = model
@@ -391,9 +391,17 @@ class ModbusUnit:
                     return name
         return None
 
-    def on_wire(self, reply: bytes) -> bytes:
+    async def deliver(self, reply: bytes, *, mbap: bool = False) -> bytes:
+        """After this unit's latency, the bytes that reach the line for ``reply`` (:meth:`on_wire`)."""
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return self.on_wire(reply, mbap=mbap)
+
+    def on_wire(self, reply: bytes, *, mbap: bool = False) -> bytes:
         """The bytes that reach the line for ``reply``, after this unit's faults (maybe none at all). The unit has
-        acted before its reply is lost, cut or corrupted, as a real one whose answer was garbled on the way."""
+        acted before its reply is lost, cut or corrupted, as a real one whose answer was garbled on the way.
+        Corruption hits what a master can check: an RTU frame's CRC, or a Modbus TCP frame's header (``mbap``:
+        transaction id, protocol id, length, unit and function; TCP frames carry no CRC of their own)."""
         faults, rng = self.faults, self.rng
         if faults.drop and rng.random() < faults.drop:
             self.faulted["drop"] += 1
@@ -402,7 +410,7 @@ class ModbusUnit:
         data = reply
         if faults.corrupt and rng.random() < faults.corrupt:
             self.faulted["corrupt"] += 1
-            at = len(data) - 1 - rng.randrange(2)
+            at = rng.randrange(8) if mbap else len(data) - 1 - rng.randrange(2)
             data = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :]
         if faults.partial and rng.random() < faults.partial:
             self.faulted["partial"] += 1
@@ -439,6 +447,8 @@ class ModbusSimulator(PtySimulator):
         for address, unit in units.items():
             if address != unit.unit:
                 raise ValueError(f"unit {unit.name} has address {unit.unit}, listed under {address}")
+            if not 1 <= address <= 247:
+                raise ValueError(f"unit {unit.name}: an RS-485 address is 1 to 247")
         self.units = dict(units)
         self.requests = 0  # whole requests framed from the gateway's side
         self.server_timeout_s = server_timeout_s
@@ -517,15 +527,7 @@ class ModbusSimulator(PtySimulator):
                 return
             raise
         self._rx += data
-        while self._rx:
-            length = frame_length(self._rx, request=True)
-            if length is None or (length and len(self._rx) < length):
-                return  # more to come
-            if not length or not crc_ok(self._rx[:length]):
-                del self._rx[:1]  # noise, or we are out of step: find the next frame start
-                continue
-            frame = bytes(self._rx[:length])
-            del self._rx[:length]
+        while (frame := take_rtu_request(self._rx)) is not None:
             self.requests += 1
             with contextlib.suppress(asyncio.QueueFull):  # a real unit drops what it cannot buffer too
                 self._pending.put_nowait(frame)
@@ -564,6 +566,4 @@ class ModbusSimulator(PtySimulator):
             except TimeoutError:
                 log.warning("modbus_simulator_server_silent", bus=self.bus, unit=unit.unit)
                 continue
-            if unit.latency_s:
-                await asyncio.sleep(unit.latency_s)
-            self._write(unit.on_wire(reply))
+            self._write(await unit.deliver(reply))

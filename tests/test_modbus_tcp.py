@@ -1,0 +1,411 @@
+"""Modbus TCP, and Modbus RTU over TCP, against pymodbus's own TCP server on loopback (behind the simulator's
+network side): the RTU bus's tests where TCP has the same faults (exceptions, silent units, noise, replies cut
+short, lost or garbled, late replies, the transaction rate), and what only a network does: a host that refuses, a
+connection dropped mid-request, an attempt nobody answers, reconnects with capped jitter. The MBAP codec too."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gatewayd.config.models import ModbusTcpConfig
+from gatewayd.devices.modbus import ModbusBus
+from gatewayd.devices.modbus_codec import find_mbap_reply, mbap_length
+from gatewayd.devices.modbus_link import UNACKNOWLEDGED_S, TcpLink
+from gatewayd.devices.modbus_sim import ModbusUnit, Sdm120Model
+from gatewayd.devices.modbus_tcp_sim import ModbusTcpSimulator
+from gatewayd.devices.simulator import Faults
+from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable
+from gatewayd.resilience.clock import REAL_CLOCK, Clock, FakeClock
+from tests.test_bus_limits import most_in_any_window
+from tests.test_modbus import (
+    GHOST,
+    METER_SETUP,
+    PLANT_AT_POWER_UP,
+    PlantModel,
+    _device,
+    _exchange,
+    _in_flight,
+    _log,
+    _plant,
+    _replies_lost_after_noise,
+)
+from tests.test_serial_hotplug import _availability_events, _becomes
+
+Framer = Literal["socket", "rtu"]
+FRAMERS = ["socket", "rtu"]
+
+
+def _cfg(**overrides: Any) -> ModbusTcpConfig:
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "response_timeout_s": 0.4,
+        "connect_timeout_s": 1.0,
+        "reconnect_base_s": 0.01,
+        "reconnect_cap_s": 0.05,
+        **overrides,
+    }
+    return ModbusTcpConfig(**settings)
+
+
+def _bus(port: int, cfg: ModbusTcpConfig, framer: Framer = "socket", clock: Clock = REAL_CLOCK) -> ModbusBus:
+    link = TcpLink(cfg.host, port, framer, cfg.connect_timeout_s)
+    return ModbusBus("tcp", cfg, link, clock=clock)
+
+
+@asynccontextmanager
+async def _host(
+    units: dict[int, ModbusUnit],
+    cfg: ModbusTcpConfig | None = None,
+    framer: Framer = "socket",
+    *,
+    clock: Clock = REAL_CLOCK,
+    **sim: Any,
+) -> AsyncIterator[tuple[ModbusTcpSimulator, ModbusBus]]:
+    async with ModbusTcpSimulator("tcp", units, framer=framer, **sim) as host:
+        async with _bus(host.port, cfg or _cfg(), framer, clock) as bus:
+            assert bus.availability.available
+            yield host, bus
+
+
+# --- the mapping, end to end --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framer", FRAMERS)
+async def test_writes_and_merged_reads_over_tcp(tmp_path: Path, framer: Framer) -> None:
+    async with _host({1: _plant(tmp_path)}, framer=framer) as (host, bus), _device(bus) as dev:
+        await dev.execute("c1", "start", {})
+        assert (await dev.execute("c2", "set_speed", {"percent": 55.5}))["raw"] == 555
+        await dev.execute("c3", "set_setpoint", {"celsius": -12.25})
+        await dev.execute("c4", "set_counter", {"n": 70_000})
+        before = bus.transactions
+        values = await dev.execute("r1", "read", {})
+        assert bus.transactions - before == 7, "touching points share a request, as on RTU"
+        written = {"running": True, "speed": 55.5, "setpoint": -12.25, "counter": 70_000}
+        assert values == {**PLANT_AT_POWER_UP, **written}
+        described = dev.describe()
+        transport = "modbus_tcp" if framer == "socket" else "modbus_rtu_over_tcp"
+        assert described["transport"] == transport and described["port"] == host.port
+        assert described["host"] == "127.0.0.1" and described["address"] == 1
+    assert [e["action"] for e in _log(tmp_path / "plant1.jsonl")] == [
+        "start",
+        "set_speed",
+        "set_setpoint",
+        "set_counter",
+    ]
+
+
+async def test_exception_replies_become_typed_errors_over_tcp(tmp_path: Path) -> None:
+    refuse = {950: 3, 960: 11, 970: 4}
+    units = {
+        1: _plant(tmp_path, model=PlantModel(refuse)),
+        2: _plant(tmp_path, 2, busy_replies=2),
+        3: ModbusUnit("meter3", 3, Sdm120Model(3), tmp_path / "meter3.jsonl"),
+    }
+    async with _host(units) as (_, bus), _device(bus) as dev, _device(bus, 2) as busy:
+        with pytest.raises(DeviceRejected) as rejected:
+            await dev.execute("v", "set_speed", {"percent": 95})
+        assert rejected.value.details["exception_code"] == 3 and not rejected.value.transient
+        with pytest.raises(DeviceRejected) as failed:
+            await dev.execute("f", "set_speed", {"percent": 97})
+        assert failed.value.details["exception_code"] == 4
+        with pytest.raises(DeviceTimeout) as behind_gateway:
+            await dev.execute("g", "set_speed", {"percent": 96})
+        assert behind_gateway.value.details["exception_code"] == 11, "a gateway's unit that did not answer"
+        with pytest.raises(DeviceRejected) as illegal_address:
+            await _device(bus, profile=GHOST).execute("a", "read", {})
+        assert illegal_address.value.details["exception_code"] == 2
+        with pytest.raises(DeviceRejected) as illegal_function:
+            await _device(bus, 3, profile=METER_SETUP).execute("m", "set_address_fc6", {})
+        assert illegal_function.value.details["exception_code"] == 1
+        for attempt in range(2):
+            with pytest.raises(DeviceBusy):
+                await busy.execute(f"b{attempt}", "start", {})
+        assert await busy.execute("b2", "start", {}) == {"table": "coil", "address": 0, "value": True}
+        assert bus.availability.available and bus.opens == 1, "an exception is an answer, not a broken connection"
+    assert _log(tmp_path / "plant1.jsonl") == [], "refused writes are not performed"
+
+
+async def test_a_silent_unit_behind_a_gateway_times_out_while_its_neighbour_answers(tmp_path: Path) -> None:
+    units = {1: _plant(tmp_path, mute=True), 2: _plant(tmp_path, 2)}
+    async with _host(units) as (host, bus), _device(bus) as mute, _device(bus, 2) as neighbour:
+        with pytest.raises(DeviceTimeout) as silent:
+            await mute.execute("m", "read_speed", {})
+        assert silent.value.details == {"bus": "tcp", "unit": 1, "function": 3}
+        started = time.monotonic()
+        assert await neighbour.execute("n", "read_mode", {}) == {"mode": 7}
+        assert time.monotonic() - started < 0.2, "transaction ids: no quiet line is kept after a timeout"
+        with pytest.raises(DeviceTimeout):
+            await _device(bus, 9).execute("x", "start", {})
+        assert bus.timeouts == 2 and bus.availability.available and host.accepted == 1
+
+
+# --- a hostile peer ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framer", FRAMERS)
+async def test_noise_before_every_reply_costs_nothing(tmp_path: Path, framer: Framer) -> None:
+    unit = _plant(tmp_path, faults=Faults(garbage=1.0, garbage_max=64, seed=3))
+    async with _host({1: unit}, framer=framer) as (_, bus), _device(bus) as dev:
+        assert await _exchange(dev, 15) == (30, 0)
+        assert bus.timeouts == 0
+    assert unit.faulted["garbage"] == 30
+
+
+@pytest.mark.parametrize("framer", FRAMERS)
+@pytest.mark.parametrize("fault", ["partial", "corrupt", "drop"])
+async def test_replies_cut_short_garbled_or_lost_end_in_timeouts_never_in_wrong_values(
+    tmp_path: Path, framer: Framer, fault: str
+) -> None:
+    """A corrupt MBAP reply has a wrong transaction id, protocol id, length, unit or function (TCP carries no CRC):
+    each is told from the reply; the connection is kept, and the next request is answered."""
+    unit = _plant(tmp_path, faults=Faults(**{fault: 0.3}, seed=5))  # type: ignore[arg-type]
+    async with _host({1: unit}, _cfg(response_timeout_s=0.25), framer) as (host, bus), _device(bus) as dev:
+        answered, timed_out = await _exchange(dev, 12)
+        assert bus.opens == 1 and host.accepted == 1
+    assert 0 < unit.faulted[fault] < 24
+    assert (answered, timed_out) == (24 - unit.spoiled, unit.spoiled)
+
+
+async def test_every_fault_at_once_byte_by_byte(tmp_path: Path) -> None:
+    faults = Faults(garbage=0.3, garbage_max=32, partial=0.1, drop=0.1, corrupt=0.1, seed=9)
+    unit = _plant(tmp_path, faults=faults)
+    async with _host({1: unit}, _cfg(response_timeout_s=0.25), byte_at_a_time=True) as (_, bus), _device(bus) as dev:
+        answered, timed_out = await _exchange(dev, 12)
+        assert bus.availability.available and bus.opens == 1
+    assert timed_out == unit.spoiled > 0 and answered == 24 - timed_out
+
+
+async def test_a_burst_of_noise_between_requests_costs_at_most_one_reply(tmp_path: Path) -> None:
+    async with _host({1: _plant(tmp_path)}) as (host, bus), _device(bus) as dev:
+        host.inject(bytes(range(256)) * 16)  # with every transaction id's bytes, unit id and function code in it
+        assert await _replies_lost_after_noise(dev) <= 1
+
+
+@pytest.mark.parametrize("framer", FRAMERS)
+async def test_a_late_reply_is_never_taken_for_the_next_requests(tmp_path: Path, framer: Framer) -> None:
+    """Modbus TCP: the late reply carries the last request's transaction id and is passed over at once. RTU over
+    TCP has no transaction id: the line is kept quiet for a response timeout after the miss, as on RS-485."""
+    timeout = 0.3
+    unit = _plant(tmp_path)
+    async with _host({1: unit}, _cfg(response_timeout_s=timeout), framer) as (_, bus), _device(bus) as dev:
+        await dev.execute("w", "set_speed", {"percent": 11.1})
+        unit.latency_s = timeout + 0.1
+        with pytest.raises(DeviceTimeout):
+            await dev.execute("late", "read_speed", {})
+        unit.latency_s = 0.0
+        # The same shape as the late reply (one holding register): only its transaction id, or the quiet line,
+        # tells them apart.
+        assert await dev.execute("next", "read_speed", {}) == {"speed": 11.1}
+        assert await dev.execute("next2", "read_mode", {}) == {"mode": 7}, "not 111, the late speed"
+        assert bus.timeouts == 1
+
+
+async def test_a_request_over_tcp_waits_no_quiet_line_after_a_timeout_but_rtu_over_tcp_does(tmp_path: Path) -> None:
+    for framer, quiet in (("socket", [0.0]), ("rtu", [0.2])):
+        clock = FakeClock()
+        units = {1: _plant(tmp_path), 2: _plant(tmp_path, 2, mute=True)}
+        cfg = _cfg(response_timeout_s=0.2)
+        async with _host(units, cfg, framer, clock=clock) as (_, bus), _device(bus) as dev, _device(bus, 2) as mute:
+            with pytest.raises(DeviceTimeout):
+                await mute.execute("m", "read_mode", {})
+            await dev.execute("after", "read_mode", {})
+        assert [s for s in clock.sleeps if s > 0] == pytest.approx([q for q in quiet if q > 0]), framer
+
+
+# --- what only a network does ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_a_connection_dropped_mid_request_fails_it_at_once_and_comes_back(tmp_path: Path, reset: bool) -> None:
+    model = PlantModel()
+    unit = _plant(tmp_path, model=model)
+    cfg = _cfg(response_timeout_s=1.0)
+    with structlog.testing.capture_logs() as logs:
+        async with _host({1: unit}, cfg) as (host, bus), _device(bus) as dev:
+            await dev.execute("first", "set_speed", {"percent": 1})
+            pending = await _in_flight(dev, unit, model)
+            dropped_at = time.monotonic()
+            await host.disconnect(reset=reset)
+            with pytest.raises(DeviceUnavailable):
+                await pending
+            assert time.monotonic() - dropped_at < 0.5, "not after the 1 s response timeout"
+            unit.latency_s = 0.0
+            await _becomes(bus.availability, True)
+            assert await dev.execute("after", "read_speed", {}) == {"speed": 1}
+            assert bus.opens == 2 and host.accepted == 2
+    assert _availability_events(logs, "bus:tcp") == ["device_available", "device_unavailable", "device_available"]
+
+
+async def test_a_host_that_refuses_is_unavailable_saying_why_until_it_listens_again(tmp_path: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with ModbusTcpSimulator("tcp", {1: _plant(tmp_path)}) as host:
+            await host.refuse()
+            async with _bus(host.port, _cfg()) as bus, _device(bus) as dev:
+                assert not bus.availability.available
+                assert bus.availability.last_error == f"cannot connect to 127.0.0.1:{host.port}: Connection refused"
+                with pytest.raises(DeviceUnavailable):
+                    await dev.execute("early", "read_mode", {})
+                await asyncio.sleep(0.3)  # many attempts, all refused: one log line for the outage
+                await host.accept()
+                listening = time.monotonic()
+                await _becomes(bus.availability, True)
+                assert time.monotonic() - listening < 0.5, "the pause between attempts is capped at 0.05 s"
+                assert await dev.execute("m", "read_mode", {}) == {"mode": 7}
+                # A host whose service stops while the gateway is connected: dropped, then refused.
+                await host.refuse()
+                await _becomes(bus.availability, False)
+                with pytest.raises(DeviceUnavailable):
+                    await dev.execute("down", "read_mode", {})
+                await host.accept()
+                await _becomes(bus.availability, True)
+                assert await dev.execute("back", "read_mode", {}) == {"mode": 7}
+    assert _availability_events(logs, "bus:tcp") == [
+        "device_unavailable",
+        "device_available",
+        "device_unavailable",
+        "device_available",
+    ]
+
+
+class CountingClock(FakeClock):
+    """A fake clock that tells when ``n`` pauses have been taken."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+        self.reached = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds)
+        if len(self.sleeps) >= self.n:
+            self.reached.set()
+
+
+async def test_reconnect_pauses_are_jittered_and_capped(tmp_path: Path) -> None:
+    clock = CountingClock(40)
+    cfg = _cfg(reconnect_base_s=0.05, reconnect_cap_s=2.0)
+    async with ModbusTcpSimulator("tcp", {1: _plant(tmp_path)}) as host:
+        await host.refuse()
+        async with _bus(host.port, cfg, clock=clock) as bus:
+            async with asyncio.timeout(10):
+                await clock.reached.wait()  # forty refused attempts, in no time on the fake clock
+            await host.accept()
+            await _becomes(bus.availability, True)
+    pauses = clock.sleeps[:40]
+    assert max(pauses) <= 2.0, "capped"
+    late = pauses[10:]  # past the doubling: each pause drawn from [0, cap]
+    assert len({round(p, 6) for p in late}) > 20, "full jitter: no two hosts' gateways retry in step"
+    assert sum(late) / len(late) == pytest.approx(1.0, abs=0.4), "uniform on [0, cap] averages half the cap"
+
+
+async def test_an_attempt_nobody_answers_gives_up_after_the_connect_timeout(tmp_path: Path) -> None:
+    """A listener whose queue is full lets SYNs go unanswered (Linux drops them), as a host that is off does."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):  # the accept queue (backlog 0 holds one) and the SYN queue fill up
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                fillers.append(s)
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            async with _bus(port, _cfg(connect_timeout_s=0.3)) as bus:
+                took = time.monotonic() - started
+                assert not bus.availability.available
+                assert bus.availability.last_error == f"cannot connect to 127.0.0.1:{port}: no answer within 0.3 s"
+            assert 0.25 <= took < 1.0
+        finally:
+            for s in fillers:
+                s.close()
+
+
+async def test_the_connection_watches_for_a_peer_that_vanished(tmp_path: Path) -> None:
+    async with _host({1: _plant(tmp_path)}) as (_, bus):
+        assert bus._client is not None
+        sock = bus._client.ctx.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == UNACKNOWLEDGED_S * 1000
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+async def test_the_tcp_connection_keeps_to_its_transaction_rate(tmp_path: Path) -> None:
+    rate, burst, n = 10.0, 3, 23
+    clock = FakeClock(start=500.0)
+    cfg = _cfg(transactions_per_s=rate, transactions_burst=burst)
+    sent: list[float] = []
+    async with _host({1: _plant(tmp_path)}, cfg, clock=clock) as (_, bus), _device(bus) as dev:
+        for i in range(n):
+            assert await dev.execute(f"r{i}", "read_mode", {}) == {"mode": 7}
+            sent.append(clock.monotonic())
+    assert sent[:burst] == [500.0] * burst
+    assert sent[-1] - sent[0] == pytest.approx((n - burst) / rate, abs=1e-9)
+    assert most_in_any_window(sent, 1.0) <= burst + rate
+
+
+async def test_a_request_that_is_not_modbus_tcp_ends_the_connection(tmp_path: Path) -> None:
+    """The simulator's side: a device closes a connection whose bytes are not MBAP frames."""
+    async with ModbusTcpSimulator("tcp", {1: _plant(tmp_path)}) as host:
+        reader, writer = await asyncio.open_connection("127.0.0.1", host.port)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(2):
+            assert await reader.read() == b""
+        writer.close()
+
+
+# --- the MBAP codec ----------------------------------------------------------------------------------------------
+
+
+def _mbap(tid: int, unit: int, pdu: bytes) -> bytes:
+    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
+
+
+READ2 = _mbap(7, 1, bytes([3, 0, 10, 0, 2]))  # read holding 10, 2 registers
+REPLY2 = _mbap(7, 1, bytes([3, 4, 0, 1, 0, 2]))
+
+
+def test_mbap_frame_lengths_from_headers() -> None:
+    assert mbap_length(REPLY2[:5]) is None
+    assert mbap_length(REPLY2) == len(REPLY2) == 13
+    assert mbap_length(b"\x00\x01\x00\x01\x00\x06") == 0, "protocol id 1 is not Modbus"
+    assert mbap_length(b"\x00\x01\x00\x00\x01\x00") == 0, "longer than any frame"
+
+
+@given(st.binary(max_size=300))
+def test_the_mbap_reply_is_found_after_any_noise(noise: bytes) -> None:
+    data = noise + REPLY2
+    found = find_mbap_reply(data, READ2)
+    assert found is not None and data[found[0] : found[1]] == REPLY2
+
+
+def test_no_mbap_reply_until_complete_and_consistent() -> None:
+    assert find_mbap_reply(REPLY2[:-1], READ2) is None
+    for bad in (
+        _mbap(6, 1, bytes([3, 4, 0, 1, 0, 2])),  # another transaction: a late reply
+        _mbap(7, 2, bytes([3, 4, 0, 1, 0, 2])),  # another unit
+        _mbap(7, 1, bytes([4, 4, 0, 1, 0, 2])),  # another function
+        _mbap(7, 1, bytes([3, 2, 0, 1])),  # another count
+        REPLY2[:2] + b"\x00\x01" + REPLY2[4:],  # protocol id 1
+        REPLY2[:4] + b"\x00\x08" + REPLY2[6:] + b"\x00",  # a length that disagrees with the byte count
+    ):
+        assert find_mbap_reply(bad, READ2) is None, bad.hex()
+    refused = _mbap(7, 1, bytes([0x83, 2]))
+    assert find_mbap_reply(b"\xff" + refused, READ2) == (1, 1 + len(refused))
+    write = _mbap(9, 1, bytes([6, 0, 10, 2, 43]))
+    assert find_mbap_reply(write, write) == (0, len(write)), "a single write's reply echoes it"
