@@ -298,16 +298,21 @@ def test_check_config_refuses_mismatched_protocols_missing_addresses_and_unknown
         '[devices.meter_odd_sim]\nprofile = "odd_meter"\nbus = "rtu"\naddress = 3\n'
         '[devices.meter_twice]\nprofile = "eastron_sdm120"\nbus = "rtu"\naddress = 3\n'
     )
-    with pytest.raises(ConfigError) as info:
-        load_config(cfg, environ={})
-    found = [str(p) for p in info.value.problems]
-    expect = [
+    assert_problems(
+        cfg,
         "devices.meter_on_line.bus: profile 'eastron_sdm120' speaks modbus_rtu, but bus 'line' is protocol 'gatewayd'",
         "devices.pump_on_rtu.bus: profile 'sim_pump' speaks gatewayd, but bus 'rtu' is protocol 'modbus_rtu'",
         "devices.meter_no_address.address: a serial device needs an address",
         "devices.meter_odd_sim.profile: unknown simulator 'pump'",
         "devices.meter_twice.address: address 3 on rtu is used by meter_odd_sim",
-    ]
+    )
+
+
+def assert_problems(cfg: Path, *expect: str) -> None:
+    """check-config finds these problems in the file, each at the end of a line of its own, and no others."""
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, environ={})
+    found = [str(p) for p in info.value.problems]
     for line in expect:
         assert any(p.endswith(line) for p in found), (line, found)
     assert len(found) == len(expect), found

@@ -18,8 +18,11 @@ import pytest
 import structlog
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from gatewayd.config import load_config
 from gatewayd.config.models import ModbusTcpConfig
+from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.modbus import ModbusBus
 from gatewayd.devices.modbus_codec import find_mbap_reply, mbap_length
 from gatewayd.devices.modbus_link import UNACKNOWLEDGED_S, TcpLink
@@ -28,19 +31,23 @@ from gatewayd.devices.modbus_tcp_sim import ModbusTcpSimulator
 from gatewayd.devices.simulator import Faults
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable
 from gatewayd.resilience.clock import REAL_CLOCK, Clock, FakeClock
+from tests.conftest import ROOT
 from tests.test_bus_limits import most_in_any_window
 from tests.test_modbus import (
     GHOST,
     METER_SETUP,
     PLANT_AT_POWER_UP,
+    EventSink,
     PlantModel,
     _device,
     _exchange,
     _in_flight,
     _log,
     _plant,
+    _quick_profiles,
     _replies_lost_after_noise,
 )
+from tests.test_modbus_profiles import assert_problems
 from tests.test_serial_hotplug import _availability_events, _becomes
 
 Framer = Literal["socket", "rtu"]
@@ -409,3 +416,83 @@ def test_no_mbap_reply_until_complete_and_consistent() -> None:
     assert find_mbap_reply(b"\xff" + refused, READ2) == (1, 1 + len(refused))
     write = _mbap(9, 1, bytes([6, 0, 10, 2, 43]))
     assert find_mbap_reply(write, write) == (0, len(write)), "a single write's reply echoes it"
+
+
+# --- configuration and the device manager ------------------------------------------------------------------------
+
+
+def test_check_config_for_modbus_tcp_connections_and_their_devices(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[gateway]\nprofiles_dir = "{ROOT}/hardware/profiles"\n'
+        '[serial.rtu]\nport = "/dev/ttyUSB1"\nprotocol = "modbus_rtu"\n'
+        '[serial.rs485]\nport = "/dev/ttyUSB2"\nprotocol = "modbus_rtu"\n'
+        '[modbus_tcp.rtu]\nhost = "10.0.0.1"\n'
+        '[modbus_tcp.plc]\nhost = "10.0.0.5"\n'
+        '[modbus_tcp.server]\nhost = "serial-server.local"\nport = 4001\nframer = "rtu"\n'
+        '[devices.meter_ok]\nprofile = "eastron_sdm120"\nbus = "plc"\nunit_id = 1\n'
+        '[devices.meter_with_address]\nprofile = "eastron_sdm120"\nbus = "plc"\naddress = 2\n'
+        '[devices.pump_on_tcp]\nprofile = "sim_pump"\nbus = "plc"\nunit_id = 3\n'
+        '[devices.meter_twice]\nprofile = "eastron_sdm120"\nbus = "plc"\nunit_id = 1\n'
+        '[devices.meter_255]\nprofile = "eastron_sdm120"\nbus = "server"\nunit_id = 255\n'
+        '[devices.meter_on_rtu]\nprofile = "eastron_sdm120"\nbus = "rs485"\naddress = 1\nunit_id = 4\n'
+        '[devices.meter_lost]\nprofile = "eastron_sdm120"\nbus = "nowhere"\nunit_id = 1\n'
+    )
+    assert_problems(
+        cfg,
+        "modbus_tcp.rtu: [serial.rtu] has this name: devices name their bus, once",
+        "devices.meter_with_address.address: a device on a Modbus TCP connection has a unit_id, not an address",
+        "devices.meter_with_address.unit_id: a device on a Modbus TCP connection needs a unit_id",
+        "devices.pump_on_tcp.bus: profile 'sim_pump' speaks gatewayd, but 'plc' is a Modbus TCP connection",
+        "devices.meter_twice.unit_id: unit id 1 on plc is used by meter_ok",
+        "devices.meter_255.unit_id: RTU over TCP reaches units on RS-485: a unit_id is an address, 1 to 247",
+        "devices.meter_on_rtu.unit_id: unit_id is for Modbus TCP connections: give an address",
+        "devices.meter_lost.bus: unknown bus 'nowhere' (no [serial.nowhere] or [modbus_tcp.nowhere])",
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"host": "10.0.0.5 ; rm"}, "String should match pattern"),
+        ({"host": "plc", "port": 0}, "greater than or equal to 1"),
+        ({"host": "plc", "framer": "ascii"}, "Input should be 'socket' or 'rtu'"),
+        ({"host": "plc", "reconnect_base_s": 2, "reconnect_cap_s": 1}, "reconnect_cap_s must not be less"),
+        ({"host": "plc", "response_timeout_s": 0}, "greater than 0"),
+    ],
+)
+def test_connection_settings_are_checked(settings: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        ModbusTcpConfig(**settings)
+    connection = ModbusTcpConfig(host="plc")
+    assert (connection.port, connection.framer, connection.transactions_per_s) == (502, "socket", None)
+    assert connection.simulated("mock") and not connection.simulated("hardware")
+
+
+async def test_the_same_profiles_over_tcp_and_rtu_over_tcp_in_mock_mode(tmp_path: Path) -> None:
+    """The RTU meter and relay board's profiles, unchanged, on a Modbus TCP gateway and a serial server."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[gateway]\nmode = "mock"\ndata_dir = "{tmp_path}"\nprofiles_dir = "{_quick_profiles(tmp_path)}"\n'
+        '[modbus_tcp.gateway]\nhost = "192.0.2.10"\n'
+        '[modbus_tcp.serial_server]\nhost = "192.0.2.11"\nport = 4001\nframer = "rtu"\n'
+        '[devices.meter]\nprofile = "eastron_sdm120"\nbus = "gateway"\nunit_id = 1\n'
+        '[devices.valves]\nprofile = "waveshare_relay8"\nbus = "serial_server"\nunit_id = 2\n'
+        "[devices.valves.simulator]\ngarbage = 0.5\nseed = 4\n"
+    )
+    loaded = load_config(cfg, environ={})
+    sink = EventSink()
+    async with DeviceManager(loaded, sink=sink) as manager:
+        assert set(manager.tcp_simulators) == {"gateway", "serial_server"} and not manager.simulators
+        records = await sink.until(lambda r: {"meter", "valves"} <= {rec.device for rec in r})
+        meter = next(r for r in records if r.device == "meter").data
+        assert set(meter) == set(loaded.profiles["eastron_sdm120"].telemetry) and 215 <= meter["voltage"] <= 245
+        valves = manager.devices["valves"]
+        await valves.execute("c1", "on3", {})
+        assert (await valves.execute("c2", "read", {}))["relay3"] is True
+        described = {d["name"]: d for d in manager.describe()}
+        assert described["meter"]["transport"] == "modbus_tcp" and described["meter"]["available"]
+        assert described["valves"]["transport"] == "modbus_rtu_over_tcp" and described["valves"]["address"] == 2
+        assert described["meter"]["port"] == manager.tcp_simulators["gateway"].port, "mock mode: the loopback host"
+        assert manager.tcp_simulators["serial_server"].units[2].faulted["garbage"] > 0, "its simulator settings"
+    assert [e["action"] for e in _log(tmp_path / "sim" / "valves.jsonl")] == ["on3"]
