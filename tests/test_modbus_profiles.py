@@ -68,7 +68,10 @@ def test_the_shipped_profiles_map_the_real_devices() -> None:
     }
     assert coils["on1"] == (0, True) and coils["off8"] == (7, False) and coils["all_off"] == (0xFF, False)
     assert relay.safety.off_action == "all_off" and relay.actions["all_off"].safe
-    assert sorted(MODELS) == sorted(MODBUS_SIMULATORS) == sorted({meter.simulator, relay.simulator})
+    files = (ROOT / "hardware/profiles").glob("*.toml")
+    shipped = [Profile.model_validate({"name": f.stem, **_toml(f)}) for f in files]
+    modbus = {p.simulator for p in shipped if p.kind == "modbus_rtu"}
+    assert sorted(MODELS) == sorted(MODBUS_SIMULATORS) == sorted(modbus), "each shipped Modbus profile is simulated"
 
 
 def _toml(path: Path) -> dict[str, Any]:

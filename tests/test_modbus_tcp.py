@@ -6,6 +6,7 @@ connection dropped mid-request, an attempt nobody answers, reconnects with cappe
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 import time
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gatewayd.config import load_config
+from gatewayd.config.loader import LoadedConfig
 from gatewayd.config.models import ModbusTcpConfig
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.modbus import ModbusBus
@@ -31,7 +33,7 @@ from gatewayd.devices.modbus_tcp_sim import ModbusTcpSimulator
 from gatewayd.devices.simulator import Faults
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable
 from gatewayd.resilience.clock import REAL_CLOCK, Clock, FakeClock
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Daemon
 from tests.test_bus_limits import most_in_any_window
 from tests.test_modbus import (
     GHOST,
@@ -496,3 +498,119 @@ async def test_the_same_profiles_over_tcp_and_rtu_over_tcp_in_mock_mode(tmp_path
         assert described["meter"]["port"] == manager.tcp_simulators["gateway"].port, "mock mode: the loopback host"
         assert manager.tcp_simulators["serial_server"].units[2].faulted["garbage"] > 0, "its simulator settings"
     assert [e["action"] for e in _log(tmp_path / "sim" / "valves.jsonl")] == ["on3"]
+
+
+# --- the shipped TCP profiles, end to end in mock mode ----------------------------------------------------------
+
+EXAMPLE = ROOT / "hardware" / "examples" / "modbus_tcp.toml"
+
+
+def _example(tmp_path: Path) -> LoadedConfig:
+    environ = {
+        "GATEWAYD_GATEWAY__DATA_DIR": str(tmp_path),
+        "GATEWAYD_GATEWAY__PROFILES_DIR": str(_quick_profiles(tmp_path)),
+    }
+    return load_config(EXAMPLE, environ=environ)
+
+
+def _float32_words(value: float) -> list[int]:
+    data = struct.pack(">f", value)
+    return [int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big")]
+
+
+async def test_each_tcp_profile_is_polled_and_commanded_end_to_end_in_mock_mode(tmp_path: Path) -> None:
+    """hardware/examples/modbus_tcp.toml: the three-phase meter behind a gateway, the inverter, the I/O module, and
+    the single-phase meter over RTU over TCP, each read through its profile (units, scaling, word order) and its
+    writable actions performed by the simulated device."""
+    loaded = _example(tmp_path)
+    sink = EventSink()
+    names = {"mains", "pv", "pumphouse_io", "workshop_meter"}
+    async with DeviceManager(loaded, sink=sink) as manager:
+        records = await sink.until(lambda r: names <= {rec.device for rec in r})
+        first = {name: next(r.data for r in records if r.device == name) for name in names}
+        for name in names:
+            assert set(first[name]) == set(manager.devices[name].profile.telemetry), name
+
+        mains, pv, io = (manager.devices[n] for n in ("mains", "pv", "pumphouse_io"))
+        m = first["mains"]
+        assert all(215 <= m[f"voltage_l{n}"] <= 245 for n in (1, 2, 3))
+        for n in (1, 2, 3):  # one request reads a phase's values together: they agree (totals come in another)
+            va = m[f"voltage_l{n}"] * m[f"current_l{n}"]
+            assert m[f"apparent_power_l{n}"] == pytest.approx(va, rel=1e-5)
+            assert m[f"power_l{n}"] == pytest.approx(va * m[f"power_factor_l{n}"], rel=1e-5)
+        assert 49.9 <= m["frequency"] <= 50.1 and m["import_energy"] > 48_000 and m["max_power_demand"] >= 0
+        assert mains.describe()["points"]["voltage_l1"]["unit"] == "V"
+        await mains.execute("d1", "set_demand_period", {"minutes": 15})
+        with pytest.raises(DeviceRejected) as odd:
+            await mains.execute("d2", "set_demand_period", {"minutes": 7})  # not one of the meter's periods
+        assert odd.value.details["exception_code"] == 3
+        await mains.execute("d3", "reset_max_demand", {})
+
+        p = first["pv"]
+        assert 0 <= p["ac_power"] <= 8200 and p["state"] in (2, 4) and p["connected"] == 1
+        assert p["power_limit"] == 100.0 and p["power_limit_enabled"] == 0 and p["energy"] >= 12_345_678
+        assert 380 <= p["voltage_l1_l2"] <= 425 and p["ac_current"] == pytest.approx(3 * p["current_l1"], rel=1e-5)
+        await pv.execute("p1", "set_power_limit", {"percent": 10})
+        await pv.execute("p2", "limit_on", {})
+        limited = await pv.execute("p3", "read", {})
+        assert limited["state"] == 5 and limited["ac_power"] <= 820 + 1e-3, "throttled to 10 % of 8.2 kW"
+        assert limited["power_limit"] == 10.0 and limited["power_limit_enabled"] == 1
+        await pv.execute("p4", "set_limit_timeout", {"seconds": 1})
+        await pv.execute("p5", "limit_on", {})  # the timeout runs from the limit's last write
+        await asyncio.sleep(1.1)
+        assert (await pv.execute("p6", "read", {}))["power_limit_enabled"] == 0, "lifted when its timeout ran out"
+        await pv.execute("p7", "disconnect", {})
+        off = await pv.execute("p8", "read", {})
+        assert (off["state"], off["ac_power"], off["connected"]) == (8, 0.0, 0)
+        await pv.execute("p9", "connect", {})
+
+        i = first["pumphouse_io"]
+        assert all(4 <= i[f"ai{ch}"] <= 20 for ch in range(4)) and i["ai3"] == 4.0, "4-20 mA; AI 3 reads its bottom"
+        assert all(0 <= i[f"ai{ch}"] <= 10 for ch in range(4, 8))
+        assert [i[f"ai{ch}_type"] for ch in range(8)] == [0x0180] * 4 + [0x0148] * 4
+        assert (i["do0"], i["do1"]) == (False, False)
+        assert io.describe()["points"]["ai0"]["unit"] == "mA" and io.describe()["points"]["ai4"]["unit"] == "V"
+        await io.execute("o1", "on1", {})
+        assert (await io.execute("o2", "read", {}))["do0"] is True
+        await io.execute("o3", "off1", {})
+
+        assert 215 <= first["workshop_meter"]["voltage"] <= 245
+        described = {d["name"]: d for d in manager.describe()}
+        assert all(d["available"] and d["kind"] == "modbus" for d in described.values())
+        assert described["workshop_meter"]["transport"] == "modbus_rtu_over_tcp"
+
+    writes = {name: _log(tmp_path / "sim" / f"{name}.jsonl") for name in ("mains", "pv", "pumphouse_io")}
+    assert [(e["action"], e["function"], e["address"], e["values"]) for e in writes["mains"]] == [
+        ("set_demand_period", 16, 0x0002, _float32_words(15.0)),
+        ("reset_max_demand", 16, 0xF010, [0]),
+    ], "Eastron's set-up registers take function 16 only, and a period it does not have is refused"
+    assert [(e["action"], e["address"], e["values"]) for e in writes["pv"]] == [
+        ("set_power_limit", 40242, [1000]),
+        ("limit_on", 40246, [1]),
+        ("set_limit_timeout", 40244, [1]),
+        ("limit_on", 40246, [1]),
+        ("disconnect", 40241, [0]),
+        ("connect", 40241, [1]),
+    ]
+    assert [e["action"] for e in writes["pumphouse_io"]] == ["on1", "off1"]
+
+
+def test_the_example_config_runs_in_the_daemon(make_daemon: Any, tmp_path: Path) -> None:
+    daemon: Daemon = make_daemon({"GATEWAYD_GATEWAY__PROFILES_DIR": str(_quick_profiles(tmp_path))}, config=EXAMPLE)
+    daemon.start()
+    status, devices = daemon.get("/api/v1/devices")
+    assert status == 200
+    assert {d["name"]: (d["available"], d["transport"]) for d in devices["devices"]} == {
+        "mains": (True, "modbus_tcp"),
+        "pv": (True, "modbus_tcp"),
+        "pumphouse_io": (True, "modbus_tcp"),
+        "workshop_meter": (True, "modbus_rtu_over_tcp"),
+    }
+    status, rec, _ = daemon.post(
+        {"id": "limit-40", "device": "pv", "action": "set_power_limit", "params": {"percent": 40}}, wait=5
+    )
+    assert status == 200 and rec["state"] == "succeeded", rec
+    assert rec["result"] == {"table": "holding", "address": 40242, "value": 40, "raw": 4000}
+    status, refused, _ = daemon.post({"device": "pv", "action": "connect"})
+    assert status == 422 and "confirm" in json.dumps(refused), "putting generation back on the grid must be meant"
+    assert [e["values"] for e in daemon.sim_log("pv")] == [[4000]]

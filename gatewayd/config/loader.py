@@ -21,7 +21,9 @@ from gatewayd.errors import ConfigError, ConfigProblem
 ENV_PREFIX = "GATEWAYD_"
 KNOWN_SIMULATORS = frozenset({"pump", "sensor_node"})
 # gatewayd.devices.modbus_sim.MODELS (not imported here: check-config must not load pymodbus).
-MODBUS_SIMULATORS = frozenset({"eastron_sdm120", "waveshare_relay8"})
+MODBUS_SIMULATORS = frozenset(
+    {"eastron_sdm120", "eastron_sdm630", "waveshare_relay8", "fronius_symo", "advantech_adam6017"}
+)
 # The serial profile kinds and the bus protocol each speaks.
 SERIAL_PROTOCOLS = {"serial_line": "gatewayd", "modbus_rtu": "modbus_rtu"}
 
