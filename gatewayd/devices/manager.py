@@ -152,13 +152,13 @@ class DeviceManager:
             from gatewayd.devices.modbus_sim import ModbusSimulator
 
             link = self.sim_dir / f"{bus_name}.tty"  # a stable name, as for line-protocol buses
-            units = self._sim_units(on_bus, _address)
+            units = simulated_units(self._loaded, on_bus, address_of, self.sim_dir)
             self.simulators[bus_name] = await self._stack.enter_async_context(
                 ModbusSimulator(bus_name, units, link=link)
             )
             port = str(link)
             bus_cfg = pty_framing(bus_cfg)
-        await self._modbus_devices(ModbusBus(bus_name, bus_cfg, SerialLink(port, bus_cfg)), on_bus, _address)
+        await self._modbus_devices(ModbusBus(bus_name, bus_cfg, SerialLink(port, bus_cfg)), on_bus, address_of)
 
     async def _open_modbus_tcp(self, name: str, connection: ModbusTcpConfig) -> None:
         """A Modbus TCP connection and the units it reaches; in mock mode pymodbus's TCP server answers for them,
@@ -171,39 +171,12 @@ class DeviceManager:
         if connection.simulated(self._loaded.config.gateway.mode):
             from gatewayd.devices.modbus_tcp_sim import ModbusTcpSimulator
 
-            units = self._sim_units(on_it, _unit_id)
+            units = simulated_units(self._loaded, on_it, unit_id_of, self.sim_dir)
             sim = ModbusTcpSimulator(name, units, framer=connection.framer)
             self.tcp_simulators[name] = await self._stack.enter_async_context(sim)
             host, port = sim.host, sim.port
         link = TcpLink(host, port, connection.framer, connection.connect_timeout_s)
-        await self._modbus_devices(ModbusBus(name, connection, link), on_it, _unit_id)
-
-    def _sim_units(
-        self, on_bus: Mapping[str, DeviceConfig], unit_of: Callable[[DeviceConfig], int]
-    ) -> dict[int, ModbusUnit]:
-        """Mock mode: a simulated unit for each device, with the faults its ``simulator`` settings ask for."""
-        from gatewayd.devices.modbus_sim import ModbusUnit, make_model
-
-        units = {}
-        for name, dev in on_bus.items():
-            profile = self._loaded.profiles[dev.profile]
-            assert profile.simulator is not None  # checked by the config loader
-            sim = dev.simulator
-            unit = unit_of(dev)
-            units[unit] = ModbusUnit(
-                name,
-                unit,
-                make_model(profile.simulator, unit, sim.seed),
-                self.sim_dir / f"{name}.jsonl",
-                latency_s=sim.latency_s,
-                mute=sim.mute,
-                busy_replies=sim.busy_replies,
-                faults=Faults(
-                    garbage=sim.garbage, partial=sim.partial, drop=sim.drop, corrupt=sim.corrupt, seed=sim.seed
-                ),
-                profile=profile,
-            )
-        return units
+        await self._modbus_devices(ModbusBus(name, connection, link), on_it, unit_id_of)
 
     async def _modbus_devices(
         self, bus: ModbusBus, on_bus: Mapping[str, DeviceConfig], unit_of: Callable[[DeviceConfig], int]
@@ -269,11 +242,38 @@ def pty_framing(cfg: SerialBusConfig) -> SerialBusConfig:
     return cfg.model_copy(update={"bytesize": 8, "parity": "N", "stopbits": 1})
 
 
-def _address(dev: DeviceConfig) -> int:
+def simulated_units(
+    loaded: LoadedConfig, on_bus: Mapping[str, DeviceConfig], unit_of: Callable[[DeviceConfig], int], sim_dir: Path
+) -> dict[int, ModbusUnit]:
+    """Mock mode: a simulated unit for each Modbus device on a bus or connection, with the faults its
+    ``simulator`` settings ask for and its execution log in ``sim_dir``."""
+    from gatewayd.devices.modbus_sim import ModbusUnit, make_model
+
+    units = {}
+    for name, dev in on_bus.items():
+        profile = loaded.profiles[dev.profile]
+        assert profile.simulator is not None  # checked by the config loader
+        sim = dev.simulator
+        unit = unit_of(dev)
+        units[unit] = ModbusUnit(
+            name,
+            unit,
+            make_model(profile.simulator, unit, sim.seed),
+            sim_dir / f"{name}.jsonl",
+            latency_s=sim.latency_s,
+            mute=sim.mute,
+            busy_replies=sim.busy_replies,
+            faults=Faults(garbage=sim.garbage, partial=sim.partial, drop=sim.drop, corrupt=sim.corrupt, seed=sim.seed),
+            profile=profile,
+        )
+    return units
+
+
+def address_of(dev: DeviceConfig) -> int:
     assert dev.address is not None  # checked by the config loader
     return dev.address
 
 
-def _unit_id(dev: DeviceConfig) -> int:
+def unit_id_of(dev: DeviceConfig) -> int:
     assert dev.unit_id is not None  # checked by the config loader
     return dev.unit_id

@@ -173,13 +173,15 @@ class Circuit:
 
 
 class EastronMeter:
-    """What Eastron's meters share: measurements in float32 input registers, refreshed when read, from a model of
-    the circuit that :meth:`step` advances over the time since the last read."""
+    """What Eastron's meters share: measurements in float32 input registers, from a model of the circuit that
+    :meth:`step` advances. Like the meter, which measures twice a second, the registers change at most every
+    ``REFRESH_S``: the requests of one poll, a few milliseconds apart, see one measurement."""
 
     REGISTERS: dict[int, str]  # input register -> the measurement it holds
+    REFRESH_S = 0.5
 
     def __init__(self) -> None:
-        self._last = time.monotonic()
+        self._measured_at: float | None = None
 
     def step(self, elapsed_s: float) -> dict[str, float]:
         raise NotImplementedError
@@ -188,8 +190,10 @@ class EastronMeter:
         if block.table != "input":
             return
         now = time.monotonic()
-        values = self.step(now - self._last)
-        self._last = now
+        if self._measured_at is not None and now - self._measured_at < self.REFRESH_S:
+            return
+        values = self.step(0.0 if self._measured_at is None else now - self._measured_at)
+        self._measured_at = now
         put_floats(block, self.REGISTERS, values)
 
 
@@ -300,8 +304,7 @@ class Sdm630Model(EastronMeter):
         self.frequency = 50.0
         self.import_kwh = 48_213.6
         self.demand_period_min = 60
-        self.demand_w = 0.0
-        self.max_demand_w = 0.0
+        self.demand_w = self.max_demand_w = sum(c.load_w for c in self.phases)
         super().__init__()
 
     def layout(self) -> Layout:
