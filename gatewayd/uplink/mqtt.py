@@ -206,7 +206,8 @@ class Uplink:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError) as err:
             self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}")
-            self._settled.set()
+            if _refused(err):  # the broker is away for sure: ready now, offline; a slow connect may still come
+                self._settled.set()
             raise
         return client
 
@@ -361,3 +362,16 @@ class Uplink:
                     await self._bucket.acquire()
                 tg.create_task(one(row))
         return acked, failures
+
+
+_AWAY = ("refused", "unreachable", "name or service not known", "name resolution", "no route to host")
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether a failed connect says the broker is not there (refused, unreachable, an unknown name), rather than
+    slow (a timeout): only then does start-up stop waiting for the first subscription. aiomqtt turns the OSError
+    into an MqttError carrying its text."""
+    if isinstance(err, ConnectionRefusedError):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _AWAY)
