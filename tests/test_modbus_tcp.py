@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from gatewayd.config import load_config
 from gatewayd.config.loader import LoadedConfig
 from gatewayd.config.models import ModbusTcpConfig
+from gatewayd.devices.line import CALL, Call, DeadlinePassed
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.modbus import ModbusBus
 from gatewayd.devices.modbus_codec import find_mbap_reply, mbap_length
@@ -365,6 +366,49 @@ async def test_the_tcp_connection_keeps_to_its_transaction_rate(tmp_path: Path) 
     assert sent[:burst] == [500.0] * burst
     assert sent[-1] - sent[0] == pytest.approx((n - burst) / rate, abs=1e-9)
     assert most_in_any_window(sent, 1.0) <= burst + rate
+
+
+async def test_commands_take_the_connection_most_urgent_first_and_none_goes_out_after_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """A TCP connection is the same line as an RS-485 bus (gatewayd.devices.line): while a slow read holds it, the
+    commands waiting go out critical first, then by priority; one whose deadline passes while it waits is refused
+    at its deadline, never sent, and the device never performs it."""
+    model = PlantModel()
+    unit = _plant(tmp_path, model=model)
+    async with _host({1: unit}, _cfg(response_timeout_s=2.0)) as (_, bus), _device(bus) as dev:
+        holding = await _in_flight(dev, unit, model)  # a read the unit has, its reply 0.5 s away
+        queued_at = time.monotonic()
+        orders = [  # in the order they arrive
+            (Call("low", 3, None), "set_speed", {"percent": 3}),
+            (Call("normal", 2, None), "set_speed", {"percent": 2}),
+            (Call("stale", 2, queued_at + 0.15), "set_speed", {"percent": 9}),
+            (Call("critical", 0, None), "stop", {}),
+        ]
+        tasks = {}
+        for call, action, params in orders:
+            token = CALL.set(call)  # as the dispatcher runs a command (the task copies the context)
+            try:
+                tasks[call.command_id] = asyncio.create_task(dev.execute(call.command_id, action, params))
+            finally:
+                CALL.reset(token)
+        with pytest.raises(DeadlinePassed):
+            await tasks.pop("stale")
+        assert time.monotonic() - queued_at < 0.4, "refused at its deadline, not when the connection came free"
+        await holding
+        unit.latency_s = 0.0
+        await asyncio.gather(*tasks.values())
+    assert {call.command_id: call.sent for call, _, _ in orders} == {
+        "low": True,
+        "normal": True,
+        "stale": False,
+        "critical": True,
+    }
+    assert [(e["action"], e["values"]) for e in _log(tmp_path / "plant1.jsonl")] == [
+        ("stop", [False]),
+        ("set_speed", [20]),
+        ("set_speed", [30]),
+    ], "the critical stop first, then by priority; the stale 9 % never reached the unit"
 
 
 async def test_a_request_that_is_not_modbus_tcp_ends_the_connection(tmp_path: Path) -> None:
