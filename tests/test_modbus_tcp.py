@@ -320,6 +320,24 @@ async def test_reconnect_pauses_are_jittered_and_capped(tmp_path: Path) -> None:
     assert sum(late) / len(late) == pytest.approx(1.0, abs=0.4), "uniform on [0, cap] averages half the cap"
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_an_ipv6_host_is_reached_and_named_in_brackets(tmp_path: Path) -> None:
+    async with ModbusTcpSimulator("tcp", {1: _plant(tmp_path)}, host="::1") as host:
+        cfg = _cfg(host="::1")
+        async with _bus(host.port, cfg) as bus, _device(bus) as dev:
+            assert await dev.execute("m", "read_mode", {}) == {"mode": 7}
+            assert bus.link.where == f"[::1]:{host.port}"
+
+
 async def test_an_attempt_nobody_answers_gives_up_after_the_connect_timeout(tmp_path: Path) -> None:
     """A listener whose queue is full lets SYNs go unanswered (Linux drops them), as a host that is off does."""
     with socket.socket() as listener:

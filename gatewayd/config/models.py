@@ -216,7 +216,7 @@ class ModbusTcpConfig(Section):
     inverter, an I/O module, a PLC), or a gateway or serial server with RS-485 units behind it. One request at a time
     on it, as on a serial bus; the devices on it name it as their ``bus`` and give their ``unit_id``."""
 
-    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,252}$")]  # a name or an address
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9:][A-Za-z0-9.:_-]{0,252}$")]  # a name, an IPv4 or IPv6 address
     port: int = Field(default=502, ge=1, le=65535)
     # "socket": Modbus TCP (the MBAP header, whose transaction id pairs each reply with its request). "rtu": Modbus
     # RTU frames with their CRC, carried over TCP as they are, as a serial server in transparent mode passes them

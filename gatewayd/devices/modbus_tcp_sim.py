@@ -161,7 +161,7 @@ class ModbusTcpSimulator:
         """One connection: its requests one at a time, each over a connection of its own to the server."""
         upstream: asyncio.StreamWriter | None = None
         try:
-            server_reader, upstream = await asyncio.open_connection("127.0.0.1", self._server_port)
+            server_reader, upstream = await asyncio.open_connection(self.host, self._server_port)
             rx = bytearray()
             while data := await reader.read(4096):
                 rx += data
