@@ -161,16 +161,18 @@ class TcpLink:
         (refused, unreachable, an unknown name), and an attempt nobody answers is given up after
         ``connect_timeout_s``."""
         errors: list[OSError] = []
-        create = client.ctx.call_create
+        # pymodbus's internals (3.16): another version without them still connects, saying less when it cannot.
+        create = getattr(client.ctx, "call_create", None)
+        if create is not None:
 
-        async def noting_the_error() -> Any:
-            try:
-                return await create()
-            except OSError as err:
-                errors.append(err)
-                raise
+            async def noting_the_error() -> Any:
+                try:
+                    return await create()
+                except OSError as err:
+                    errors.append(err)
+                    raise
 
-        client.ctx.call_create = noting_the_error
+            client.ctx.call_create = noting_the_error
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 connected = await client.connect()
@@ -180,7 +182,8 @@ class TcpLink:
             if not errors:
                 return f"cannot connect to {self.where}"
             return f"cannot connect to {self.where}: {_reason(errors[0])}"
-        sock = client.ctx.transport.get_extra_info("socket")
+        transport = getattr(client.ctx, "transport", None)
+        sock = None if transport is None else transport.get_extra_info("socket")
         if sock is not None:
             _watch_for_a_dead_peer(sock)
         return None
