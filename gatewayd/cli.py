@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from gatewayd import strictjson
 
@@ -200,6 +201,19 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_NOT_DONE
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a command still waiting in its queue; exit 1 (with its state) once it may have reached the device."""
+    url = base_url(args)
+    try:
+        _, record = request(f"{url}/api/v1/commands/{quote(args.id, safe='')}/cancel", "POST", {}, timeout=10)
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        return _api_error(err)
+    print(f"cancelled {record.get('id')} ({record.get('device')} {record.get('action')}): it was never sent")
+    return EXIT_OK
+
+
 def cmd_say(args: argparse.Namespace) -> int:
     """A natural-language command: the daemon interprets it (LLM providers, else its local rules) and runs it."""
     body: dict[str, Any] = {"text": args.text}
@@ -380,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a final state (default 30)")
     client(send)
     send.set_defaults(func=cmd_send)
+
+    cancel = sub.add_parser("cancel", help="cancel a command still waiting in its queue (never sent)")
+    cancel.add_argument("id", help="the command's id (as send, say and status show it)")
+    client(cancel)
+    cancel.set_defaults(func=cmd_cancel)
 
     say = sub.add_parser("say", help="send a command in plain words and print its final record")
     say.add_argument("text", help='e.g. "switch the irrigation pump on for 10 minutes"')

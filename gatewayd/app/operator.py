@@ -20,6 +20,7 @@ from gatewayd.devices.serial_bus import SerialDevice
 from gatewayd.errors import BadRequest, Conflict, GatewayError, NotFound
 from gatewayd.resilience.breaker import CircuitBreaker
 from gatewayd.resilience.keyed import KeyedLimiter
+from gatewayd.store import ping
 
 if TYPE_CHECKING:
     from gatewayd.app.supervisor import Supervisor
@@ -236,14 +237,14 @@ class Operator:
             end = time.monotonic() + duration_s
             while time.monotonic() < end:
                 started = time.monotonic()
-                await store.write(lambda c: c.execute("SELECT 1").fetchone())
+                await store.write(ping)
                 latencies.append(_ms(started))
         finally:
             store.write_delay_s = 0.0
         # A batch that began before the delay was lifted (a telemetry flush) may still be sleeping: let it go.
         await store.write(lambda c: None)
         started = time.monotonic()
-        await store.write(lambda c: c.execute("SELECT 1").fetchone())
+        await store.write(ping)
         after = _ms(started)
         return {
             "actions": [f"every commit delayed by {delay * 1000:.0f} ms for {duration_s:g} s (a slow SD card)"],

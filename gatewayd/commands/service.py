@@ -284,6 +284,29 @@ class CommandService:
             raise UnknownCommand(f"no command with id {command_id!r}", details={"id": command_id})
         return rec
 
+    async def cancel(self, command_id: str, *, by: str) -> CommandRecord:
+        """Cancel a command still waiting in its queue (never sent). A command already sent, being retried or
+        finished cannot be taken back: Conflict, with its state; stop a running actuator with its opposite action."""
+        rec = await self.get(command_id)
+        if rec.state is State.CANCELLED:
+            return rec  # cancelled already: asking again changes nothing
+        if rec.state.final:
+            raise Conflict(
+                f"command {command_id!r} is already {rec.state.value}",
+                details={"id": command_id, "state": rec.state.value},
+            )
+        cancelled = None if self.dispatcher is None else await self.dispatcher.cancel(command_id, by)
+        if cancelled is None:
+            rec = await self.get(command_id)
+            if rec.state is State.CANCELLED:
+                return rec  # two cancels at once: the other one did it
+            raise Conflict(
+                f"command {command_id!r} is {rec.state.value}: it may already have reached the device and cannot be "
+                "taken back; send the opposite action (for example stop) instead",
+                details={"id": command_id, "state": rec.state.value},
+            )
+        return await self.get(command_id)
+
     async def listing(self, *, state: str | None, device: str | None, limit: int) -> list[CommandRecord]:
         return await self._store.read(lambda c: sql.listing(c, state=state, device=device, limit=limit))
 
