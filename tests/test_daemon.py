@@ -186,7 +186,9 @@ def test_duplicate_id_returns_the_original_and_never_runs_twice(daemon: Daemon) 
 
 
 def test_expired_command_never_executes(make_daemon: Any) -> None:
-    d: Daemon = make_daemon({"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.6"})
+    # The blocker takes 0.6 s; the reply timeout leaves room for a loaded machine (the default 1 s did not).
+    slow = {"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.6", "GATEWAYD_SERIAL__BUS0__RESPONSE_TIMEOUT_S": "3"}
+    d: Daemon = make_daemon(slow)
     d.start()
     status, blocker, _ = d.post({"device": "pump1", "action": "start"})
     assert status == 202
