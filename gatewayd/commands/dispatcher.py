@@ -81,6 +81,7 @@ class Dispatcher:
         rclock: ResilienceClock = REAL_CLOCK,
         forward_results: bool = True,
         on_armed: Callable[[], None] = lambda: None,
+        clock_synced: Callable[[], bool] = lambda: False,
     ):
         self._store = store
         # False without an uplink ([mqtt] enabled = false): no result row for an outbox nobody drains.
@@ -88,7 +89,7 @@ class Dispatcher:
         self._devices = devices
         self._clock = clock
         self._on_final = on_final
-        self.clock_synced: Callable[[], bool] = lambda: False  # the telemetry clock's, for result timestamps
+        self.clock_synced = clock_synced  # the telemetry clock's, for result timestamps
         self._sweep_interval_s = sweep_interval_s
         self._reconcile_interval_s = reconcile_interval_s
         self._on_armed = on_armed  # a scheduled action was armed: the Scheduler looks at its due times again

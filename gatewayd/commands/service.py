@@ -54,6 +54,8 @@ class CommandService:
         cfg: CommandsSection,
         clock: Clock,
         space: DiskSpace | None = None,
+        *,
+        dispatcher: Dispatcher | None = None,
     ):
         self._store = store
         self.space = space
@@ -61,7 +63,7 @@ class CommandService:
         self._cfg = cfg
         self._clock = clock
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher = dispatcher  # None: validation and lookups only (nothing can be queued)
         self.accepting = False
         self.accepted = 0
         self.replayed = 0
@@ -71,9 +73,9 @@ class CommandService:
     def boot_id(self) -> str:
         return self._clock.boot_id
 
-    def attach(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-        self.accepting = True
+    def open_intake(self) -> None:
+        """Start-up is done: new commands are taken from now on."""
+        self.accepting = self.dispatcher is not None
 
     def close_intake(self) -> None:
         self.accepting = False
