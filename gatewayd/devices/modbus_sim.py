@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import math
 import os
@@ -879,15 +878,7 @@ class ModbusSimulator(PtySimulator):
 
     def _on_readable(self) -> None:
         """Bytes from the gateway: frame them into requests (a unit ignores a frame whose CRC is wrong)."""
-        try:
-            data = os.read(self._master, 4096)
-        except BlockingIOError:
-            return
-        except OSError as err:
-            if err.errno == errno.EIO:  # no slave open at the moment
-                return
-            raise
-        self._rx += data
+        self._rx += self._read_master()
         while (frame := take_rtu_request(self._rx)) is not None:
             self.requests += 1
             with contextlib.suppress(asyncio.QueueFull):  # a real unit drops what it cannot buffer too
