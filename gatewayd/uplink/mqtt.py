@@ -202,12 +202,17 @@ class Uplink:
 
     async def _connect(self) -> aiomqtt.Client:
         client = self._new_client()
+        closed = _watch_close(client)
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError) as err:
-            self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}")
-            self._settled.set()
-            raise
+            failure: BaseException = err
+            if closed:  # the broker hung up before its CONNACK (a TLS alert, a proxy): say so, not "timed out"
+                failure = aiomqtt.MqttError(f"the broker closed the connection before accepting it ({closed[0]})")
+            self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {failure}")
+            if closed or _refused(err):  # the broker answered no: ready now, offline; a slow connect may still come
+                self._settled.set()
+            raise failure from None
         return client
 
     def _down(self, reason: str) -> None:
@@ -361,3 +366,35 @@ class Uplink:
                     await self._bucket.acquire()
                 tg.create_task(one(row))
         return acked, failures
+
+
+def _watch_close(client: aiomqtt.Client) -> list[str]:
+    """A list that gets the reason when the connection closes before the broker accepted it. paho reports such a
+    close (a TLS handshake alert for a missing client certificate, a proxy that hangs up) only through
+    ``on_disconnect``, which aiomqtt ignores before CONNACK and then waits out its whole timeout."""
+    closed: list[str] = []
+    paho = client._client
+    forward = paho.on_disconnect
+
+    def on_disconnect(*args: Any, **kwargs: Any) -> None:
+        if not client._connected.done():
+            reason = args[3] if len(args) > 3 else kwargs.get("reason_code", "closed")
+            closed.append(str(reason))
+        if forward is not None:
+            forward(*args, **kwargs)
+
+    paho.on_disconnect = on_disconnect
+    return closed
+
+
+_AWAY = ("refused", "unreachable", "name or service not known", "name resolution", "no route to host")
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether a failed connect says the broker is not there (refused, unreachable, an unknown name), rather than
+    slow (a timeout): only then does start-up stop waiting for the first subscription. aiomqtt turns the OSError
+    into an MqttError carrying its text."""
+    if isinstance(err, ConnectionRefusedError):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _AWAY)
