@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import json
 import math
@@ -498,6 +499,7 @@ class Chain:
             clock, needed=max(1, min(settings.connectivity_providers, len(cloud))), open_s=settings.connectivity_open_s
         )
         self.connectivity.breaker.add_listener(self._connectivity_changed)
+        self._writes: set[asyncio.Future[None]] = set()  # queued to the store, not yet committed
 
     def _connectivity_changed(self, change: StateChange) -> None:
         if change.new is CircuitState.OPEN:
@@ -545,7 +547,7 @@ class Chain:
             self._finish("not_understood", started)
             raise
         finally:
-            await self._persist(req)
+            self._save(req)
         self._finish("cache" if outcome.cached else "local" if outcome.degraded else "provider", started)
         outcome.understood, outcome.channel = understood(outcome.command, registry)
         return outcome
@@ -558,6 +560,8 @@ class Chain:
         cache = self.cache
         if cache is None or not cache.enabled:
             return None
+        if self._writes:
+            await self.settled()  # an answer of a request just before this one is a hit, not a second payment
         pairs = [(s.name, s.cfg.model) for s in sorted(self.slots, key=lambda s: s.cfg.priority) if s.cfg.enabled]
         try:
             hit = await cache.lookup(req.norm, req.registry.digest, pairs)
@@ -977,8 +981,10 @@ class Chain:
             tried=req.tried,
         )
 
-    async def _persist(self, req: _Request) -> None:
-        """The request's spend rows and cache entry, in one store job."""
+    def _save(self, req: _Request) -> None:
+        """The request's spend rows and cache entry, queued to the store as one job and not waited for. The store
+        commits jobs in the order they were queued, so they are durable before anything the request leads to (the
+        command's accepted row is queued after them); :meth:`settled` waits for them, and so does a cache lookup."""
         if self._store is None or (not req.spend and req.cache_entry is None):
             return
         rows, entry, cache = list(req.spend), req.cache_entry, self.cache
@@ -990,9 +996,25 @@ class Chain:
                 cache.put(conn, entry)
 
         try:
-            await self._store.write(job)
+            saving = self._store.submit(job)
         except StoreUnavailable as err:
             log.warning("interpret_spend_not_saved", error=err.message, rows=len(rows))
+            return
+        self._writes.add(saving)
+        saving.add_done_callback(functools.partial(self._saved, len(rows)))
+
+    def _saved(self, rows: int, saving: asyncio.Future[None]) -> None:
+        self._writes.discard(saving)
+        err = None if saving.cancelled() else saving.exception()
+        if isinstance(err, StoreUnavailable):
+            log.warning("interpret_spend_not_saved", error=err.message, rows=rows)
+        elif err is not None:
+            log.error("interpret_spend_not_saved", error=f"{type(err).__name__}: {err}", rows=rows)
+
+    async def settled(self) -> None:
+        """Until the store has committed (or refused) the rows and cache entries of every request so far."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
 
     # --- health --------------------------------------------------------------------------------------------------
 
