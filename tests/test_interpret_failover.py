@@ -271,6 +271,7 @@ async def test_a_hang_past_the_timeout_fails_over_at_once(tmp_path: Path) -> Non
         cfg = settings(
             {"a": provider(a, priority=1, timeout_s=0.2), "b": provider(b, priority=2)},
             deadline_s=3.0,
+            hedge=False,  # (with it, b would be asked alongside a after 0.1 s: half of a's timeout)
         )
         async with Rig(tmp_path / "db", cfg) as rig:
             started = time.monotonic()
@@ -279,8 +280,25 @@ async def test_a_hang_past_the_timeout_fails_over_at_once(tmp_path: Path) -> Non
             slow = rig.slot("a").breaker._window.totals(0.0)
     assert tried(out) == [("a", "failed", 1), ("b", "answered", 1)]
     assert out.tried[0]["error"] == "TimeoutError"
-    assert 0.2 <= elapsed < 0.8  # one timeout of 0.2 s (below a's hedge delay), then b
+    assert 0.2 <= elapsed < 0.8  # one timeout of 0.2 s, then b
     assert slow == (1, 1)
+
+
+async def test_a_hang_is_hedged_at_half_the_attempts_timeout_at_the_latest(tmp_path: Path) -> None:
+    async with (
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as a,
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as b,
+    ):
+        a.always = Fault.hang(10)
+        cfg = settings({"a": provider(a, priority=1, timeout_s=0.6), "b": provider(b, priority=2)}, hedge_max_s=5.0)
+        async with Rig(tmp_path / "db", cfg) as rig:
+            started = time.monotonic()
+            out = await rig.ask("start pump1")
+            elapsed = time.monotonic() - started
+            lagging = rig.slot("a").lagging
+    assert tried(out) == [("a", "cancelled", 1), ("b", "answered", 1)]
+    assert 0.3 <= elapsed < 0.55  # b asked at 0.3 s (half of a's 0.6 s), not at hedge_max_s nor a's timeout
+    assert lagging  # outrun: a's next call is hedged after hedge_min_s
 
 
 async def test_the_deadline_holds_when_every_provider_hangs_and_the_local_rules_answer(tmp_path: Path) -> None:

@@ -398,12 +398,12 @@ class InterpretSection(Section):
     max_hint_s: float = Field(default=10.0, ge=0, le=600)  # a Retry-After longer than this fails over at once
     # Hedging: a provider that has not answered within its hedge delay gets the next provider asked alongside it.
     # The delay is the provider's hedge_after_s, else this quantile of its recent answers' latency, kept within
-    # [hedge_min_s, hedge_max_s] (hedge_max_s until it has answered a few times), and never more than half of
-    # what is left of the request's time for providers.
+    # [hedge_min_s, hedge_max_s] (hedge_max_s until it has answered a few times; hedge_min_s while its last call
+    # was too slow: timed out, cut off, or outrun by a hedge), and never more than half of the attempt's timeout.
     hedge: bool = True
     hedge_quantile: float = Field(default=0.95, ge=0.5, le=1.0)
     hedge_min_s: float = Field(default=0.25, gt=0, le=60)
-    hedge_max_s: float = Field(default=2.0, gt=0, le=120)
+    hedge_max_s: float = Field(default=1.0, gt=0, le=120)
     retry: RetrySettings = Field(default_factory=_interpret_retry)  # per provider, within the deadline
     breaker: BreakerSettings = Field(default_factory=_interpret_breaker)  # per provider
     # Connection errors from this many cloud providers in a row (fewer if fewer are configured) mean the link is

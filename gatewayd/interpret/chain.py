@@ -13,10 +13,10 @@ deadline gives up). A server's ``Retry-After`` is also that provider's cool-down
 then (at most ``max_hint_s``). A pause ends at once when the provider's breaker opens or the cloud goes offline.
 
 Hedging. A provider that has not answered within its hedge delay (``hedge_after_s``, else a quantile of its recent
-latency, bounded; at most half of what is left of the request's provider time) gets the next provider asked
-alongside it; the first answer wins and the other call is cancelled. A cancelled call that had run past its hedge
-delay, and a call cut off by the request's deadline, count as slow failures on the provider's breaker. The spend
-ledger bills a cancelled call as estimated (the provider may bill it).
+latency, bounded, and ``hedge_min_s`` while its last call was too slow; at most half of the attempt's timeout)
+gets the next provider asked alongside it; the first answer wins and the other call is cancelled. A cancelled call
+that had run past its hedge delay, and a call cut off by the request's deadline, count as slow failures on the
+provider's breaker. The spend ledger bills a cancelled call as estimated (the provider may bill it).
 
 Each provider is a :class:`Slot` with the resilience kit's tools of its own: the retry policy, a
 :class:`CircuitBreaker`, token buckets for requests and tokens per minute (the rpm bucket's rate steered down by
@@ -204,6 +204,9 @@ class Slot:
         self._quantile = settings.hedge_quantile
         self._hedge_bounds = (settings.hedge_min_s, settings.hedge_max_s)
         self._hedge_s = settings.hedge_max_s
+        # Its last call was too slow (cut off by a deadline or a timeout, or outrun by a hedge): until it answers in
+        # time again, the next provider is asked alongside it after hedge_min_s, not after its usual delay.
+        self.lagging = False
         # Set, and replaced by a fresh one, when this provider will not answer for a while (its breaker opened, the
         # cloud went offline): whoever pauses to ask it again stops pausing.
         self.gone = asyncio.Event()
@@ -222,7 +225,9 @@ class Slot:
     @property
     def hedge_s(self) -> float:
         """How long it may go without answering before the next provider is asked too."""
-        return self.cfg.hedge_after_s if self.cfg.hedge_after_s is not None else self._hedge_s
+        if self.cfg.hedge_after_s is not None:
+            return self.cfg.hedge_after_s
+        return self._hedge_bounds[0] if self.lagging else self._hedge_s
 
     def observe(self, latency_s: float) -> None:
         self.latency_s = (
@@ -761,8 +766,10 @@ class Chain:
         entry["attempts"] += 1
         req.attempts += 1
         remaining = req.cloud_deadline - now
-        hedge_at = now + min(slot.hedge_s, remaining / 2) if self.settings.hedge else math.inf
-        return _Attempt(tr, permit, conn, min(slot.cfg.timeout_s, remaining), now, hedge_at)
+        timeout_s = min(slot.cfg.timeout_s, remaining)
+        # Never later than half of the attempt's time: a hedge at its timeout would be a plain failover.
+        hedge_at = now + min(slot.hedge_s, timeout_s / 2) if self.settings.hedge else math.inf
+        return _Attempt(tr, permit, conn, timeout_s, now, hedge_at)
 
     def _skip_once(self, tr: _Try, req: _Request, reason: str, wait_s: float | None = None) -> None:
         """A provider passed over: one "skipped" row, unless it has a row already (it was asked before)."""
@@ -898,6 +905,8 @@ class Chain:
                 permit.slow()  # the request's deadline cut it off: too slow for this request, and so counted
             else:
                 permit.failure()
+            if isinstance(err, TimeoutError):
+                slot.lagging = True
             self.connectivity.settle(slot.name, conn, err)
             throttled = isinstance(err, HttpStatusError) and err.http_status == 429
             slot.rate.record(False, throttled=throttled)
@@ -912,6 +921,7 @@ class Chain:
             # Cancelled. Because another provider answered first, after this one's hedge delay: it was slow.
             if at.lost and self._clock.monotonic() >= at.hedge_at:
                 permit.slow()
+                slot.lagging = True
             else:
                 permit.ignore()
             if conn is not None:
@@ -939,6 +949,7 @@ class Chain:
         permit.success()
         slot.rate.record(True)
         slot.observe(elapsed)
+        slot.lagging = False
         PROVIDER_CALLS.labels(slot.name, "declined" if command is None else "answered").inc()
         return answer, completion, command
 
