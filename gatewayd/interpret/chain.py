@@ -993,9 +993,10 @@ class Chain:
         )
 
     def _save(self, req: _Request) -> None:
-        """The request's spend rows and cache entry, queued to the store as one job and not waited for. The store
-        commits jobs in the order they were queued, so they are durable before anything the request leads to (the
-        command's accepted row is queued after them); :meth:`settled` waits for them, and so does a cache lookup."""
+        """The request's spend rows and cache entry, queued to the store as one job and not waited for. Queued on
+        the loop's next turn, after the answer is handed back: waking the store's writer thread costs its caller
+        the GIL for a moment (about 0.4 ms measured), which the answer need not wait for. The store commits jobs in
+        the order they were queued; :meth:`settled` waits for them, and so does a cache lookup."""
         if self._store is None or (not req.spend and req.cache_entry is None):
             return
         rows, entry, cache = list(req.spend), req.cache_entry, self.cache
@@ -1006,16 +1007,26 @@ class Chain:
             if entry is not None and cache is not None:
                 cache.put(conn, entry)
 
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._writes.add(done)
+        loop.call_soon(self._submit, job, len(rows), done)
+
+    def _submit(self, job: Callable[[Any], None], rows: int, done: asyncio.Future[None]) -> None:
+        assert self._store is not None
         try:
             saving = self._store.submit(job)
         except StoreUnavailable as err:
-            log.warning("interpret_spend_not_saved", error=err.message, rows=len(rows))
+            log.warning("interpret_spend_not_saved", error=err.message, rows=rows)
+            self._writes.discard(done)
+            done.set_result(None)
             return
-        self._writes.add(saving)
-        saving.add_done_callback(functools.partial(self._saved, len(rows)))
+        saving.add_done_callback(functools.partial(self._saved, rows, done))
 
-    def _saved(self, rows: int, saving: asyncio.Future[None]) -> None:
-        self._writes.discard(saving)
+    def _saved(self, rows: int, done: asyncio.Future[None], saving: asyncio.Future[None]) -> None:
+        self._writes.discard(done)
+        if not done.done():
+            done.set_result(None)
         err = None if saving.cancelled() else saving.exception()
         if isinstance(err, StoreUnavailable):
             log.warning("interpret_spend_not_saved", error=err.message, rows=rows)
