@@ -209,8 +209,9 @@ async def one_run(run: int, args: argparse.Namespace, base: InterpretSection, re
 
                     retried = await b.chain(both, cache_ttl_s=0)
                     failover_s, outs = await failover(retried)
-                    # fail over first: one attempt at the refusing provider, whatever the retry policy
-                    expect(outs, "failover", lambda o: o.provider == "fake" and o.tried[0]["attempts"] == 1)
+                    # fail over first: one attempt at the refusing provider, then the fake; a second one only as a
+                    # hedge, when the fake is slower than its own p95
+                    expect(outs, "failover", lambda o: o.provider == "fake" and o.tried[0]["attempts"] <= 2)
 
                     single = await b.chain(both, cache_ttl_s=0, retry=base.retry.model_copy(update={"max_attempts": 1}))
                     single_s, outs = await failover(single)

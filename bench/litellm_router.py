@@ -567,7 +567,7 @@ def summary_rows(runs: dict[str, list[SideRun]], args: argparse.Namespace) -> li
     for name in ("refused", "http429", "hang", "all_down"):
         out.append(
             [
-                f"vs LiteLLM Router: primary {FAULTS[name]}, request 1 / 2 / 3+ (ms)",
+                f"vs LiteLLM Router: {'' if name == 'all_down' else 'primary '}{FAULTS[name]}, request 1 / 2 / 3+ (ms)",
                 "; ".join(
                     f"{c} {fmt_ms(med[c][f'{c}.{name}.r1_ms'])} / {fmt_ms(med[c][f'{c}.{name}.r2_ms'])} / "
                     f"{fmt_ms(med[c][f'{c}.{name}.steady_ms'])}"
