@@ -137,8 +137,8 @@ BENCHES: tuple[Bench, ...] = (
         ("--runs", "1", "--requests", "5"),
         "gatewayd's interpretation chain against a fake OpenAI-compatible provider on loopback that answers after "
         "0.2 s: a prompt-cache hit, the local rules, and what a failing first provider adds (breaker open; "
-        "connection refused, retried with jittered backoff or tried once), each as a ratio to the provider's own "
-        "latency.",
+        "connection refused, with config.toml's retry policy or max_attempts = 1: it fails over first), each as a "
+        "ratio to the provider's own latency.",
         (
             ("NL: cache hit (ms; x provider latency)", "cache_hit_ms|cache_hit_x", "{:.3g}"),
             ("NL: local rules (ms; x provider latency)", "local_ms|local_x", "{:.3g}"),
@@ -149,12 +149,15 @@ BENCHES: tuple[Bench, ...] = (
         "litellm",
         "Failover side by side: gatewayd's chain and LiteLLM's Router",
         "litellm_router.py",
-        ("--runs", "3"),
-        ("--runs", "1"),
+        ("--runs", "2"),
+        ("--runs", "1", "--requests", "5", "--fault-requests", "3"),
         "The same failover job (two OpenAI-compatible deployments of one model on loopback fakes, the first "
-        "failing in the scripted ways) done by gatewayd's interpretation chain and by LiteLLM's `Router`, each in "
-        "fresh processes. LiteLLM is installed by the benchmark into `.venv-litellm/`, never into the daemon's "
-        "environment.",
+        "failing in the scripted ways: refused, 500, 503, 429 with Retry-After, hanging; then both down) done by "
+        "gatewayd's interpretation chain and by LiteLLM's `Router` with its documented defaults (`fallbacks`) and "
+        "with the tuned `order` setup, cooldowns on, each in fresh processes with a fresh router per scenario: "
+        "requests 1, 2 and the steady state apart. LiteLLM (with the `mcp` extra its tool calls need) is installed "
+        "by the benchmark into `.venv-litellm/`, never into the daemon's environment; when it cannot be installed, "
+        "its configurations are skipped and gatewayd's table is still measured.",
     ),
     Bench(
         "footprint",

@@ -1,9 +1,11 @@
 """One side of bench/litellm_router.py's comparison, in a process of its own: gatewayd's failover chain (run with
 the project's venv) or LiteLLM's Router (run with the benchmark's own ``.venv-litellm``). Not for use by hand.
 
-It reads a JSON spec on stdin, builds its side, says ``ready`` (with its RSS) on stdout, runs the scenarios the
-spec lists against the fake providers the parent serves, and writes one JSON line per scenario and a last one with
-its RSS and every network address it tried. Only the standard library is imported before the side's own imports,
+It reads a JSON spec on stdin, builds its side, says ``ready`` (with its RSS) on stdout, answers one request, then
+runs the scenarios the spec lists against the fake providers the parent serves, each with a router (chain) of its
+own built just before, so that its request 1 meets the fault for the first time and its cooldowns (breakers) carry
+over to its requests 2 and on; it writes one JSON line per scenario and a last one with its RSS and every network
+address it tried. Only the standard library is imported before the side's own imports,
 so what ``ready`` costs is that side's.
 
 Nothing may leave this machine: an audit hook, installed before anything else is imported, records every socket
@@ -75,8 +77,8 @@ class Side:
 
     async def start(self, spec: dict[str, Any]) -> None: ...
 
-    async def router(self, primary: str, fallback: str) -> tuple[Ask, Callable[[], None]]:
-        """The request, and what to do before each one (forget the previous request's failures)."""
+    async def router(self, primary: str, fallback: str) -> Ask:
+        """A fresh router (chain) for the pair: nothing it knows of earlier failures, its cooldowns and breakers on."""
         raise NotImplementedError
 
     async def close(self) -> None: ...
@@ -97,7 +99,7 @@ class LiteLLMSide(Side):
         litellm.callbacks = []
         self.Router, self.spec = Router, spec
 
-    async def router(self, primary: str, fallback: str) -> tuple[Ask, Callable[[], None]]:
+    async def router(self, primary: str, fallback: str) -> Ask:
         spec = self.spec
         body = spec["body"]
 
@@ -106,19 +108,21 @@ class LiteLLMSide(Side):
             return {"model_name": group, "litellm_params": params}
 
         group = spec["model"]
-        if spec["routing"] == "order":  # one model group, its deployments tried by their order
-            deployments = [deployment(primary, group, order=1), deployment(fallback, group, order=2)]
-            fallbacks = None
-        else:  # two model groups, the second the first's fallback
-            deployments = [deployment(primary, group), deployment(fallback, f"{group}-fallback")]
-            fallbacks = [{group: [f"{group}-fallback"]}]
-        router = self.Router(
-            model_list=deployments,
-            fallbacks=fallbacks,
-            num_retries=spec["attempts"] - 1,
-            timeout=spec["timeout_s"],
-            disable_cooldowns=True,  # as gatewayd's breakers are reset: each request meets the fault afresh
-        )
+        if spec["setup"] == "order":
+            # Tuned: one model group, its deployments tried by their order; retries stated (2, the default).
+            router = self.Router(
+                model_list=[deployment(primary, group, order=1), deployment(fallback, group, order=2)],
+                num_retries=spec["attempts"] - 1,
+                timeout=spec["timeout_s"],
+            )
+        else:
+            # Documented defaults: two model groups, the second in the first's fallbacks; LiteLLM's own retries,
+            # allowed fails and cooldowns. Only the timeout is set (the default is 6000 s).
+            router = self.Router(
+                model_list=[deployment(primary, group), deployment(fallback, f"{group}-fallback")],
+                fallbacks=[{group: [f"{group}-fallback"]}],
+                timeout=spec["timeout_s"],
+            )
         names = {primary.rstrip("/"): "primary", fallback.rstrip("/"): "fallback"}
 
         async def ask() -> dict[str, Any]:
@@ -137,7 +141,7 @@ class LiteLLMSide(Side):
             base = str((getattr(resp, "_hidden_params", None) or {}).get("api_base") or "").rstrip("/")
             return {"answer": json.loads(call.function.arguments), "by": names.get(base, base)}
 
-        return ask, lambda: None
+        return ask
 
 
 class GatewaydSide(Side):
@@ -179,7 +183,7 @@ class GatewaydSide(Side):
         self.InterpretSection, self.Chain, self.SpendLedger = InterpretSection, Chain, SpendLedger
         self.build_slots, self.clock, self.random = build_slots, REAL_CLOCK, random
 
-    async def router(self, primary: str, fallback: str) -> tuple[Ask, Callable[[], None]]:
+    async def router(self, primary: str, fallback: str) -> Ask:
         spec = self.spec
 
         def provider(url: str, priority: int) -> dict[str, Any]:
@@ -192,12 +196,13 @@ class GatewaydSide(Side):
                 "priority": priority,
                 "timeout_s": spec["timeout_s"],
                 "max_tokens": spec["body"]["max_tokens"],
+                "rpm": 100_000,  # the benchmark's pace is not a provider's limit (the default is 60 a minute)
+                "tpm": 100_000_000,
             }
 
         data = {
-            **self.base.model_dump(),
+            **self.base.model_dump(),  # config.toml's [interpret]: deadline, retry policy, breakers, hedging
             "cache_ttl_s": 0,  # every request goes to the providers, as LiteLLM's do (no cache configured there)
-            "retry": {**self.base.retry.model_dump(), "max_attempts": spec["attempts"], **spec["retry"]},
             "providers": {"primary": provider(primary, 1), "fallback": provider(fallback, 2)},
         }
         cfg = self.InterpretSection.model_validate(data)
@@ -214,11 +219,6 @@ class GatewaydSide(Side):
             rng=self.random.Random(1),
         )
 
-        def fresh() -> None:  # each request meets a failing provider for the first time, as with LiteLLM's
-            for slot in chain.slots:
-                slot.breaker.reset("bench")
-            chain.connectivity.breaker.reset("bench")
-
         async def ask() -> dict[str, Any]:
             try:
                 out = await chain.interpret(spec["text"], self.registry, self.local)
@@ -227,14 +227,7 @@ class GatewaydSide(Side):
             tried = {t["provider"]: t.get("attempts", 0) for t in out.tried}
             return {"answer": out.command.to_api(), "by": out.provider, "degraded": out.degraded, "tried": tried}
 
-        return ask, fresh
-
-    async def bare(self, url: str) -> dict[str, Any]:
-        """One plain aiohttp POST of the same body to a healthy fake: the floor under every figure."""
-        headers = {"Authorization": f"Bearer {self.spec['key']}"}
-        async with self.session.post(f"{url}/chat/completions", json=self.spec["body"], headers=headers) as resp:
-            data = await resp.json()
-        return {"status": resp.status, "has_tool_call": bool(data["choices"][0]["message"].get("tool_calls"))}
+        return ask
 
     async def close(self) -> None:
         await self.session.close()
@@ -242,40 +235,42 @@ class GatewaydSide(Side):
         self.tmp.cleanup()
 
 
-async def timed(ask: Ask, before: Callable[[], None], warmup: int, n: int) -> tuple[list[float], list[Any]]:
-    latencies, outcomes = [], []
-    for i in range(warmup + n):
-        before()
-        started = time.perf_counter()
-        outcome = await ask()
-        elapsed = time.perf_counter() - started
-        if i >= warmup:
-            latencies.append(elapsed)
-            outcomes.append(outcome)
-    return latencies, outcomes
-
-
 async def main_async(spec: dict[str, Any]) -> None:
     side: Side = LiteLLMSide() if spec["side"] == "litellm" else GatewaydSide()
     await side.start(spec)
     scenarios = spec["scenarios"]
-    ask, before = await side.router(scenarios[0]["primary"], scenarios[0]["fallback"])
+    ask = await side.router(scenarios[0]["primary"], scenarios[0]["fallback"])
     emit(ready=True, rss=rss_kib())  # imported, built: ready to serve
     first = await ask()  # what is imported lazily on the first request (LiteLLM: its MCP handler) is paid here
     emit(first=first, rss=rss_kib())
-    for i, sc in enumerate(scenarios):
-        if i > 0:
-            ask, before = await side.router(sc["primary"], sc["fallback"])
-        latencies, outcomes = await timed(ask, before, spec["warmup"], sc["requests"])
-        emit(scenario=sc["name"], latencies=latencies, outcomes=outcomes, rss=rss_kib())
-    if isinstance(side, GatewaydSide):
-        url = spec["bare"]
 
-        async def bare() -> dict[str, Any]:
-            return await side.bare(url)
+    import aiohttp  # both sides have it (LiteLLM depends on it): the floor is measured with the same client
 
-        latencies, outcomes = await timed(bare, lambda: None, spec["warmup"], scenarios[0]["requests"])
-        emit(scenario="bare", latencies=latencies, outcomes=outcomes, rss=rss_kib())
+    headers = {"Authorization": f"Bearer {spec['key']}"}
+    async with aiohttp.ClientSession() as session:
+
+        async def bare() -> float:
+            """One plain POST of the same body to a healthy fake: the floor under every figure."""
+            started = time.perf_counter()
+            async with session.post(f"{spec['bare']}/chat/completions", json=spec["body"], headers=headers) as resp:
+                data = await resp.json()
+            elapsed = time.perf_counter() - started
+            if resp.status != 200 or not data["choices"][0]["message"].get("tool_calls"):
+                raise RuntimeError(f"the plain POST got HTTP {resp.status}: {str(data)[:200]}")
+            return elapsed
+
+        await bare()  # its connection made, as the routers' are by their first request
+        for sc in scenarios:
+            ask = await side.router(sc["primary"], sc["fallback"])  # request 1 meets the fault for the first time
+            latencies, outcomes, floor = [], [], []
+            for _ in range(sc["requests"]):
+                if sc["name"] == "healthy":  # interleaved, so that the floor and the requests share the noise
+                    floor.append(await bare())
+                started = time.perf_counter()
+                outcome = await ask()
+                latencies.append(time.perf_counter() - started)
+                outcomes.append(outcome)
+            emit(scenario=sc["name"], latencies=latencies, outcomes=outcomes, floor=floor, rss=rss_kib())
     await side.close()
     emit(done=True, rss=rss_kib(), connects=dict(CONNECTS), refused=REFUSED)
 

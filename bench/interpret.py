@@ -10,8 +10,9 @@ SQLite store for the prompt cache and the spend ledger. Each figure is the media
 - local rules: no provider active, the local rules answer;
 - breaker open: a first provider whose breaker is open, then the fake: the overhead it adds over "provider";
 - fail over, refused: a first provider on a port where nothing listens, then the fake: the time it adds, with
-  the configured retry policy (each refusal retried with jittered backoff) and with a single attempt. Breakers
-  are reset before each of these requests, so each is the first encounter with the refusing provider.
+  the configured retry policy and with max_attempts = 1. The chain fails over first and retries later, so both
+  make one attempt at the refusing provider and go on to the fake at once. Breakers are reset before each of these
+  requests, so each is the first encounter with the refusing provider.
 
 Every figure is also given as a ratio to the provider latency. Medians over ``--runs`` runs.
 
@@ -62,7 +63,7 @@ LOCAL_TEXTS = [
     "switch the irrigation pump on for 10 minutes",
     "set the pump speed to 40 percent",
     "turn off the garden valve",
-    "what is the status of the irrigation pump",
+    "stop the irrigation pump",
 ]
 
 
@@ -97,12 +98,12 @@ ROWS = [
     ("cache hit (ms)", "cache_hit_ms", "{:.3f}"),
     ("local rules (ms)", "local_ms", "{:.3f}"),
     ("added by an open breaker first (ms)", "breaker_open_ms", "{:.3f}"),
-    ("added by failover, refused, retried (ms)", "failover_ms", "{:.1f}"),
+    ("added by failover, refused, config.toml retries (ms)", "failover_ms", "{:.2f}"),
     ("added by failover, refused, 1 attempt (ms)", "failover_single_ms", "{:.2f}"),
     ("cache hit / provider", "cache_hit_x", "{:.4f}"),
     ("local rules / provider", "local_x", "{:.4f}"),
     ("open breaker / provider", "breaker_open_x", "{:.4f}"),
-    ("failover retried / provider", "failover_x", "{:.3f}"),
+    ("failover config.toml retries / provider", "failover_x", "{:.4f}"),
     ("failover 1 attempt / provider", "failover_single_x", "{:.4f}"),
 ]
 
@@ -208,8 +209,9 @@ async def one_run(run: int, args: argparse.Namespace, base: InterpretSection, re
 
                     retried = await b.chain(both, cache_ttl_s=0)
                     failover_s, outs = await failover(retried)
-                    attempts = base.retry.max_attempts
-                    expect(outs, "failover", lambda o: o.provider == "fake" and o.tried[0]["attempts"] == attempts)
+                    # fail over first: one attempt at the refusing provider, then the fake; a second one only as a
+                    # hedge, when the fake is slower than its own p95
+                    expect(outs, "failover", lambda o: o.provider == "fake" and o.tried[0]["attempts"] <= 2)
 
                     single = await b.chain(both, cache_ttl_s=0, retry=base.retry.model_copy(update={"max_attempts": 1}))
                     single_s, outs = await failover(single)
@@ -251,8 +253,8 @@ def render(results: list[RunResult], args: argparse.Namespace, base: InterpretSe
         "",
         "'added by ...': per request, its latency less the answering provider's call in it, median over the",
         "requests, less the same median for the provider alone (same run), so the fake's jitter cancels out. The",
-        "ratios divide by the provider latency. A refused connection is retried like any connection error, so the",
-        "retried failover is mostly the jittered backoff between attempts; see the single-attempt row for the rest.",
+        "ratios divide by the provider latency. A refused connection fails over at once (the retry policy is for",
+        "when no other provider answers), so both failover rows are one refused connection and the chain's work.",
         "An open breaker costs a state check (microseconds), below this measurement's noise of about 0.1 ms: a",
         "figure near 0, of either sign, is that noise.",
     ]

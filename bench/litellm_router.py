@@ -1,31 +1,38 @@
 """Side by side: gatewayd's provider failover chain and LiteLLM's Router, doing the same job against the same fakes.
 
 The job: two OpenAI-compatible deployments of one model, the first the primary and the second the fallback, the
-same request (the daemon's own system prompt, tools and text), 3 attempts per provider (LiteLLM: ``num_retries=2``)
-and 4 s per attempt (LiteLLM: ``timeout=4``). gatewayd's side is its interpret chain as the daemon builds it from
-config.toml (retry policy with jittered pauses, breakers, a SQLite store for the spend ledger, the local rules);
-LiteLLM's side is ``litellm.Router`` with the two deployments as ``order`` 1 and 2 of one model group
-(``--litellm-routing fallbacks``: two model groups, the second in the first's ``fallbacks``). Failures are met
-afresh by every request: gatewayd's breakers are reset before each, LiteLLM's Router has ``disable_cooldowns``.
+same request (the daemon's own system prompt, tools and text), 2 s per attempt on every side. Three
+configurations, each in fresh processes of its own (bench/failover_driver.py), each stated in the output:
 
-The fake providers are real HTTP servers on 127.0.0.1 (gatewayd.interpret.simulator) served by this process,
-answering after ``--latency``; each side runs in fresh processes of its own (bench/failover_driver.py), gatewayd's
-with this venv's python, LiteLLM's with ``.venv-litellm/bin/python``, a venv this script makes with pip on first
-use and reuses after (LiteLLM is never a dependency of gatewayd). Scenarios, after one warm-up request each:
+- gatewayd: its interpret chain as the daemon builds it from config.toml's [interpret] (deadline, retry policy,
+  breakers, hedging: fail over first, retry later), a SQLite store for the spend ledger, the local rules;
+- LiteLLM, defaults: ``litellm.Router`` as its documentation sets up failover, two model groups, the second in the
+  first's ``fallbacks``, with LiteLLM's default retries (2), allowed fails (3) and cooldowns (5 s); only
+  ``timeout`` is set (its default is 6000 s);
+- LiteLLM, order: the tuned setup, one model group with the deployments as ``order`` 1 and 2, ``num_retries=2``,
+  cooldowns on.
 
-- healthy (``--requests``): both providers answer; overhead = median latency - the provider latency;
-- refused (``--fault-requests``, as the rest): nothing listens on the primary's port; overhead as above;
-- 503, 429: the primary answers every request at once with that status (no Retry-After); as above;
+The fake providers are real HTTP servers on 127.0.0.1 (gatewayd.interpret.simulator) served by this process, the
+healthy ones answering after ``--latency``, the failing ones at once. Every scenario gets a fresh router (chain):
+its request 1 meets the fault for the first time, and what it learnt (cooldowns, breakers) carries over to
+request 2 and the rest ("steady", the median of requests 3 and on). Scenarios:
+
+- healthy: both providers answer; the overhead is the median latency less a plain aiohttp POST of the same body
+  to a healthy fake from the same process (the floor, measured interleaved with the requests);
+- refused: nothing listens on the primary's port;
+- http500, http503: the primary answers every request at once with that status;
+- http429: the primary answers 429 with ``Retry-After: 1``;
+- hang: the primary accepts the request and never answers (the attempt timeout, 2 s, ends it);
 - all down: nothing listens on either port: how long until the caller has an answer, and what it is.
 
-Figures per side, medians over ``--runs`` fresh processes: the time from spawning the process until it is ready
-to serve (imports, router or chain built) and until its first answer, RSS then and after the requests, the
-overheads, attempts per request at each provider and the pauses between them (counted by the fakes), and the
-ratio gatewayd/LiteLLM of each. Nothing leaves the machine: each driver refuses and reports any connection or
-name lookup that is not loopback, and the run fails if there was one.
+Per configuration and run: spawn to ready and to the first answer, RSS, and per scenario requests 1, 2 and steady,
+who answered and the attempts per request at each provider (counted by the fakes, or by the driver's connection
+attempts to a closed port). Nothing leaves the machine: each driver refuses and reports any connection or name
+lookup that is not loopback, and the run fails if there was one. When LiteLLM cannot be installed, its
+configurations are skipped (said so in the output) and gatewayd's table is still measured.
 
-    .venv/bin/python bench/litellm_router.py [--runs 3] [--requests 20] [--fault-requests 8] [--json PATH]
-        [--retry-base S] [--litellm-routing order|fallbacks] [--latency 0.05] [--logs DIR]
+    .venv/bin/python bench/litellm_router.py [--runs 1] [--requests 20] [--fault-requests 5] [--latency 0.05]
+        [--only gatewayd,litellm-defaults,litellm-order] [--json PATH] [--logs DIR]
 
 Exit status: 0 measured; 1 a side misbehaved (a wrong answer, a network attempt, a crash); 2 bad usage.
 """
@@ -34,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import shlex
@@ -46,14 +52,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import report  # bench/report.py: the script's own directory is on sys.path
 
 from gatewayd.config import load_config
-from gatewayd.config.models import ProviderConfig, RetrySettings
+from gatewayd.config.models import InterpretSection, ProviderConfig
 from gatewayd.interpret.providers import OpenAIProvider, Prompt
 from gatewayd.interpret.registry import Registry
 from gatewayd.interpret.rules import load_rules
@@ -72,12 +78,24 @@ KEY = "sk-bench-0123456789"
 MODEL = "fake-model"
 TEXT = "set the irrigation pump speed to 40 percent"  # the fake answers it, and so do the local rules
 ANSWER: dict[str, Any] = {"device": "pump1", "action": "set_speed", "params": {"percent": 40}}
-ATTEMPTS = 3  # per provider: gatewayd retry.max_attempts, LiteLLM num_retries + 1
-TIMEOUT_S = 4.0  # one attempt: gatewayd timeout_s, LiteLLM timeout
-WARMUP = 1  # requests before each scenario's measured ones
-DRIVER_TIMEOUT_S = 240.0
-SIDES = ("gatewayd", "litellm")
-SCENARIOS = ("healthy", "refused", "http503", "http429", "all_down")
+ATTEMPTS = 3  # LiteLLM's default: num_retries 2, and 1 + 2 attempts; gatewayd's config.toml max_attempts
+TIMEOUT_S = 2.0  # one attempt, every side: gatewayd timeout_s, LiteLLM timeout
+DRIVER_TIMEOUT_S = 1200.0
+CONFIGS: dict[str, tuple[str, str | None]] = {  # name -> (side, LiteLLM setup)
+    "gatewayd": ("gatewayd", None),
+    "litellm-defaults": ("litellm", "defaults"),
+    "litellm-order": ("litellm", "order"),
+}
+SCENARIOS = ("healthy", "refused", "http500", "http503", "http429", "hang", "all_down")
+FAULTS = {
+    "healthy": "both answer",
+    "refused": "refusing connections",
+    "http500": "500",
+    "http503": "503",
+    "http429": "429 with Retry-After: 1",
+    "hang": "hanging (timeout 2 s)",
+    "all_down": "every provider down",
+}
 
 
 class BenchError(Exception):
@@ -85,91 +103,33 @@ class BenchError(Exception):
 
 
 @dataclass
-class SideRun:
-    """What one fresh process of one side measured."""
+class Scenario:
+    """One scenario of one configuration's run: latencies in ms, who answered, attempts per request."""
 
-    ready_s: float  # spawn until ready to serve (imports done, router or chain built)
-    first_s: float  # spawn until the first request was answered
-    rss_ready_mib: float
-    rss_after_mib: float  # after the healthy scenario's requests
-    peak_rss_mib: float  # VmHWM after every scenario
-    latency_ms: dict[str, float]  # median per scenario
-    outcomes: dict[str, dict[str, int]]  # per scenario: what the caller got, counted
-    primary_attempts: dict[str, float]  # per request, at the primary (its server's count, or connection attempts)
-    fallback_attempts: dict[str, float]  # the same at the fallback
-    retry_pause_ms: dict[str, float | None]  # median pause between two attempts at a failing primary (503, 429)
-    log_lines: int  # what the side wrote to stderr
+    r1_ms: float
+    r2_ms: float
+    steady_ms: float  # median of requests 3 and on
+    answers: dict[str, int]  # what the callers got, counted
+    primary_attempts: float  # per request
+    fallback_attempts: float
 
 
 @dataclass
-class RunResult:
+class SideRun:
+    """What one fresh process of one configuration measured."""
+
+    config: str
     run: int
-    gw_ready_s: float
-    ll_ready_s: float
-    gw_first_s: float
-    ll_first_s: float
-    gw_rss_ready_mib: float
-    ll_rss_ready_mib: float
-    gw_rss_after_mib: float
-    ll_rss_after_mib: float
-    gw_peak_rss_mib: float
-    ll_peak_rss_mib: float
-    bare_ms: float
-    gw_overhead_ms: float
-    ll_overhead_ms: float
-    gw_refused_ms: float
-    ll_refused_ms: float
-    gw_503_ms: float
-    ll_503_ms: float
-    gw_429_ms: float
-    ll_429_ms: float
-    gw_all_down_ms: float
-    ll_all_down_ms: float
-    ready_x: float
-    first_x: float
-    rss_ready_x: float
-    rss_after_x: float
-    overhead_x: float
-    refused_x: float
-    http503_x: float
-    http429_x: float
-    all_down_x: float
-    sides: dict[str, SideRun] = field(default_factory=dict)
-
-
-def rows(requests: int) -> list[report.Row]:
-    return [
-        ("spawn to ready, gatewayd (s)", "gw_ready_s", "{:.3f}"),
-        ("spawn to ready, LiteLLM (s)", "ll_ready_s", "{:.3f}"),
-        ("spawn to first answer, gatewayd (s)", "gw_first_s", "{:.3f}"),
-        ("spawn to first answer, LiteLLM (s)", "ll_first_s", "{:.3f}"),
-        ("RSS when ready, gatewayd (MiB)", "gw_rss_ready_mib", "{:.1f}"),
-        ("RSS when ready, LiteLLM (MiB)", "ll_rss_ready_mib", "{:.1f}"),
-        (f"RSS after {requests + WARMUP + 1} requests, gatewayd (MiB)", "gw_rss_after_mib", "{:.1f}"),
-        (f"RSS after {requests + WARMUP + 1} requests, LiteLLM (MiB)", "ll_rss_after_mib", "{:.1f}"),
-        ("peak RSS, every scenario, gatewayd (MiB)", "gw_peak_rss_mib", "{:.1f}"),
-        ("peak RSS, every scenario, LiteLLM (MiB)", "ll_peak_rss_mib", "{:.1f}"),
-        ("plain aiohttp POST, over the latency (ms)", "bare_ms", "{:.2f}"),
-        ("per-request overhead, gatewayd (ms)", "gw_overhead_ms", "{:.2f}"),
-        ("per-request overhead, LiteLLM (ms)", "ll_overhead_ms", "{:.2f}"),
-        ("failover, primary refused, gatewayd (ms)", "gw_refused_ms", "{:.1f}"),
-        ("failover, primary refused, LiteLLM (ms)", "ll_refused_ms", "{:.1f}"),
-        ("failover, primary 503, gatewayd (ms)", "gw_503_ms", "{:.1f}"),
-        ("failover, primary 503, LiteLLM (ms)", "ll_503_ms", "{:.1f}"),
-        ("failover, primary 429, gatewayd (ms)", "gw_429_ms", "{:.1f}"),
-        ("failover, primary 429, LiteLLM (ms)", "ll_429_ms", "{:.1f}"),
-        ("all down: answer after, gatewayd (ms)", "gw_all_down_ms", "{:.1f}"),
-        ("all down: answer after, LiteLLM (ms)", "ll_all_down_ms", "{:.1f}"),
-        ("gatewayd / LiteLLM: spawn to ready", "ready_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: spawn to first answer", "first_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: RSS when ready", "rss_ready_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: RSS after the requests", "rss_after_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: per-request overhead", "overhead_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: failover, refused", "refused_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: failover, 503", "http503_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: failover, 429", "http429_x", "{:.3f}"),
-        ("gatewayd / LiteLLM: all down", "all_down_x", "{:.3f}"),
-    ]
+    ready_s: float  # spawn until ready to serve (imports done, router or chain built)
+    first_s: float  # spawn until the first request was answered
+    rss_ready_mib: float
+    rss_after_mib: float  # after the healthy scenario
+    peak_rss_mib: float  # VmHWM after every scenario
+    floor_ms: float  # a plain aiohttp POST of the same body, median
+    overhead_ms: float  # healthy, median of every request, less the floor
+    scenarios: dict[str, Scenario]
+    all_down: dict[str, Any]  # what the caller got, request 1
+    log_lines: int  # what the side wrote to stderr
 
 
 # --- LiteLLM's venv ---------------------------------------------------------------------------------------------
@@ -209,9 +169,9 @@ def ensure_litellm(venv: Path) -> str:
 # --- the job ----------------------------------------------------------------------------------------------------
 
 
-def load_job() -> tuple[dict[str, Any], RetrySettings]:
+def load_job() -> tuple[dict[str, Any], InterpretSection]:
     """The chat request gatewayd sends for TEXT (system prompt, tools, tool_choice), for LiteLLM to send too, and
-    config.toml's retry policy for the providers."""
+    config.toml's [interpret] settings."""
     loaded = load_config(CONFIG, environ={})
     profiles = {name: loaded.profiles[dev.profile] for name, dev in loaded.config.devices.items()}
     rules, problems = load_rules(loaded.config.interpret.rules_file, profiles)
@@ -222,7 +182,7 @@ def load_job() -> tuple[dict[str, Any], RetrySettings]:
     cfg = {"type": "openai", "base_url": "http://127.0.0.1:1/v1", "model": MODEL}
     provider = OpenAIProvider("bench", ProviderConfig.model_validate(cfg), KEY)
     body = provider.request_body(Prompt(registry.prompt, TEXT, registry.tools, 256))
-    return body, loaded.config.interpret.retry
+    return body, loaded.config.interpret
 
 
 class Fakes:
@@ -244,11 +204,16 @@ class Fakes:
 
     async def __aenter__(self) -> Fakes:
         refused = [f"http://127.0.0.1:{port}/v1" for port in closed_ports(3)]
+        faults = {
+            "http500": Fault.http(500),
+            "http503": Fault.http(503),
+            "http429": Fault.http(429, retry_after="1"),
+            "hang": Fault.hang(60),
+        }
         pairs: dict[str, tuple[FakeProvider | str, FakeProvider | str]] = {
             "healthy": (self.fake("healthy.primary"), self.fake("healthy.fallback")),
             "refused": (refused[0], self.fake("refused.fallback")),
-            "http503": (self.fake("http503.primary", Fault.http(503)), self.fake("http503.fallback")),
-            "http429": (self.fake("http429.primary", Fault.http(429)), self.fake("http429.fallback")),
+            **{name: (self.fake(f"{name}.primary", f), self.fake(f"{name}.fallback")) for name, f in faults.items()},
             "all_down": (refused[1], refused[2]),
         }
         bare = self.fake("bare")
@@ -267,15 +232,6 @@ class Fakes:
         """Completion requests each fake has received, by ``scenario.primary`` / ``scenario.fallback``."""
         return {name: len(fake.completions()) for name, fake in self.servers.items()}
 
-    def pauses_ms(self, name: str, since: int, attempts: int) -> float | None:
-        """The median pause between attempts at a fake, its requests since ``since`` taken ``attempts`` at a time
-        (one caller's request); None unless every request made exactly that many."""
-        times = [seen.at for seen in self.servers[name].completions()[since:]]
-        if not times or len(times) % attempts:
-            return None
-        gaps = [b - a for i in range(0, len(times), attempts) for a, b in itertools.pairwise(times[i : i + attempts])]
-        return statistics.median(gaps) * 1000 if gaps else None
-
 
 def url_of(provider: FakeProvider | str) -> str:
     return provider.base_url if isinstance(provider, FakeProvider) else provider
@@ -293,7 +249,8 @@ def closed_ports(n: int) -> list[int]:
             s.close()
 
 
-def spec_for(side: str, args: argparse.Namespace, fakes: Fakes, body: dict[str, Any]) -> dict[str, Any]:
+def spec_for(config: str, args: argparse.Namespace, fakes: Fakes, body: dict[str, Any]) -> dict[str, Any]:
+    side, setup = CONFIGS[config]
     scenarios = [
         {
             "name": name,
@@ -305,6 +262,7 @@ def spec_for(side: str, args: argparse.Namespace, fakes: Fakes, body: dict[str, 
     ]
     return {
         "side": side,
+        "setup": setup,
         "config": str(CONFIG),
         "model": MODEL,
         "key": KEY,
@@ -312,11 +270,8 @@ def spec_for(side: str, args: argparse.Namespace, fakes: Fakes, body: dict[str, 
         "body": body,
         "attempts": ATTEMPTS,
         "timeout_s": TIMEOUT_S,
-        "warmup": WARMUP,
         "scenarios": scenarios,
         "bare": fakes.bare,
-        "routing": args.litellm_routing,
-        "retry": {} if args.retry_base is None else {"base_s": args.retry_base},
     }
 
 
@@ -333,15 +288,15 @@ def is_answer(answer: Any) -> bool:
 
 
 def problem_with(side: str, scenario: str, outcome: dict[str, Any]) -> str | None:
-    """What is wrong with an outcome, or None. Every scenario but 'all down' must end in the right provider's
-    answer; all down, gatewayd must answer from its local rules, LiteLLM may raise (its exception is the figure)."""
+    """What is wrong with an outcome, or None. gatewayd must answer every scenario with the right provider's
+    answer (the primary's when healthy, else the fallback's; all down, its local rules'). LiteLLM may raise (its
+    exception is the figure) but must not give a wrong answer."""
+    if "error" in outcome:
+        return None if side == "litellm" else f"{scenario}: {json.dumps(outcome)[:400]}"
     if scenario == "all_down":
-        if side == "litellm" and "error" in outcome:
-            return None
-        if side == "gatewayd" and outcome.get("by") == "local" and is_answer(outcome.get("answer")):
-            return None
-        return f"all down: got {json.dumps(outcome)[:400]}"
-    want = "primary" if scenario in ("healthy", "first") else "fallback"
+        want = "local"
+    else:
+        want = "primary" if scenario in ("healthy", "first") else "fallback"
     if not is_answer(outcome.get("answer")) or outcome.get("by") != want:
         return f"{scenario}: expected the {want}'s answer {ANSWER}, got {json.dumps(outcome)[:400]}"
     return None
@@ -394,317 +349,329 @@ async def drive(python: Path, spec: dict[str, Any], log_path: Path, env: dict[st
 
 
 async def run_side(
-    side: str, python: Path, spec: dict[str, Any], fakes: Fakes, log_path: Path, env: dict[str, str]
-) -> tuple[SideRun, dict[str, Any]]:
+    config: str, run: int, python: Path, spec: dict[str, Any], fakes: Fakes, log_path: Path, env: dict[str, str]
+) -> SideRun:
+    side = spec["side"]
     before = fakes.counts()
     try:
         records = await drive(python, spec, log_path, env)
     except TimeoutError:
-        raise BenchError(f"{side}: the driver did not finish within {DRIVER_TIMEOUT_S:g} s") from None
+        raise BenchError(f"{config}: the driver did not finish within {DRIVER_TIMEOUT_S:g} s") from None
     after = fakes.counts()
     at = {next(iter(r)): (t, r) for t, r in records}  # by the record's first key: ready, first, scenario, done
     done = at["done"][1]
     if done["refused"]:
-        raise BenchError(f"{side}: tried to reach beyond this machine: {done['refused']}")
-    first = at["first"][1]["first"]
-    problem = problem_with(side, "first", first)
+        raise BenchError(f"{config}: tried to reach beyond this machine: {done['refused']}")
+    problem = problem_with(side, "first", at["first"][1]["first"])
     if problem is not None:
-        raise BenchError(f"{side}: {problem}")
+        raise BenchError(f"{config}: {problem}")
     by_scenario = {r["scenario"]: r for _, r in records if "scenario" in r}
-    latency: dict[str, float] = {}
-    outcomes: dict[str, dict[str, int]] = {}
-    attempts: dict[str, dict[str, float]] = {"primary": {}, "fallback": {}}
+    scenarios: dict[str, Scenario] = {}
     for sc in spec["scenarios"]:
         name = sc["name"]
         r = by_scenario[name]
         for outcome in r["outcomes"]:
             problem = problem_with(side, name, outcome)
             if problem is not None:
-                raise BenchError(f"{side}: {problem}")
-        latency[name] = statistics.median(r["latencies"]) * 1000
-        outcomes[name] = dict(Counter(summary(o) for o in r["outcomes"]))
-        asked = spec["warmup"] + len(r["outcomes"]) + (1 if name == "healthy" else 0)  # + the first request
+                raise BenchError(f"{config}: {problem}")
+        ms = [x * 1000 for x in r["latencies"]]
+        attempts = {}
         for role in ("primary", "fallback"):
             server = f"{name}.{role}"
             if server in after:
                 count = after[server] - before[server]
+                if server == "healthy.primary":
+                    count -= 1  # the process's first request, before the scenarios
             else:  # a port that refuses: the driver counted its connection attempts
                 count = done["connects"].get(f"127.0.0.1:{port_of(sc[role])}", 0)
-            attempts[role][name] = count / asked
-    pauses = {
-        name: fakes.pauses_ms(f"{name}.primary", before[f"{name}.primary"], ATTEMPTS) for name in ("http503", "http429")
-    }
-    if side == "gatewayd":
-        bare = by_scenario["bare"]
-        if not all(o == {"status": 200, "has_tool_call": True} for o in bare["outcomes"]):
-            raise BenchError(f"the plain POST got {bare['outcomes'][:2]}")
-        latency["bare"] = statistics.median(bare["latencies"]) * 1000
-    run = SideRun(
+            attempts[role] = count / len(ms)
+        scenarios[name] = Scenario(
+            r1_ms=ms[0],
+            r2_ms=ms[1] if len(ms) > 1 else float("nan"),
+            steady_ms=statistics.median(ms[2:]) if len(ms) > 2 else float("nan"),
+            answers=dict(Counter(summary(o) for o in r["outcomes"])),
+            primary_attempts=attempts["primary"],
+            fallback_attempts=attempts["fallback"],
+        )
+    healthy = by_scenario["healthy"]
+    floor_ms = statistics.median(healthy["floor"]) * 1000
+    return SideRun(
+        config=config,
+        run=run,
         ready_s=at["ready"][0],
         first_s=at["first"][0],
         rss_ready_mib=mib(at["ready"][1]["rss"]["VmRSS"]),
-        rss_after_mib=mib(by_scenario["healthy"]["rss"]["VmRSS"]),
+        rss_after_mib=mib(healthy["rss"]["VmRSS"]),
         peak_rss_mib=mib(done["rss"]["VmHWM"]),
-        latency_ms=latency,
-        outcomes=outcomes,
-        primary_attempts=attempts["primary"],
-        fallback_attempts=attempts["fallback"],
-        retry_pause_ms=pauses,
+        floor_ms=floor_ms,
+        overhead_ms=statistics.median(healthy["latencies"]) * 1000 - floor_ms,
+        scenarios=scenarios,
+        all_down=by_scenario["all_down"]["outcomes"][0],
         log_lines=len(log_lines(log_path)),
     )
-    return run, by_scenario["all_down"]["outcomes"][0]
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+def figures(side: SideRun) -> dict[str, float]:
+    """One run's figures, flat, as bench/all.py's JSON holds them: ``<config>.<figure>``."""
+    c = side.config
+    out = {
+        f"{c}.ready_s": side.ready_s,
+        f"{c}.first_s": side.first_s,
+        f"{c}.rss_ready_mib": side.rss_ready_mib,
+        f"{c}.rss_after_mib": side.rss_after_mib,
+        f"{c}.peak_rss_mib": side.peak_rss_mib,
+        f"{c}.floor_ms": side.floor_ms,
+        f"{c}.overhead_ms": side.overhead_ms,
+    }
+    for name, sc in side.scenarios.items():
+        out |= {f"{c}.{name}.r1_ms": sc.r1_ms, f"{c}.{name}.r2_ms": sc.r2_ms, f"{c}.{name}.steady_ms": sc.steady_ms}
+        out |= {f"{c}.{name}.primary_attempts": sc.primary_attempts}
+        out |= {f"{c}.{name}.fallback_attempts": sc.fallback_attempts}
+    return out
 
 
-async def one_run(
-    run: int, args: argparse.Namespace, fakes: Fakes, body: dict[str, Any], logs: Path
-) -> tuple[RunResult, dict[str, Any]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LITELLM", "OPENAI", "PYTHON"))}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the same imports every run: neither side gets to cache bytecode anew
-    pythons = {"gatewayd": Path(sys.executable), "litellm": litellm_python(args.litellm_venv)}
-    sides: dict[str, SideRun] = {}
-    all_down: dict[str, Any] = {}
-    for side in SIDES:
-        spec = spec_for(side, args, fakes, body)
-        sides[side], all_down[side] = await run_side(
-            side, pythons[side], spec, fakes, logs / f"run{run}-{side}.log", env
+def medians(runs: list[SideRun]) -> dict[str, float]:
+    flat = [figures(r) for r in runs]
+    keys = dict.fromkeys(k for f in flat for k in f)
+    return {k: statistics.median(f[k] for f in flat if k in f) for k in keys}
+
+
+def setup_of(config: str, args: argparse.Namespace, interpret: InterpretSection, version: str | None) -> str:
+    if config == "gatewayd":
+        r = interpret.retry
+        return (
+            f"gatewayd: config.toml's [interpret] (deadline {interpret.deadline_s:g} s, local reserve "
+            f"{interpret.local_reserve_s:g} s; fail over first, then up to {r.max_attempts} attempts a provider, "
+            f"{r.jitter} jitter base {r.base_s:g} s cap {r.cap_s:g} s; Retry-After as cool-down, at most "
+            f"{interpret.max_hint_s:g} s; hedging {'on' if interpret.hedge else 'off'}, delay p"
+            f"{interpret.hedge_quantile * 100:g} of recent latency within [{interpret.hedge_min_s:g}, "
+            f"{interpret.hedge_max_s:g}] s; breakers as config.toml), timeout_s={TIMEOUT_S:g}, no prompt cache"
         )
-    gw, ll = sides["gatewayd"], sides["litellm"]
-    base = args.latency * 1000
-
-    def over(s: SideRun, name: str) -> float:
-        return s.latency_ms[name] - (0.0 if name == "all_down" else base)
-
-    result = RunResult(
-        run=run,
-        gw_ready_s=gw.ready_s,
-        ll_ready_s=ll.ready_s,
-        gw_first_s=gw.first_s,
-        ll_first_s=ll.first_s,
-        gw_rss_ready_mib=gw.rss_ready_mib,
-        ll_rss_ready_mib=ll.rss_ready_mib,
-        gw_rss_after_mib=gw.rss_after_mib,
-        ll_rss_after_mib=ll.rss_after_mib,
-        gw_peak_rss_mib=gw.peak_rss_mib,
-        ll_peak_rss_mib=ll.peak_rss_mib,
-        bare_ms=over(gw, "bare"),
-        gw_overhead_ms=over(gw, "healthy"),
-        ll_overhead_ms=over(ll, "healthy"),
-        gw_refused_ms=over(gw, "refused"),
-        ll_refused_ms=over(ll, "refused"),
-        gw_503_ms=over(gw, "http503"),
-        ll_503_ms=over(ll, "http503"),
-        gw_429_ms=over(gw, "http429"),
-        ll_429_ms=over(ll, "http429"),
-        gw_all_down_ms=over(gw, "all_down"),
-        ll_all_down_ms=over(ll, "all_down"),
-        ready_x=ratio(gw.ready_s, ll.ready_s),
-        first_x=ratio(gw.first_s, ll.first_s),
-        rss_ready_x=ratio(gw.rss_ready_mib, ll.rss_ready_mib),
-        rss_after_x=ratio(gw.rss_after_mib, ll.rss_after_mib),
-        overhead_x=ratio(over(gw, "healthy"), over(ll, "healthy")),
-        refused_x=ratio(over(gw, "refused"), over(ll, "refused")),
-        http503_x=ratio(over(gw, "http503"), over(ll, "http503")),
-        http429_x=ratio(over(gw, "http429"), over(ll, "http429")),
-        all_down_x=ratio(over(gw, "all_down"), over(ll, "all_down")),
-        sides=sides,
+    if config == "litellm-defaults":
+        return (
+            f"LiteLLM {version}, defaults: Router(model_list=[two model groups, one deployment each], "
+            f"fallbacks=[{{group: [group-fallback]}}], timeout={TIMEOUT_S:g}); num_retries, allowed_fails, "
+            "cooldown_time and retry_after LiteLLM's defaults (2, 3, 5 s, 0)"
+        )
+    return (
+        f"LiteLLM {version}, order: Router(model_list=[one model group, deployments with order=1 and order=2], "
+        f"num_retries={ATTEMPTS - 1}, timeout={TIMEOUT_S:g}); cooldowns on (LiteLLM's defaults)"
     )
-    return result, all_down
 
 
-NOTES = """\
-Overheads: a scenario's median request latency (time.perf_counter around the call, in the side's own process)
-less the answering provider's {latency:g} ms; 'all down' is the whole median latency, until the caller has an
-answer or an exception. The plain POST row is the floor under both: the same request sent by aiohttp alone.
-gatewayd's chain also validates the answer against the device profiles and records the spend in SQLite;
-LiteLLM's Router returns the completion. 'spawn to ready': the process started until its router (chain) is
-built, imports included; 'first answer': until its first request was answered (what a side imports lazily on
-its first request counts here). RSS is VmRSS then, and after the healthy scenario; peak is VmHWM at the end."""
+def fmt_ms(x: float) -> str:
+    return "-" if x != x else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def shown(path: Path) -> str:
-    """A path relative to the repository when it is inside it."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+def table(config: str, med: dict[str, float], last: SideRun) -> list[str]:
+    """The issue's table for one configuration: per fault, requests 1, 2 and steady (medians over the runs), who
+    answered and the attempts a request made at each provider (the last run)."""
+    lines = [
+        "| primary fault | request 1 (ms) | request 2 (ms) | requests 3+ (ms) | answered by (last run) "
+        "| attempts per request, primary / fallback |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for name in SCENARIOS:
+        sc = last.scenarios[name]
+        k = f"{config}.{name}"
+        answers = ", ".join(f"{what} x{n}" for what, n in sc.answers.items())
+        tries = f"{med[k + '.primary_attempts']:.2f} / {med[k + '.fallback_attempts']:.2f}"
+        lines.append(
+            f"| {FAULTS[name]} | {fmt_ms(med[k + '.r1_ms'])} | {fmt_ms(med[k + '.r2_ms'])} "
+            f"| {fmt_ms(med[k + '.steady_ms'])} | {answers} | {tries} |"
+        )
+    return lines
 
 
 def render(
-    results: list[RunResult],
-    all_down: dict[str, Any],
+    runs: dict[str, list[SideRun]],
+    skipped: str | None,
     args: argparse.Namespace,
-    retry: RetrySettings,
-    version: str,
+    interpret: InterpretSection,
+    version: str | None,
     wall_s: float,
 ) -> str:
-    base_s = retry.base_s if args.retry_base is None else args.retry_base
     load = (
-        f"fake OpenAI-compatible providers on loopback (gatewayd.interpret.simulator) answering after "
-        f"{args.latency * 1000:g} ms, failing ones at once; per run and side one fresh process: {args.requests} "
-        f"healthy requests and {args.fault_requests} per fault scenario, after {WARMUP} warm-up; {args.runs} run(s), "
-        f"{wall_s:.1f} s in all; {ATTEMPTS} attempts per provider, {TIMEOUT_S:g} s per attempt. gatewayd: pauses "
-        f"{retry.jitter} jitter, base {base_s:g} s, cap {retry.cap_s:g} s"
-        f"{' (config.toml)' if args.retry_base is None else ' (--retry-base)'}; LiteLLM {version} (with its mcp "
-        f"extra, in {shown(args.litellm_venv)}): Router, routing '{args.litellm_routing}', "
-        f"num_retries={ATTEMPTS - 1}, timeout={TIMEOUT_S:g}, its own pauses"
+        f"fake OpenAI-compatible providers on loopback (gatewayd.interpret.simulator), healthy ones answering after "
+        f"{args.latency * 1000:g} ms, failing ones at once; per run and configuration one fresh process, a fresh "
+        f"router (chain) per scenario: {args.requests} healthy requests, {args.fault_requests} per fault; "
+        f"{args.runs} run(s), {wall_s:.1f} s in all"
     )
     lines = report.header("gatewayd failover chain vs LiteLLM Router", report.machine_info(), load)
-    lines += report.runs_table(rows(args.requests), results)
-    last = results[-1]
-    lines += ["", NOTES.format(latency=args.latency * 1000), ""]
-    lines.append(
-        f"What each side did in run {last.run}: attempts per request at the primary / the fallback, the median"
-    )
-    lines.append("pause between two attempts at a failing primary (at the fake), and what the caller got:")
-    for side in SIDES:
-        s = last.sides[side]
-        lines.append(f"  {side}:")
-        for name in SCENARIOS:
-            outs = ", ".join(f"{what} x{n}" for what, n in s.outcomes[name].items())
-            tries = f"{s.primary_attempts[name]:.2f} / {s.fallback_attempts[name]:.2f}"
-            pause = s.retry_pause_ms.get(name)
-            paused = f"pause {pause:6.1f} ms" if pause is not None else ""
-            lines.append(f"    {name:<9} {tries:>11}  {paused:>15}   {outs}")
-    lines.append("All down, what the caller gets:")
-    for side in SIDES:
-        ex = all_down[side]
+    lines.append("Configurations:")
+    for config in runs:
+        lines.append(f"  {config}: {setup_of(config, args, interpret, version)}")
+    if skipped:
+        lines.append(f"  LiteLLM: SKIPPED, {skipped}")
+    lines.append("")
+    rows: list[report.Row] = []
+    for config in runs:
+        rows += [
+            (f"{config}: spawn to ready (s)", f"{config}.ready_s", "{:.3f}"),
+            (f"{config}: spawn to first answer (s)", f"{config}.first_s", "{:.3f}"),
+            (f"{config}: RSS when ready (MiB)", f"{config}.rss_ready_mib", "{:.1f}"),
+            (f"{config}: RSS after the healthy requests (MiB)", f"{config}.rss_after_mib", "{:.1f}"),
+            (f"{config}: peak RSS (MiB)", f"{config}.peak_rss_mib", "{:.1f}"),
+            (f"{config}: plain aiohttp POST, the floor (ms)", f"{config}.floor_ms", "{:.2f}"),
+            (f"{config}: overhead over the floor, healthy (ms)", f"{config}.overhead_ms", "{:.2f}"),
+        ]
+
+    class Flat:
+        def __init__(self, run: int, values: dict[str, float]):
+            self.run, self.values = run, values
+
+        def __getattr__(self, name: str) -> float:
+            return self.values.get(name, float("nan"))
+
+    flat = [
+        Flat(i + 1, {k: v for r in runs.values() if i < len(r) for k, v in figures(r[i]).items()})
+        for i in range(args.runs)
+    ]
+    lines += report.runs_table(rows, flat)
+    lines += [
+        "",
+        "Latencies are time.perf_counter around the call in the side's own process; requests 3+ is their median;",
+        "every cell is the median over the runs. The overhead is the healthy requests' median less the median of",
+        "the plain POSTs interleaved with them. gatewayd also validates the answer against the device profiles and",
+        "records the spend in SQLite; LiteLLM returns the completion.",
+    ]
+    for config, side_runs in runs.items():
+        med = medians(side_runs)
+        lines += ["", f"{config}:", ""]
+        lines += table(config, med, side_runs[-1])
+    lines += ["", "All down, what the caller gets on request 1:"]
+    for config, side_runs in runs.items():
+        ex = side_runs[-1].all_down
         what = f"{ex['error']}: {ex['message']}" if "error" in ex else json.dumps(ex)
-        lines.append(f"  {side}: {what[:400]}")
+        lines.append(f"  {config}: {what[:400]}")
     return "\n".join(lines)
 
 
-def summary_rows(
-    median: dict[str, float], all_down: dict[str, Any], args: argparse.Namespace, retry: RetrySettings
-) -> list[list[str]]:
-    """The headline figures for bench/all.py's summary table: [label, value] pairs, gatewayd first."""
-    m = median
-    base_s = retry.base_s if args.retry_base is None else args.retry_base
-    ll_pauses = "retries at once" if args.litellm_routing == "order" else "exponential backoff between retries"
-    n = args.requests + WARMUP + 1
-    gw_down = all_down["gatewayd"]
-    gw_answer = f"answers from its {gw_down.get('by', '?')} rules" if "error" not in gw_down else gw_down["error"]
-    ll_down = all_down["litellm"]
-    ll_answer = f"raises {ll_down['error'].rsplit('.', 1)[-1]}" if "error" in ll_down else "answers"
-    return [
+def summary_rows(runs: dict[str, list[SideRun]], args: argparse.Namespace) -> list[list[str]]:
+    """The headline figures for bench/all.py's summary table: [label, value] pairs."""
+    med = {c: medians(r) for c, r in runs.items()}
+    names = [c for c in CONFIGS if c in runs]
+
+    def each(key: str, fmt: str) -> str:
+        return " / ".join(fmt.format(med[c][f"{c}.{key}"]) for c in names)
+
+    who = " / ".join(names)
+    out = [
+        [f"vs LiteLLM Router: spawn to first answer, {who} (s)", each("first_s", "{:.2f}")],
+        [f"vs LiteLLM Router: RSS after the healthy requests, {who} (MiB)", each("rss_after_mib", "{:.1f}")],
         [
-            "vs LiteLLM Router: spawn to first answer, gatewayd / LiteLLM (s)",
-            f"{m['gw_first_s']:.2f} / {m['ll_first_s']:.2f}",
-        ],
-        [
-            f"vs LiteLLM Router: RSS after {n} requests, gatewayd / LiteLLM (MiB)",
-            f"{m['gw_rss_after_mib']:.1f} / {m['ll_rss_after_mib']:.1f}",
-        ],
-        [
-            f"vs LiteLLM Router: per-request overhead over a {args.latency * 1000:g} ms provider, gatewayd / LiteLLM "
-            "(ms)",
-            f"{m['gw_overhead_ms']:.2f} / {m['ll_overhead_ms']:.2f}",
-        ],
-        [
-            "vs LiteLLM Router: failover from a refusing / 503 / 429 primary, gatewayd (ms; full-jitter pauses "
-            f"between retries, base {base_s:g} s)",
-            f"{m['gw_refused_ms']:.0f} / {m['gw_503_ms']:.0f} / {m['gw_429_ms']:.0f}",
-        ],
-        [
-            f"vs LiteLLM Router: the same, LiteLLM (ms; routing '{args.litellm_routing}': {ll_pauses})",
-            f"{m['ll_refused_ms']:.0f} / {m['ll_503_ms']:.0f} / {m['ll_429_ms']:.0f}",
-        ],
-        [
-            "vs LiteLLM Router: every provider down",
-            f"gatewayd {gw_answer} after {m['gw_all_down_ms']:.0f} ms; LiteLLM {ll_answer} after "
-            f"{m['ll_all_down_ms']:.0f} ms",
+            f"vs LiteLLM Router: overhead over a plain aiohttp POST, {args.latency * 1000:g} ms provider, {who} (ms)",
+            each("overhead_ms", "{:.2f}"),
         ],
     ]
+    for name in ("refused", "http429", "hang", "all_down"):
+        out.append(
+            [
+                f"vs LiteLLM Router: {'' if name == 'all_down' else 'primary '}{FAULTS[name]}, request 1 / 2 / 3+ (ms)",
+                "; ".join(
+                    f"{c} {fmt_ms(med[c][f'{c}.{name}.r1_ms'])} / {fmt_ms(med[c][f'{c}.{name}.r2_ms'])} / "
+                    f"{fmt_ms(med[c][f'{c}.{name}.steady_ms'])}"
+                    for c in names
+                ),
+            ]
+        )
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=3, help="fresh processes per side; medians over them (default 3)")
+    parser.add_argument("--runs", type=int, default=1, help="fresh processes per configuration (default 1)")
     parser.add_argument("--requests", type=int, default=20, help="healthy requests per run (default 20)")
-    parser.add_argument("--fault-requests", type=int, default=8, help="requests per fault scenario (default 8)")
+    parser.add_argument("--fault-requests", type=int, default=5, help="requests per fault scenario (default 5)")
     parser.add_argument("--latency", type=float, default=0.05, help="the fake providers' latency, s (default 0.05)")
+    parser.add_argument(
+        "--only", default=",".join(CONFIGS), help=f"configurations, comma-separated (default {','.join(CONFIGS)})"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON to PATH")
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep each driver's stderr in DIR")
-    parser.add_argument(
-        "--retry-base",
-        type=float,
-        metavar="S",
-        help="gatewayd's retry base_s instead of config.toml's (0: retry at once, as LiteLLM does with 'order')",
-    )
-    parser.add_argument(
-        "--litellm-routing",
-        choices=("order", "fallbacks"),
-        default="order",
-        help="LiteLLM's set-up: one model group with deployments of order 1 and 2 (default), or two model groups, "
-        "the second in the first's fallbacks",
-    )
     parser.add_argument(
         "--litellm-venv", type=Path, default=LITELLM_VENV, help="LiteLLM's own venv (default .venv-litellm)"
     )
     args = parser.parse_args(argv)
     if not 0 < args.latency <= 2:
         parser.error("--latency must be above 0 and at most 2")
-    if args.retry_base is not None and not 0 <= args.retry_base <= 2:
-        parser.error("--retry-base must be from 0 to 2")
-    for name, hi in (("runs", 20), ("requests", 1000), ("fault_requests", 100)):
-        if not 1 <= getattr(args, name) <= hi:
-            parser.error(f"--{name.replace('_', '-')} must be from 1 to {hi}")
+    for name, lo, hi in (("runs", 1, 20), ("requests", 3, 1000), ("fault_requests", 3, 100)):
+        if not lo <= getattr(args, name) <= hi:
+            parser.error(f"--{name.replace('_', '-')} must be from {lo} to {hi}")
+    args.only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in args.only if c not in CONFIGS]
+    if unknown or not args.only:
+        parser.error(f"--only takes {', '.join(CONFIGS)}; not {', '.join(unknown) or 'nothing'}")
     return args
 
 
-async def bench(args: argparse.Namespace, body: dict[str, Any]) -> tuple[list[RunResult], dict[str, Any]]:
+async def bench(args: argparse.Namespace, body: dict[str, Any], configs: list[str]) -> dict[str, list[SideRun]]:
     main_task = asyncio.current_task()
     assert main_task is not None
     # SIGTERM cleans up like Ctrl-C: the driver running is killed, the fakes stopped, the temp dir removed.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    results: list[RunResult] = []
-    all_down: dict[str, Any] = {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LITELLM", "OPENAI", "PYTHON"))}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the same imports every run: neither side gets to cache bytecode anew
+    pythons = {"gatewayd": Path(sys.executable), "litellm": litellm_python(args.litellm_venv)}
+    runs: dict[str, list[SideRun]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="gatewayd-bench-litellm-") as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         async with Fakes(args.latency) as fakes:
             for run in range(1, args.runs + 1):
-                print(f"run {run}/{args.runs} ...", file=sys.stderr, flush=True)
-                result, all_down = await one_run(run, args, fakes, body, logs)
-                results.append(result)
-    return results, all_down
+                for config in configs:
+                    print(f"run {run}/{args.runs}: {config} ...", file=sys.stderr, flush=True)
+                    spec = spec_for(config, args, fakes, body)
+                    python = pythons[CONFIGS[config][0]]
+                    log = logs / f"run{run}-{config}.log"
+                    runs[config].append(await run_side(config, run, python, spec, fakes, log, env))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = report.machine_info()
+    configs = list(args.only)
+    version: str | None = None
+    skipped: str | None = None
+    if any(CONFIGS[c][0] == "litellm" for c in configs):
+        try:
+            version = ensure_litellm(args.litellm_venv)
+        except (BenchError, OSError, subprocess.SubprocessError) as err:
+            skipped = f"{LITELLM_REQUIREMENT} could not be installed: {str(err)[-300:]}"
+            print(f"litellm_router: {skipped}; measuring gatewayd alone", file=sys.stderr)
+            configs = [c for c in configs if CONFIGS[c][0] != "litellm"]
     try:
-        version = ensure_litellm(args.litellm_venv)
-        body, retry = load_job()
+        body, interpret = load_job()
         started = time.monotonic()
-        results, all_down = asyncio.run(bench(args, body))
+        runs = asyncio.run(bench(args, body, configs)) if configs else {}
     except BenchError as err:
         print(f"litellm_router: FAILED: {err}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("litellm_router: interrupted; the drivers were killed", file=sys.stderr)
         return 130
-    print(render(results, all_down, args, retry, version, time.monotonic() - started))
+    if not runs:
+        print(f"litellm_router: nothing measured ({skipped})", file=sys.stderr)
+        return 1
+    print(render(runs, skipped, args, interpret, version, time.monotonic() - started))
     if args.json is not None:
-        median = report.medians(rows(args.requests), results)
+        median = {k: v for r in runs.values() for k, v in medians(r).items()}
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
         payload = {
             "machine": machine,
             "command_line": shlex.join(sys.orig_argv),
             "settings": {
                 **settings,
-                "litellm": LITELLM_REQUIREMENT.replace(LITELLM_PIN, version),
-                "attempts": ATTEMPTS,
+                "litellm": LITELLM_REQUIREMENT.replace(LITELLM_PIN, version) if version else None,
+                "litellm_skipped": skipped,
+                "configurations": {c: setup_of(c, args, interpret, version) for c in runs},
                 "timeout_s": TIMEOUT_S,
-                "warmup": WARMUP,
-                "gatewayd_retry": retry.model_dump() | ({} if args.retry_base is None else {"base_s": args.retry_base}),
             },
-            "runs": [asdict(r) for r in results],
+            "runs": [asdict(r) for side_runs in runs.values() for r in side_runs],
             "median": median,
             "passed": True,  # a run that failed a check exits 1 without figures
-            "summary": summary_rows(median, all_down, args, retry),
-            "all_down_answers": all_down,
+            "summary": summary_rows(runs, args),
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -50,13 +50,22 @@ def loads(raw: str | bytes | bytearray, *, max_depth: int | None = None) -> Any:
         value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise TooDeep("arrays and objects are nested too deep") from None
-    if max_depth is not None and depth_over(value, max_depth):
+    # Nesting needs a bracket per level: a text with few brackets (a provider's answer has about a dozen) is not
+    # walked.
+    if max_depth is not None and _brackets(raw) > max_depth and depth_over(value, max_depth):
         raise TooDeep(f"arrays and objects are nested more than {max_depth} levels deep")
     # A surrogate can only come from a \\uD8xx..\\uDFxx escape (raw UTF-8 cannot encode one): look only then.
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if _ESCAPED_SURROGATE.search(data) and _has_lone_surrogate(value):
         raise NotStrictJson("a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not text")
     return value
+
+
+def _brackets(raw: str | bytes | bytearray) -> int:
+    """An upper bound of the nesting depth (brackets within strings counted too)."""
+    if isinstance(raw, str):
+        return raw.count("[") + raw.count("{")
+    return raw.count(b"[") + raw.count(b"{")
 
 
 def depth_over(value: Any, limit: int) -> bool:

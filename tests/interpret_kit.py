@@ -140,7 +140,10 @@ class Rig:
         return next(s for s in self.slots if s.name == name)
 
     async def ask(self, text: str) -> Outcome:
-        return await self.chain.interpret(text, self.registry, self.local)
+        """One request, and its spend rows and cache entry committed (the chain queues them and does not wait)."""
+        out = await self.chain.interpret(text, self.registry, self.local)
+        await self.chain.settled()
+        return out
 
     def use(self, reg: Registry) -> None:
         """New devices or profiles (what a SIGHUP reload does), and their local rules."""

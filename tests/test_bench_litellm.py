@@ -3,9 +3,11 @@ would leave the machine, and an answer only counts when it is the command the fa
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +62,24 @@ def test_only_the_right_answer_from_the_right_provider_counts() -> None:
     assert check("gatewayd", "all_down", {"answer": answer, "by": "local", "degraded": True}) is None
     assert check("gatewayd", "all_down", {"error": "gatewayd.interpret.errors.NotUnderstood", "message": "?"})
     assert check("litellm", "all_down", {"error": "litellm.exceptions.InternalServerError", "message": "?"}) is None
+
+
+def test_without_litellm_gatewayds_table_is_still_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def cannot(venv: Path) -> str:
+        raise litellm_router.BenchError("pip: no matching distribution")
+
+    monkeypatch.setattr(litellm_router, "ensure_litellm", cannot)
+    out = tmp_path / "litellm.json"
+    argv = ["--requests", "3", "--fault-requests", "3", "--latency", "0.02", "--json", str(out)]
+    assert litellm_router.main(argv) == 0  # every scenario answered as it must, or it exits 1
+    printed = capsys.readouterr().out
+    assert "LiteLLM: SKIPPED, litellm[mcp]==" in printed and "no matching distribution" in printed
+    assert "| hanging (timeout 2 s) |" in printed and "litellm-order:" not in printed
+    data = json.loads(out.read_text())
+    assert data["settings"]["litellm_skipped"] and list(data["settings"]["configurations"]) == ["gatewayd"]
+    # fail over first: a refusing or failing primary is asked at most once a request, never retried
+    for fault in ("refused", "http500", "http503", "http429", "hang"):
+        assert 0 < data["median"][f"gatewayd.{fault}.primary_attempts"] <= 1
+        assert data["median"][f"gatewayd.{fault}.fallback_attempts"] == 1

@@ -66,7 +66,7 @@ async def test_each_wire_format_gives_a_validated_command_and_its_cost(tmp_path:
     assert schema["properties"]["device"]["enum"] == ["fan2", "pump1", "relay1"]
 
 
-@pytest.mark.parametrize(
+HINTS = pytest.mark.parametrize(
     "headers, hint",
     [
         ({"retry_after": "2"}, 2.0),
@@ -75,33 +75,65 @@ async def test_each_wire_format_gives_a_validated_command_and_its_cost(tmp_path:
     ],
     ids=["seconds", "milliseconds", "http-date"],
 )
-async def test_429_retry_after_is_honoured_then_the_same_provider_answers(
+
+
+def hint_headers(headers: dict[str, str]) -> dict[str, str]:
+    if headers.get("retry_after") == "http-date":
+        return {"retry_after": formatdate(time.time() + 3.5, usegmt=True)}
+    return headers
+
+
+def near(seconds: float, hint: float, sent_at: float) -> bool:
+    """A pause or cool-down of ``hint`` seconds. A date has whole seconds, and is read against the wall clock some
+    time after it was written (a loaded machine takes a while to start two fake providers): from (3.5 - 1 - that
+    time) to 3.5."""
+    if hint == 3.0:
+        return 3.5 - 1.0 - (time.time() - sent_at) <= seconds <= 3.5
+    return seconds == pytest.approx(hint, abs=1e-6)
+
+
+@HINTS
+async def test_a_429_fails_over_at_once_and_its_retry_after_is_the_providers_cool_down(
     tmp_path: Path, headers: dict[str, str], hint: float
 ) -> None:
     sent_at = time.time()
-    if headers.get("retry_after") == "http-date":
-        headers = {"retry_after": formatdate(sent_at + 3.5, usegmt=True)}
     clock = FakeClock()
     async with (
         FakeProvider("openai", api_key=KEY, default=START_PUMP) as a,
         FakeProvider("openai", api_key=KEY, default=START_PUMP) as b,
     ):
-        a.script(Fault.http(429, **headers))
-        cfg = settings({"a": provider(a, priority=1), "b": provider(b, priority=2)}, deadline_s=10.0)
+        a.script(Fault.http(429, **hint_headers(headers)))
+        cfg = settings({"a": provider(a, priority=1), "b": provider(b, priority=2)}, deadline_s=10.0, cache_ttl_s=0)
+        async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
+            first = await rig.ask("start pump1")
+            rpm_rate = rig.slot("a").rpm.rate
+            second = await rig.ask("start pump1")  # a is cooling down: passed over without a call
+            clock.advance(hint + 1.0 if hint == 3.0 else hint)  # a date has whole seconds
+            third = await rig.ask("start pump1")
+    assert tried(first) == [("a", "failed", 1), ("b", "answered", 1)] and first.tried[0]["http_status"] == 429
+    assert tried(second) == [("a", "skipped", 0), ("b", "answered", 1)]
+    assert second.tried[0]["reason"] == "cooling_down"
+    assert near(second.tried[0]["retry_after_s"], hint, sent_at)
+    assert tried(third) == [("a", "answered", 1)]
+    assert clock.sleeps == []  # nobody waited for a's Retry-After: b was there
+    assert len(a.completions()) == 2 and len(b.completions()) == 2
+    assert rpm_rate < 1.0  # the 429 cut the provider's request rate (60 rpm = 1/s)
+
+
+@HINTS
+async def test_with_no_other_provider_a_429s_retry_after_is_waited_for_then_it_answers(
+    tmp_path: Path, headers: dict[str, str], hint: float
+) -> None:
+    sent_at = time.time()
+    clock = FakeClock()
+    async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as a:
+        a.script(Fault.http(429, **hint_headers(headers)))
+        cfg = settings({"a": provider(a)}, deadline_s=10.0)
         async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
             out = await rig.ask("start pump1")
-            rpm_rate = rig.slot("a").rpm.rate
     assert out.provider == "a" and tried(out) == [("a", "answered", 2)]
-    assert len(a.completions()) == 2 and b.completions() == []
     [pause] = clock.sleeps
-    if hint == 3.0:
-        # A date has whole seconds, and is read against the wall clock some time after it was written (a loaded
-        # machine takes a while to start two fake providers): from (3.5 - 1 - that time) to 3.5.
-        taken = time.time() - sent_at
-        assert 3.5 - 1.0 - taken <= pause <= 3.5
-    else:
-        assert pause == pytest.approx(hint, abs=1e-6)
-    assert rpm_rate < 1.0  # the 429 cut the provider's request rate (60 rpm = 1/s)
+    assert near(pause, hint, sent_at)
 
 
 async def test_a_retry_after_longer_than_the_cap_fails_over_at_once(tmp_path: Path) -> None:
@@ -114,13 +146,15 @@ async def test_a_retry_after_longer_than_the_cap_fails_over_at_once(tmp_path: Pa
         cfg = settings({"a": provider(a, priority=1), "b": provider(b, priority=2)}, max_hint_s=10)
         async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
             out = await rig.ask("start pump1")
+            cooling = rig.slot("a").cool_until - clock.now
     assert tried(out) == [("a", "failed", 1), ("b", "answered", 1)]
     assert out.tried[0]["http_status"] == 429 and clock.sleeps == []
     assert out.provider == "b" and out.attempts == 2
+    assert cooling == pytest.approx(10.0)  # the cool-down is the hint, capped at max_hint_s
 
 
 @pytest.mark.parametrize("status", [408, 409, 500, 503, 529])
-async def test_transient_statuses_use_every_attempt_then_fail_over(tmp_path: Path, status: int) -> None:
+async def test_transient_statuses_fail_over_at_once(tmp_path: Path, status: int) -> None:
     clock = FakeClock()
     async with (
         FakeProvider("openai", api_key=KEY, default=START_PUMP) as a,
@@ -130,11 +164,44 @@ async def test_transient_statuses_use_every_attempt_then_fail_over(tmp_path: Pat
         cfg = settings({"a": provider(a, priority=1), "b": provider(b, priority=2)})
         async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
             out = await rig.ask("start pump1")
-    assert tried(out) == [("a", "failed", 3), ("b", "answered", 1)]
-    assert len(a.completions()) == 3 and len(b.completions()) == 1
+    assert tried(out) == [("a", "failed", 1), ("b", "answered", 1)]
+    assert len(a.completions()) == 1 and len(b.completions()) == 1
     assert out.tried[0]["error"] == "upstream_http_error" and out.tried[0]["http_status"] == status
+    assert clock.sleeps == []  # no pause: b was there to ask
+    assert out.attempts == 2 and out.provider == "b"
+
+
+@pytest.mark.parametrize("status", [500, 503, 529])
+async def test_with_no_other_provider_transient_statuses_use_every_attempt(tmp_path: Path, status: int) -> None:
+    clock = FakeClock()
+    async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as a:
+        a.script(*[Fault.http(status)] * 2)
+        async with Rig(tmp_path / "db", settings({"a": provider(a)}), clock=clock) as rig:
+            out = await rig.ask("start pump1")
+    assert tried(out) == [("a", "answered", 3)] and len(a.completions()) == 3
     assert len(clock.sleeps) == 2 and all(0 <= s <= 0.05 for s in clock.sleeps)  # full jitter under the cap
-    assert out.attempts == 4 and out.provider == "b"
+
+
+async def test_when_every_provider_fails_they_are_retried_in_turn_each_with_its_own_attempts(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with (
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as a,
+        FakeProvider("anthropic", api_key=KEY, default=START_PUMP) as b,
+    ):
+        a.always = Fault.http(503)
+        b.script(Fault.http(500), Fault.http(500))
+        cfg = settings(
+            {"a": provider(a, priority=1), "b": provider(b, priority=2)},
+            retry={"jitter": "none"},  # pauses of 0.01 s, then 0.02 s: the order below is the schedule's
+            breaker={"minimum_calls": 10},
+        )
+        async with Rig(tmp_path / "db", cfg, clock=clock) as rig:
+            out = await rig.ask("start pump1")
+    # Each failed once; then whoever's pause ended first was asked again: a, b (both due at 0.01 s), a and b
+    # again at 0.03 s, where a had used its three attempts and b answered on its third.
+    assert out.provider == "b" and tried(out) == [("a", "failed", 3), ("b", "answered", 3)]
+    assert len(a.completions()) == 3 and len(b.completions()) == 3
+    assert clock.sleeps == [pytest.approx(0.01), pytest.approx(0.02)]
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -194,19 +261,19 @@ async def test_a_reset_mid_body_is_retried_on_the_same_provider(tmp_path: Path) 
     assert out.tokens_in == a.tokens_in and out.tokens_out == a.tokens_out
 
 
-async def test_connection_refused_is_retried_then_fails_over(tmp_path: Path) -> None:
+async def test_a_refused_connection_fails_over_at_once(tmp_path: Path) -> None:
     async with FakeProvider("openai", api_key=KEY, default=START_PUMP) as b:
         cfg = settings({"a": provider(refused_url(), priority=1), "b": provider(b, priority=2)})
         async with Rig(tmp_path / "db", cfg) as rig:
             started = time.monotonic()
             out = await rig.ask("start pump1")
             elapsed = time.monotonic() - started
-    assert tried(out) == [("a", "failed", 3), ("b", "answered", 1)]
+    assert tried(out) == [("a", "failed", 1), ("b", "answered", 1)]
     assert out.tried[0]["error"] == "ClientConnectorError"
-    assert elapsed < 1.0  # three refusals and two jittered pauses of at most 50 ms
+    assert elapsed < 0.5  # one refusal, no pause
 
 
-async def test_a_hang_past_the_timeout_is_retried_within_the_deadline_then_fails_over(tmp_path: Path) -> None:
+async def test_a_hang_past_the_timeout_fails_over_at_once(tmp_path: Path) -> None:
     async with (
         FakeProvider("ollama", api_key=KEY, default=START_PUMP) as a,
         FakeProvider("openai", api_key=KEY, default=START_PUMP) as b,
@@ -214,16 +281,35 @@ async def test_a_hang_past_the_timeout_is_retried_within_the_deadline_then_fails
         a.script(*[Fault.hang(10)] * 3)
         cfg = settings(
             {"a": provider(a, priority=1, timeout_s=0.2), "b": provider(b, priority=2)},
-            retry={"max_attempts": 2},
             deadline_s=3.0,
+            hedge=False,  # (with it, b would be asked alongside a after 0.1 s: half of a's timeout)
         )
         async with Rig(tmp_path / "db", cfg) as rig:
             started = time.monotonic()
             out = await rig.ask("start pump1")
             elapsed = time.monotonic() - started
-    assert tried(out) == [("a", "failed", 2), ("b", "answered", 1)]
+            slow = rig.slot("a").breaker._window.totals(0.0)
+    assert tried(out) == [("a", "failed", 1), ("b", "answered", 1)]
     assert out.tried[0]["error"] == "TimeoutError"
-    assert 0.4 <= elapsed < 1.2  # two timeouts of 0.2 s, then b
+    assert 0.2 <= elapsed < 0.8  # one timeout of 0.2 s, then b
+    assert slow == (1, 1)
+
+
+async def test_a_hang_is_hedged_at_half_the_attempts_timeout_at_the_latest(tmp_path: Path) -> None:
+    async with (
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as a,
+        FakeProvider("openai", api_key=KEY, default=START_PUMP) as b,
+    ):
+        a.always = Fault.hang(10)
+        cfg = settings({"a": provider(a, priority=1, timeout_s=0.6), "b": provider(b, priority=2)}, hedge_max_s=5.0)
+        async with Rig(tmp_path / "db", cfg) as rig:
+            started = time.monotonic()
+            out = await rig.ask("start pump1")
+            elapsed = time.monotonic() - started
+            lagging = rig.slot("a").lagging
+    assert tried(out) == [("a", "cancelled", 1), ("b", "answered", 1)]
+    assert 0.3 <= elapsed < 0.55  # b asked at 0.3 s (half of a's 0.6 s), not at hedge_max_s nor a's timeout
+    assert lagging  # outrun: a's next call is hedged after hedge_min_s
 
 
 async def test_the_deadline_holds_when_every_provider_hangs_and_the_local_rules_answer(tmp_path: Path) -> None:
@@ -242,12 +328,14 @@ async def test_the_deadline_holds_when_every_provider_hangs_and_the_local_rules_
             started = time.monotonic()
             out = await rig.ask("switch pump 1 on")
             elapsed = time.monotonic() - started
-            breaker_calls = rig.slot("a").breaker._window.totals(0.0)
+            windows = [rig.slot(name).breaker._window.totals(0.0) for name in ("a", "b")]
     assert elapsed < 1.0, elapsed  # the whole request, local rules included, inside deadline_s
     assert out.degraded and out.provider == "local" and out.command.action == "start"
-    # a's one attempt was cut short by the request's deadline (0.8 s, not its own 5 s): not the provider's fault.
-    assert tried(out)[0] == ("a", "failed", 1) and breaker_calls == (0, 0)
-    assert tried(out)[1:] == [("b", "skipped", 0)] and out.tried[1]["reason"] == "deadline"
+    # b was asked alongside a halfway through the providers' 0.8 s (a's hedge delay is capped there), and the
+    # deadline cut both off: each counts as a slow call, a failure, on its breaker.
+    assert tried(out) == [("a", "failed", 1), ("b", "failed", 1)]
+    assert [t["error"] for t in out.tried] == ["TimeoutError", "TimeoutError"]
+    assert windows == [(1, 1), (1, 1)]
 
 
 async def test_when_every_provider_fails_each_way_the_local_rules_answer_degraded(tmp_path: Path) -> None:
@@ -349,3 +437,53 @@ async def test_balance_by_latency_prefers_the_faster_provider(tmp_path: Path) ->
             firsts = [(await rig.ask("start pump1")).provider for _ in range(8)]
     # Each is tried once while unmeasured; from then on the faster one goes first.
     assert sorted(firsts[:2]) == ["fast", "slow"] and firsts[2:] == ["fast"] * 6
+
+
+async def test_the_hedge_delay_is_a_quantile_of_the_providers_latency_within_bounds(tmp_path: Path) -> None:
+    cfg = settings(
+        {"a": provider("http://127.0.0.1:9/v1"), "fixed": provider("http://127.0.0.1:9/v1", hedge_after_s=0.7)},
+        hedge_quantile=0.9,
+        hedge_min_s=0.1,
+        hedge_max_s=1.5,
+    )
+    async with Rig(tmp_path / "db", cfg) as rig:
+        a, fixed = rig.slot("a"), rig.slot("fixed")
+        assert a.hedge_s == 1.5  # no answers yet: the upper bound
+        for latency in (0.2, 0.3, 0.25, 0.22):
+            a.observe(latency)
+        assert a.hedge_s == 1.5  # too few answers to trust a quantile
+        for latency in (0.21, 0.23, 0.4, 0.24, 0.26, 0.27):
+            a.observe(latency)
+        assert a.hedge_s == pytest.approx(0.3)  # the 9th of 10 sorted: the 90th percentile
+        for _ in range(64):
+            a.observe(0.01)  # a fast provider: its delay stops at the lower bound
+        assert a.hedge_s == 0.1
+        fixed.observe(0.01)
+        assert fixed.hedge_s == 0.7 and rig.slot("fixed").describe()["hedge_after_ms"] == 700.0
+
+
+async def test_a_hedged_call_races_the_slow_one_and_the_first_answer_wins(tmp_path: Path) -> None:
+    async with (
+        FakeProvider("openai", api_key=KEY, default=START_PUMP, latency_s=0.3) as a,
+        FakeProvider("anthropic", api_key=KEY, default=START_PUMP, latency_s=0.6) as b,
+    ):
+        cfg = settings(
+            {
+                "a": provider(a, priority=1, hedge_after_s=0.1, price_in_per_mtok=1.0),
+                "b": provider(b, priority=2, price_in_per_mtok=1.0),
+            },
+            cache_ttl_s=0,
+        )
+        async with Rig(tmp_path / "db", cfg) as rig:
+            started = time.monotonic()
+            out = await rig.ask("start pump1")
+            elapsed = time.monotonic() - started
+            b_window = rig.slot("b").breaker._window.totals(0.0)
+            totals = await rig.ledger.totals()
+    # b was asked when a had been silent for 0.1 s; a answered first (at 0.3 s) and b's call was cancelled.
+    assert out.provider == "a" and tried(out) == [("a", "answered", 1), ("b", "cancelled", 1)]
+    assert 0.3 <= elapsed < 0.55
+    assert len(b.completions()) == 1
+    assert b_window == (0, 0)  # cancelled before its own hedge delay: says nothing against b
+    assert totals["b"]["calls"] == 1 and totals["b"]["tokens_in"] > 0  # billed, as b may bill it
+    assert out.cost == pytest.approx(totals["a"]["cost"] + totals["b"]["cost"])

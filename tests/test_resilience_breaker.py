@@ -221,6 +221,21 @@ async def test_a_slow_probe_reopens() -> None:
     assert b.state is OPEN
 
 
+def test_a_call_given_up_for_slowness_is_a_slow_failure_without_slow_call_s() -> None:
+    clock = FakeClock()
+    b = make(clock, window_size=2, minimum_calls=2, failure_rate=1.0)
+    for _ in range(2):
+        b.permit().slow()  # cut off by a deadline, or a faster target answered first
+    assert b.state is OPEN
+    assert sample("gatewayd_breaker_calls_total", breaker=b.name, outcome="slow") == 2
+    clock.advance(b.open_s)
+    probe = b.permit()
+    probe.slow()  # a probe that was cut off reopens the breaker
+    assert b.state is OPEN
+    with pytest.raises(RuntimeError):
+        probe.slow()
+
+
 # --- half-open probes ----------------------------------------------------------------------------------------------
 
 

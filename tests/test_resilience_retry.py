@@ -601,3 +601,43 @@ async def test_a_quiet_policy_logs_retried_failures_at_debug_and_still_counts_th
     failed = events(logs, "retry_attempt_failed")
     assert [entry["log_level"] for entry in failed] == ["debug", "debug"]
     assert metric("attempts", name, outcome="transient") == 2
+
+
+# --- a schedule of one's own, and pauses a breaker ends -----------------------------------------------------------
+
+
+async def test_a_schedule_decides_as_call_does_one_failure_at_a_time(name: str) -> None:
+    clock = FakeClock()
+    policy = RetryPolicy(max_attempts=3, base_s=1.0, jitter="none", max_hint_s=5.0, name=name, clock=clock)
+    schedule = policy.schedule(deadline=10.0)
+    first = schedule.failed(DeviceTimeout("no answer"))
+    assert (first.verdict.transient, first.delay_s, first.give_up) == (True, 1.0, None)
+    hinted = schedule.failed(HttpStatusError(429, {"Retry-After": "2"}))
+    assert (hinted.delay_s, hinted.give_up, hinted.verdict.hint_s) == (2.0, None, 2.0)
+    last = schedule.failed(DeviceTimeout("no answer"))
+    assert last.give_up == "attempts" and schedule.attempts == 3
+    exhausted = schedule.exhausted(DeviceTimeout("no answer"), last)
+    assert isinstance(exhausted, RetryExhausted) and exhausted.attempts == 3 and exhausted.reason == "attempts"
+    assert policy.schedule().failed(ValidationFailed("bad")).give_up == "permanent"
+    assert metric("attempts", name, outcome="transient") == 3 and metric("attempts", name, outcome="permanent") == 1
+    assert clock.sleeps == []  # a schedule never sleeps by itself: its caller decides what to do meanwhile
+
+
+async def test_a_wake_event_ends_a_pause_at_once_and_the_next_attempt_runs(name: str) -> None:
+    wake = asyncio.Event()
+    policy = RetryPolicy(max_attempts=3, base_s=30.0, jitter="none", name=name)  # the real clock: 30 s pauses
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def attempt() -> str:
+        calls.append(loop.time())
+        if len(calls) == 1:
+            loop.call_later(0.05, wake.set)  # a breaker opens 50 ms into the pause
+            raise DeviceTimeout("no answer")
+        return "ok"
+
+    assert await asyncio.wait_for(policy.call(attempt, wake=wake), 5) == "ok"
+    assert len(calls) == 2 and 0.04 <= calls[1] - calls[0] < 1.0
+    schedule = policy.schedule()
+    assert await schedule.pause(30.0, wake) is False  # already set: no pause at all
+    assert await schedule.pause(0.0, asyncio.Event()) is True

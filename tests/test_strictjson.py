@@ -98,3 +98,14 @@ def test_a_device_reading_that_is_not_finite_is_flagged_not_fatal() -> None:
     values_, flagged = shape_values({"t": math.nan, "h": 40.0}, {})
     assert values_ == {"t": None, "h": 40.0} and flagged == ["t"]
     assert strictjson.dumps({"result": {"t": math.inf}}) == '{"result":{"t":"inf"}}'
+
+
+@pytest.mark.parametrize("kind", [str, bytes])
+def test_max_depth_counts_nesting_not_brackets(kind: type) -> None:
+    deep = "[" * 70 + "]" * 70
+    with pytest.raises(strictjson.TooDeep):
+        strictjson.loads(deep if kind is str else deep.encode(), max_depth=64)
+    shallow = '{"a": [1, {"b": 2}], "text": "' + "[{" * 40 + '"}'  # brackets in a string are no nesting
+    assert strictjson.loads(shallow if kind is str else shallow.encode(), max_depth=3)["a"] == [1, {"b": 2}]
+    with pytest.raises(strictjson.TooDeep):
+        strictjson.loads('{"a": [1, {"b": [2]}]}', max_depth=3)

@@ -415,6 +415,9 @@ class ProviderConfig(Section):
     # Whether calls leave this network: cloud providers are skipped together while the connectivity breaker is
     # open. None: decided from base_url (loopback and private addresses are local).
     cloud: bool | None = None
+    # Seconds without an answer after which the next provider is asked too (the first answer wins, the other call
+    # is cancelled). None: from this provider's observed latency (interpret.hedge_quantile, bounded).
+    hedge_after_s: float | None = Field(default=None, gt=0, le=300)
 
 
 def _interpret_retry() -> RetrySettings:
@@ -433,6 +436,14 @@ class InterpretSection(Section):
     local_reserve_s: float = Field(default=0.5, gt=0, le=60)  # kept back from the providers for the local rules
     balance: Literal["weighted", "latency"] = "weighted"  # order among providers of equal priority
     max_hint_s: float = Field(default=10.0, ge=0, le=600)  # a Retry-After longer than this fails over at once
+    # Hedging: a provider that has not answered within its hedge delay gets the next provider asked alongside it.
+    # The delay is the provider's hedge_after_s, else this quantile of its recent answers' latency, kept within
+    # [hedge_min_s, hedge_max_s] (hedge_max_s until it has answered a few times; hedge_min_s while its last call
+    # was too slow: timed out, cut off, or outrun by a hedge), and never more than half of the attempt's timeout.
+    hedge: bool = True
+    hedge_quantile: float = Field(default=0.95, ge=0.5, le=1.0)
+    hedge_min_s: float = Field(default=0.25, gt=0, le=60)
+    hedge_max_s: float = Field(default=1.0, gt=0, le=120)
     retry: RetrySettings = Field(default_factory=_interpret_retry)  # per provider, within the deadline
     breaker: BreakerSettings = Field(default_factory=_interpret_breaker)  # per provider
     # Connection errors from this many cloud providers in a row (fewer if fewer are configured) mean the link is
@@ -453,6 +464,8 @@ class InterpretSection(Section):
     def _reserve_fits(self) -> InterpretSection:
         if self.local_reserve_s >= self.deadline_s:
             raise ValueError("local_reserve_s must be less than deadline_s, or no provider could ever be asked")
+        if self.hedge_min_s > self.hedge_max_s:
+            raise ValueError("hedge_min_s must not exceed hedge_max_s")
         return self
 
 

@@ -5,27 +5,42 @@ it is kept for the local rules, so the providers get ``deadline_s - local_reserv
 attempt's timeout is cut to what is left. Providers of equal priority share the load, by weight (a weighted
 shuffle per request) or by recent latency (fastest first, an unmeasured one first of all).
 
-Each provider is a :class:`Slot` with the resilience kit's tools of its own: a :class:`RetryPolicy` for transient
-errors (408, 409, 429, 5xx, 529, timeouts, connection errors; full jitter; ``Retry-After`` honoured, a hint longer
-than ``max_hint_s`` or past the deadline fails over at once), a :class:`CircuitBreaker`, token buckets for requests
-and tokens per minute (the rpm bucket's rate steered down by 429s through an :class:`AdaptiveRate`). Permanent
-errors (400, 401, 403, 404) and unusable answers fail over at once and count against the provider's breaker. A
-breaker that is open, a rate limit, or a daily budget the call would overrun passes the provider over without a
-call. Cloud providers also share a connectivity breaker: when as many of them as ``connectivity_providers`` fail
-with connection errors in a row, all of them are skipped at once until a probe (a health check, or a request once
-the breaker half-opens) gets an answer.
+Fail over first, retry later. Each provider is asked once, in order; a failure of any kind moves the request to
+the next provider at once. Only when every provider has failed (or been passed over) is one asked again: the one
+whose pause ends first, under its own :class:`RetryPolicy` (transient errors only: 408, 409, 429, 5xx, 529,
+timeouts, connection errors; full jitter; ``Retry-After`` honoured, a hint longer than ``max_hint_s`` or past the
+deadline gives up). A server's ``Retry-After`` is also that provider's cool-down: other requests pass it over until
+then (at most ``max_hint_s``). A pause ends at once when the provider's breaker opens or the cloud goes offline.
+
+Hedging. A provider that has not answered within its hedge delay (``hedge_after_s``, else a quantile of its recent
+latency, bounded, and ``hedge_min_s`` while its last call was too slow; at most half of the attempt's timeout)
+gets the next provider asked alongside it; the first answer wins and the other call is cancelled. A cancelled call
+that had run past its hedge delay, and a call cut off by the request's deadline, count as slow failures on the
+provider's breaker. The spend ledger bills a cancelled call as estimated (the provider may bill it).
+
+Each provider is a :class:`Slot` with the resilience kit's tools of its own: the retry policy, a
+:class:`CircuitBreaker`, token buckets for requests and tokens per minute (the rpm bucket's rate steered down by
+429s through an :class:`AdaptiveRate`). Permanent errors (400, 401, 403, 404) and unusable answers count against
+the provider's breaker and are not retried. A breaker that is open, a rate limit, a cool-down, or a daily budget
+the call would overrun passes the provider over without a call (a limited or cooling provider may still be waited
+for when nobody else answered, if that fits the deadline). Cloud providers also share a connectivity breaker: when
+as many of them as ``connectivity_providers`` fail to connect in a row, all of them are skipped at once until a
+probe (a health check, or a request once the breaker half-opens) gets an answer.
 
 If every provider fails, the local rules answer: a match is a degraded command, no match :class:`NotUnderstood`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import ipaddress
 import json
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -61,18 +76,21 @@ from gatewayd.resilience import (
     HttpStatusError,
     Permit,
     RateLimited,
-    RetryExhausted,
     RetryPolicy,
+    StateChange,
     TokenBucket,
     Verdict,
     classify,
 )
+from gatewayd.resilience.retry import RetrySchedule
 from gatewayd.store import Store
 
 log = structlog.get_logger("gatewayd.interpret")
 
 MIN_ATTEMPT_S = 0.05  # an attempt with less of the deadline left than this is not started
 LATENCY_ALPHA = 0.3  # weight of the newest sample in a provider's latency average
+HEDGE_SAMPLES = 64  # a provider's hedge delay comes from its latest answers, this many at most
+HEDGE_MIN_SAMPLES = 5  # with fewer answers than this, its delay is hedge_max_s
 _UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN})
 
 
@@ -178,15 +196,51 @@ class Slot:
         self.rate = AdaptiveRate(self.rpm, min_rate=per_s / 10, max_rate=per_s, clock=clock)
         self.tpm = TokenBucket(cfg.tpm, cfg.tpm / 60, name=f"provider:{name}:tpm", clock=clock)
         self.reserved_tokens = 0  # estimates of calls in flight, not yet settled against the tpm bucket
+        self.cool_until = 0.0  # monotonic: passed over until then (the server's Retry-After)
         self._clock = clock
         self.latency_s: float | None = None
         self.health = Health()
+        self._samples: deque[float] = deque(maxlen=HEDGE_SAMPLES)
+        self._quantile = settings.hedge_quantile
+        self._hedge_bounds = (settings.hedge_min_s, settings.hedge_max_s)
+        self._hedge_s = settings.hedge_max_s
+        # Its last call was too slow (cut off by a deadline or a timeout, or outrun by a hedge): until it answers in
+        # time again, the next provider is asked alongside it after hedge_min_s, not after its usual delay.
+        self.lagging = False
+        # Set, and replaced by a fresh one, when this provider will not answer for a while (its breaker opened, the
+        # cloud went offline): whoever pauses to ask it again stops pausing.
+        self.gone = asyncio.Event()
+        self.breaker.add_listener(self._breaker_changed)
+        self._latency_metric = PROVIDER_LATENCY.labels(name)
+
+    def _breaker_changed(self, change: StateChange) -> None:
+        if change.new is CircuitState.OPEN:
+            self.interrupt()
+
+    def interrupt(self) -> None:
+        """End every pause that waits to ask this provider again."""
+        gone, self.gone = self.gone, asyncio.Event()
+        gone.set()
+
+    @property
+    def hedge_s(self) -> float:
+        """How long it may go without answering before the next provider is asked too."""
+        if self.cfg.hedge_after_s is not None:
+            return self.cfg.hedge_after_s
+        return self._hedge_bounds[0] if self.lagging else self._hedge_s
 
     def observe(self, latency_s: float) -> None:
         self.latency_s = (
             latency_s if self.latency_s is None else (LATENCY_ALPHA * latency_s + (1 - LATENCY_ALPHA) * self.latency_s)
         )
-        PROVIDER_LATENCY.labels(self.name).observe(latency_s)
+        self._latency_metric.observe(latency_s)
+        samples = self._samples
+        samples.append(latency_s)
+        if len(samples) >= HEDGE_MIN_SAMPLES:
+            ranked = sorted(samples)
+            quantile = ranked[min(len(ranked), math.ceil(self._quantile * len(ranked))) - 1]
+            low, high = self._hedge_bounds
+            self._hedge_s = min(high, max(low, quantile))
 
     def describe(self) -> dict[str, Any]:
         rpm, tpm = self.rpm.peek(), self.tpm.peek()
@@ -210,6 +264,8 @@ class Slot:
             },
             "health": self.health.to_api(),
             "latency_ms": round(self.latency_s * 1000, 1) if self.latency_s is not None else None,
+            "hedge_after_ms": round(self.hedge_s * 1000, 1),
+            "cooling_down_s": round(self.cool_until - now, 3) if self.cool_until > now else None,
             "limits": {
                 "rpm": {
                     "limit": self.cfg.rpm,
@@ -225,11 +281,13 @@ class Slot:
 class Connectivity:
     """Whether the cloud is reachable at all, as one breaker over every cloud provider.
 
-    A cloud provider whose retries all ended in connection errors (refused, unreachable, DNS, connect timeout) is
-    one witness, counted once per streak however many requests it fails; an answer of any kind from any cloud
-    provider (an HTTP error is an answer) ends the streak. When ``needed`` providers in a row are witnesses the
-    breaker opens and every cloud provider is skipped. Half-open, the next cloud attempt or health check is the
-    probe: an answer closes the breaker, a connection error opens it again.
+    A cloud provider whose attempt ends in a connection error (refused, unreachable, DNS, connect timeout) is one
+    witness, counted once per streak however many attempts or requests it fails; an answer of any kind from any
+    cloud provider (an HTTP error is an answer) ends the streak. When ``needed`` providers in a row are witnesses
+    the breaker opens and every cloud provider is skipped: so when every cloud provider fails to connect, the
+    request goes to the local rules right after the last refusal, without pausing to retry any of them. Half-open,
+    the next cloud attempt or health check is the probe: an answer closes the breaker, a connection error opens it
+    again.
     """
 
     def __init__(self, clock: Clock, *, needed: int, open_s: float):
@@ -253,22 +311,26 @@ class Connectivity:
     def permit(self) -> Permit:
         return self.breaker.permit()
 
-    def settle(self, permit: Permit | None, err: BaseException | None) -> None:
-        """One attempt's outcome. Only a probe's connection error counts here; others wait for the provider's
-        retries to end (:meth:`gave_up`), so one refused connection is not yet a network that is down."""
+    def settle(self, provider: str, permit: Permit | None, err: BaseException | None, *, witness: bool = True) -> None:
+        """One attempt's outcome. A connection error makes ``provider`` a witness (``witness=False``: a health
+        check's, which only counts when it is the probe)."""
         if permit is None:
             return
         if err is None or isinstance(err, HttpStatusError | UnusableAnswer):
             self._streak.clear()
             permit.success()
-        elif permit.probe and is_unreachable(err):
-            permit.failure()
+        elif is_unreachable(err):
+            if permit.probe:
+                permit.failure()
+                return
+            permit.ignore()
+            if witness:
+                self._witness(provider)
         else:
             permit.ignore()
 
-    def gave_up(self, provider: str, err: BaseException) -> None:
-        """A cloud provider failed a request; a witness if its last attempt could not connect."""
-        if not is_unreachable(err) or provider in self._streak:
+    def _witness(self, provider: str) -> None:
+        if provider in self._streak:
             return
         self._streak.add(provider)
         try:
@@ -387,6 +449,35 @@ class _Answered:
     model: str
 
 
+_Result = tuple[Answer, Completion, Command | None] | Exception  # what one attempt ends with
+
+
+@dataclass(eq=False)
+class _Try:
+    """One provider within one request."""
+
+    slot: Slot
+    entry: dict[str, Any] | None = None  # its row in ``tried`` once it is called
+    schedule: RetrySchedule | None = None
+    ready_at: float = 0.0  # monotonic: when it may be asked again
+    error: Exception | None = None  # its last failure
+    skipped: bool = False  # a "skipped" row is in ``tried`` for it
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One HTTP call to a provider, admitted by its breakers and limits."""
+
+    tr: _Try
+    permit: Permit
+    conn: Permit | None  # the connectivity breaker's, for a cloud provider
+    timeout_s: float
+    started: float
+    hedge_at: float  # monotonic: when the next provider is asked alongside it (inf: never)
+    sent: bool = False  # the request went out: the provider may bill it
+    lost: bool = False  # cancelled because another provider answered first
+
+
 class Chain:
     def __init__(
         self,
@@ -412,6 +503,14 @@ class Chain:
         self.connectivity = Connectivity(
             clock, needed=max(1, min(settings.connectivity_providers, len(cloud))), open_s=settings.connectivity_open_s
         )
+        self.connectivity.breaker.add_listener(self._connectivity_changed)
+        self._writes: set[asyncio.Future[None]] = set()  # queued to the store, not yet committed
+
+    def _connectivity_changed(self, change: StateChange) -> None:
+        if change.new is CircuitState.OPEN:
+            for slot in self.slots:
+                if slot.cloud:
+                    slot.interrupt()  # nobody waits to retry a cloud provider that cannot be reached
 
     @property
     def active(self) -> list[Slot]:
@@ -453,7 +552,7 @@ class Chain:
             self._finish("not_understood", started)
             raise
         finally:
-            await self._persist(req)
+            self._save(req)
         self._finish("cache" if outcome.cached else "local" if outcome.degraded else "provider", started)
         outcome.understood, outcome.channel = understood(outcome.command, registry)
         return outcome
@@ -466,6 +565,8 @@ class Chain:
         cache = self.cache
         if cache is None or not cache.enabled:
             return None
+        if self._writes:
+            await self.settled()  # an answer of a request just before this one is a hit, not a second payment
         pairs = [(s.name, s.cfg.model) for s in sorted(self.slots, key=lambda s: s.cfg.priority) if s.cfg.enabled]
         try:
             hit = await cache.lookup(req.norm, req.registry.digest, pairs)
@@ -517,29 +618,244 @@ class Chain:
         req.tried.append(entry)
 
     async def _from_providers(self, req: _Request) -> Outcome | None:
-        limited: list[tuple[float, int, Slot]] = []
-        for slot in self.order():
-            reason = self._skip_reason(slot, req)
-            if reason is not None:
-                self._skip(slot, req, reason)
+        """Fail over first, retry later, hedge a slow one: see the module's docstring."""
+        tries = [_Try(slot) for slot in self.order()]
+        fresh = deque(tries)
+        waiting: list[_Try] = []
+        flying: dict[asyncio.Task[_Result], _Attempt] = {}
+        won: tuple[_Attempt, _Answered] | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                try:
+                    won = await self._race(req, fresh, waiting, flying, tg)
+                finally:
+                    for task, at in flying.items():
+                        at.lost = won is not None or req.declined is not None
+                        task.cancel()
+        finally:
+            for task, at in flying.items():
+                self._abandoned(req, task, at)
+            for tr in tries:
+                if tr.error is not None and tr.entry is not None and tr.entry.get("outcome") == "failed":
+                    self._log_failure(tr)
+        if won is None:
+            return None
+        at, answered = won
+        return self._answered(req, at.tr.slot, answered)
+
+    async def _race(
+        self,
+        req: _Request,
+        fresh: deque[_Try],
+        waiting: list[_Try],
+        flying: dict[asyncio.Task[_Result], _Attempt],
+        tg: asyncio.TaskGroup,
+    ) -> tuple[_Attempt, _Answered] | None:
+        clock = self._clock
+        while True:
+            now = clock.monotonic()
+            # A new call when none is out, or when every call out is overdue (past its hedge delay).
+            if not flying or all(now >= at.hedge_at for at in flying.values()):
+                at = self._launch(req, fresh, waiting, now)
+                if at is not None:
+                    task = tg.create_task(self._run(req, at), name=f"gatewayd[interpret].{at.tr.slot.name}")
+                    flying[task] = at
+                    continue
+            if not flying:
+                # Everyone has failed or been passed over: the one that may be asked again first, after its pause.
+                tr = self._next_ready(req, waiting)
+                if tr is None:
+                    return None
+                if tr.ready_at > now:
+                    await self._schedule(tr, req).pause(tr.ready_at - now, tr.slot.gone)
                 continue
-            result = await self._ask(slot, req, wait=False)
-            if isinstance(result, _Answered):
-                return self._answered(req, slot, result)
-            if isinstance(result, float):
-                limited.append((result, len(limited), slot))
-            if req.declined is not None:
-                return None  # the model says the text is no command: the others would say so too, and cost more
-        # Every provider failed or was limited: wait for the one whose limit frees first, if that fits the deadline.
-        for wait_s, _, slot in sorted(limited):
-            if self._clock.monotonic() + wait_s + MIN_ATTEMPT_S >= req.cloud_deadline:
-                break
-            if self._skip_reason(slot, req) is None:
-                result = await self._ask(slot, req, wait=True)
-                if isinstance(result, _Answered):
-                    return self._answered(req, slot, result)
-            break
+            # The hedge timer runs on the loop's time, like the HTTP timeouts of the calls it races.
+            wake_at = self._hedge_moment(req, fresh, waiting, flying)
+            timeout = None if wake_at is None else max(0.0, wake_at - now)
+            done, _ = await asyncio.wait(flying, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                at = flying.pop(task)
+                result = task.result()
+                if isinstance(result, Exception):
+                    self._attempt_failed(req, at, result, waiting)
+                    continue
+                answered = self._attempt_answered(req, at, result)
+                if answered is not None:
+                    return at, answered
+                return None  # declined: the model says the text is no command, and the others would too
+
+    def _launch(self, req: _Request, fresh: deque[_Try], waiting: list[_Try], now: float) -> _Attempt | None:
+        """The next call to make now: a provider not yet asked, else one whose pause is over; None if none."""
+        while fresh:
+            at = self._admit(req, fresh.popleft(), waiting, now)
+            if at is not None:
+                return at
+        for tr in sorted((t for t in waiting if t.ready_at <= now), key=lambda t: t.ready_at):
+            waiting.remove(tr)
+            at = self._admit(req, tr, waiting, now)
+            if at is not None:
+                return at
         return None
+
+    def _next_ready(self, req: _Request, waiting: list[_Try]) -> _Try | None:
+        """Of the providers that may be asked again, the one ready first, if that fits the deadline; the others
+        that no longer can be asked (breaker opened, offline, too late) are dropped."""
+        for tr in list(waiting):
+            if self._skip_reason(tr.slot, req) is not None or tr.ready_at + MIN_ATTEMPT_S >= req.cloud_deadline:
+                waiting.remove(tr)
+        return min(waiting, key=lambda t: t.ready_at, default=None)
+
+    def _hedge_moment(
+        self, req: _Request, fresh: deque[_Try], waiting: list[_Try], flying: dict[asyncio.Task[_Result], _Attempt]
+    ) -> float | None:
+        """When to stop waiting for the calls out and ask another provider too; None: only their end counts."""
+        moment = max(at.hedge_at for at in flying.values())
+        if math.isinf(moment):
+            return None
+        if fresh:
+            return moment
+        ready = [t.ready_at for t in waiting if t.ready_at + MIN_ATTEMPT_S < req.cloud_deadline]
+        return max(moment, min(ready)) if ready else None
+
+    def _schedule(self, tr: _Try, req: _Request) -> RetrySchedule:
+        if tr.schedule is None:
+            tr.schedule = tr.slot.policy.schedule(deadline=req.cloud_deadline - MIN_ATTEMPT_S)
+        return tr.schedule
+
+    def _admit(self, req: _Request, tr: _Try, waiting: list[_Try], now: float) -> _Attempt | None:
+        """A call to ``tr``'s provider, admitted by its breakers and limits; or None, and why in ``tried`` (a
+        provider limited or cooling down goes to ``waiting``, to be asked when it may if nobody answers)."""
+        slot = tr.slot
+        reason = self._skip_reason(slot, req)
+        if reason is not None:
+            self._skip_once(tr, req, reason)
+            return None
+        if slot.cool_until > now:
+            self._skip_once(tr, req, "cooling_down", slot.cool_until - now)
+            tr.ready_at = slot.cool_until
+            waiting.append(tr)
+            return None
+        conn: Permit | None = None
+        if slot.cloud:
+            try:
+                conn = self.connectivity.permit()
+            except CircuitOpenError:
+                self._skip_once(tr, req, "offline")
+                return None
+        try:
+            permit = slot.breaker.permit()
+        except CircuitOpenError:
+            if conn is not None:
+                conn.ignore()
+            self._skip_once(tr, req, "circuit_open")
+            return None
+        try:
+            self._take_rate(slot, req)
+        except RateLimited as err:
+            permit.ignore()
+            if conn is not None:
+                conn.ignore()
+            self._skip_once(tr, req, "rate_limited", err.retry_after_s)
+            tr.ready_at = now + max(err.retry_after_s, 0.001)
+            waiting.append(tr)
+            return None
+        entry = tr.entry
+        if entry is None:
+            entry = tr.entry = {"provider": slot.name, "model": slot.cfg.model, "attempts": 0}
+            req.tried.append(entry)
+        entry["attempts"] += 1
+        req.attempts += 1
+        remaining = req.cloud_deadline - now
+        timeout_s = min(slot.cfg.timeout_s, remaining)
+        # Never later than half of the attempt's time: a hedge at its timeout would be a plain failover.
+        hedge_at = now + min(slot.hedge_s, timeout_s / 2) if self.settings.hedge else math.inf
+        return _Attempt(tr, permit, conn, timeout_s, now, hedge_at)
+
+    def _skip_once(self, tr: _Try, req: _Request, reason: str, wait_s: float | None = None) -> None:
+        """A provider passed over: one "skipped" row, unless it has a row already (it was asked before)."""
+        if tr.entry is None and not tr.skipped:
+            tr.skipped = True
+            self._skip(tr.slot, req, reason, wait_s)
+
+    async def _run(self, req: _Request, at: _Attempt) -> _Result:
+        try:
+            return await self._call(at.tr.slot, req, at)
+        except Exception as err:  # an outcome, handled by the race; cancellation still propagates
+            return err
+
+    def _attempt_answered(
+        self, req: _Request, at: _Attempt, result: tuple[Answer, Completion, Command | None]
+    ) -> _Answered | None:
+        answer, completion, command = result
+        tr = at.tr
+        entry = tr.entry
+        assert entry is not None
+        self._schedule(tr, req).succeeded()
+        for key in ("error", "http_status", "message"):  # an earlier attempt's failure is not the outcome
+            entry.pop(key, None)
+        entry["latency_ms"] = round((self._clock.monotonic() - at.started) * 1000, 3)
+        if answer.kind == "declined":
+            entry["outcome"] = "declined"
+            entry["reason"] = answer.reason
+            req.declined = answer.reason or "the model found no command in the text"
+            return None
+        assert command is not None
+        entry["outcome"] = "answered"
+        return _Answered(command, completion.model)
+
+    def _attempt_failed(self, req: _Request, at: _Attempt, err: Exception, waiting: list[_Try]) -> None:
+        """Note the failure; if the provider may be asked again, when (its retry policy's pause, or the server's
+        Retry-After, which is also its cool-down for every request)."""
+        tr, slot = at.tr, at.tr.slot
+        now = self._clock.monotonic()
+        step = self._schedule(tr, req).failed(err)
+        hint = step.verdict.hint_s
+        if isinstance(err, HttpStatusError) and hint is not None and math.isfinite(hint):
+            slot.cool_until = max(slot.cool_until, now + min(hint, self.settings.max_hint_s))
+        self._note_failure(at, err, now)
+        if step.give_up is None:
+            tr.ready_at = now + step.delay_s
+            waiting.append(tr)
+
+    @staticmethod
+    def _note_failure(at: _Attempt, err: Exception, now: float) -> None:
+        tr = at.tr
+        tr.error = err
+        entry = tr.entry
+        assert entry is not None
+        entry["outcome"] = "failed"
+        entry["error"] = err.code if isinstance(err, GatewayError) else type(err).__name__
+        if isinstance(err, HttpStatusError):
+            entry["http_status"] = err.http_status
+        else:
+            entry.pop("http_status", None)
+        entry["message"] = str(err)[:200]
+        entry["latency_ms"] = round((now - at.started) * 1000, 3)
+
+    def _abandoned(self, req: _Request, task: asyncio.Task[_Result], at: _Attempt) -> None:
+        """A call still out when the request ended: cancelled because another provider answered (or the request
+        itself was cancelled). Its permits are settled if it never ran; a call that went out is billed, estimated
+        at the prompt and the winner's answer, as the provider may bill it."""
+        if not at.permit.settled:
+            at.permit.ignore()
+        if at.conn is not None and not at.conn.settled:
+            at.conn.ignore()
+        entry = at.tr.entry
+        assert entry is not None
+        result = None if task.cancelled() else task.result()
+        if isinstance(result, Exception):  # it failed in the same instant another answered
+            self._note_failure(at, result, self._clock.monotonic())
+            return
+        entry["outcome"] = "cancelled"
+        entry["reason"] = "another provider answered first" if at.lost else "the request was cancelled"
+        entry["latency_ms"] = round((self._clock.monotonic() - at.started) * 1000, 3)
+        if result is None and at.sent and at.lost:
+            slot = at.tr.slot
+            tokens_out = req.spend[-1].tokens_out if req.spend else slot.cfg.max_tokens
+            usage = Usage(req.tokens_in, tokens_out, reported=False)
+            slot.tpm.try_acquire(max(1, usage.tokens_in + usage.tokens_out), priority=CRITICAL)
+            req.spend.append(self.ledger.record(slot.name, slot.cfg, slot.cfg.model, usage))
+            PROVIDER_CALLS.labels(slot.name, "cancelled").inc()
 
     def _answered(self, req: _Request, slot: Slot, result: _Answered) -> Outcome:
         command = result.command
@@ -564,105 +880,34 @@ class Chain:
             tried=req.tried,
         )
 
-    async def _ask(self, slot: Slot, req: _Request, *, wait: bool) -> _Answered | float | None:
-        """One provider under its retry policy: the answer, the wait its rate limit asks (limited before any
-        call), or None (failed, or declined: ``req.declined`` is set)."""
-        entry: dict[str, Any] = {"provider": slot.name, "model": slot.cfg.model, "attempts": 0}
-        req.tried.append(entry)
-        started = self._clock.monotonic()
-
-        async def attempt() -> tuple[Answer, Completion, Command | None]:
-            now = self._clock.monotonic()
-            remaining = req.cloud_deadline - now
-            if remaining < MIN_ATTEMPT_S:
-                raise DeadlineExceeded(f"{slot.name}: the request's deadline leaves no time for another attempt")
-            conn = self.connectivity.permit() if slot.cloud else None
-            try:
-                permit = slot.breaker.permit()
-            except CircuitOpenError:
-                if conn is not None:
-                    conn.ignore()
-                raise
-            try:
-                await self._take_rate(slot, req, wait=wait and entry["attempts"] == 0)
-            except BaseException:
-                permit.ignore()
-                if conn is not None:
-                    conn.ignore()
-                raise
-            entry["attempts"] += 1
-            req.attempts += 1
-            return await self._call(slot, req, permit, conn, remaining)
-
-        try:
-            answer, completion, command = await slot.policy.call(attempt, deadline=req.cloud_deadline - MIN_ATTEMPT_S)
-        except RateLimited as err:
-            if entry["attempts"] == 0:
-                req.tried.pop()
-                self._skip(slot, req, "rate_limited", err.retry_after_s)
-                return err.retry_after_s
-            self._failed(slot, entry, err, started)
-            return None
-        except CircuitOpenError as err:
-            if entry["attempts"] == 0:
-                req.tried.pop()
-                self._skip(
-                    slot, req, "offline" if err.details.get("breaker") == "interpret:connectivity" else "circuit_open"
-                )
-            else:
-                self._failed(slot, entry, err, started)
-            return None
-        except DeadlineExceeded as err:
-            if entry["attempts"] == 0:
-                req.tried.pop()
-                self._skip(slot, req, "deadline")
-            else:
-                self._failed(slot, entry, err, started)
-            return None
-        except Exception as err:  # HttpStatusError, UnusableAnswer, RetryExhausted, anything a provider raised
-            self._failed(slot, entry, err, started)
-            return None
-        entry["latency_ms"] = round((self._clock.monotonic() - started) * 1000, 3)
-        if answer.kind == "declined":
-            entry["outcome"] = "declined"
-            entry["reason"] = answer.reason
-            req.declined = answer.reason or "the model found no command in the text"
-            return None
-        assert command is not None
-        entry["outcome"] = "answered"
-        return _Answered(command, completion.model)
-
-    async def _take_rate(self, slot: Slot, req: _Request, *, wait: bool) -> None:
+    def _take_rate(self, slot: Slot, req: _Request) -> None:
         tokens = slot.tpm.peek(req.tokens_in + slot.cfg.max_tokens + slot.reserved_tokens)
         if not tokens.allowed:
             raise tokens.refusal(slot.tpm.name)
-        if wait:
-            await slot.rpm.acquire(deadline=req.cloud_deadline - MIN_ATTEMPT_S)
-            return
         decision = slot.rpm.try_acquire()
         if not decision.allowed:
             raise decision.refusal(slot.rpm.name)
 
-    async def _call(
-        self, slot: Slot, req: _Request, permit: Permit, conn: Permit | None, remaining: float
-    ) -> tuple[Answer, Completion, Command | None]:
+    async def _call(self, slot: Slot, req: _Request, at: _Attempt) -> tuple[Answer, Completion, Command | None]:
         """One HTTP attempt, its outcome told to the breakers, the limits, the ledger and the metrics."""
-        timeout_s = min(slot.cfg.timeout_s, remaining)
+        permit, conn, timeout_s = at.permit, at.conn, at.timeout_s
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, slot.cfg.connect_timeout_s))
         started = self._clock.monotonic()
         estimate = req.tokens_in + slot.cfg.max_tokens
         slot.reserved_tokens += estimate
+        at.sent = True
         try:
             completion = await slot.provider.complete(
                 self._session, replace(req.prompt, max_tokens=slot.cfg.max_tokens), timeout
             )
         except Exception as err:
-            cut_short = isinstance(err, TimeoutError) and timeout_s < slot.cfg.timeout_s
-            if cut_short:  # a timeout the request's deadline imposed says nothing about the provider
-                permit.ignore()
+            if isinstance(err, TimeoutError) and timeout_s < slot.cfg.timeout_s:
+                permit.slow()  # the request's deadline cut it off: too slow for this request, and so counted
             else:
                 permit.failure()
-            self.connectivity.settle(conn, err)
+            if isinstance(err, TimeoutError):
+                slot.lagging = True
+            self.connectivity.settle(slot.name, conn, err)
             throttled = isinstance(err, HttpStatusError) and err.http_status == 429
             slot.rate.record(False, throttled=throttled)
             outcome = (
@@ -673,14 +918,19 @@ class Chain:
             PROVIDER_CALLS.labels(slot.name, outcome).inc()
             raise
         except BaseException:
-            permit.ignore()
+            # Cancelled. Because another provider answered first, after this one's hedge delay: it was slow.
+            if at.lost and self._clock.monotonic() >= at.hedge_at:
+                permit.slow()
+                slot.lagging = True
+            else:
+                permit.ignore()
             if conn is not None:
                 conn.ignore()
             raise
         finally:
             slot.reserved_tokens -= estimate
         elapsed = self._clock.monotonic() - started
-        self.connectivity.settle(conn, None)
+        self.connectivity.settle(slot.name, conn, None)
         usage = completion.usage or Usage(
             req.tokens_in,
             _estimate_tokens(len(json.dumps(completion.call.arguments if completion.call else completion.content))),
@@ -699,26 +949,19 @@ class Chain:
         permit.success()
         slot.rate.record(True)
         slot.observe(elapsed)
+        slot.lagging = False
         PROVIDER_CALLS.labels(slot.name, "declined" if command is None else "answered").inc()
         return answer, completion, command
 
-    def _failed(self, slot: Slot, entry: dict[str, Any], err: Exception, started: float) -> None:
-        last = err.last_error if isinstance(err, RetryExhausted) else err
-        if slot.cloud:
-            self.connectivity.gave_up(slot.name, last)
-        entry["outcome"] = "failed"
-        entry["error"] = last.code if isinstance(last, GatewayError) else type(last).__name__
-        if isinstance(last, HttpStatusError):
-            entry["http_status"] = last.http_status
-        entry["message"] = str(last)[:200]
-        entry["latency_ms"] = round((self._clock.monotonic() - started) * 1000, 3)
+    def _log_failure(self, tr: _Try) -> None:
+        entry = tr.entry
+        assert entry is not None
         log.warning(
             "provider_failed",
-            provider=slot.name,
+            provider=tr.slot.name,
             attempts=entry["attempts"],
             error=entry["error"],
             http_status=entry.get("http_status"),
-            reason=err.reason if isinstance(err, RetryExhausted) else None,
             message=entry["message"],
         )
 
@@ -749,8 +992,11 @@ class Chain:
             tried=req.tried,
         )
 
-    async def _persist(self, req: _Request) -> None:
-        """The request's spend rows and cache entry, in one store job."""
+    def _save(self, req: _Request) -> None:
+        """The request's spend rows and cache entry, queued to the store as one job and not waited for. Queued on
+        the loop's next turn, after the answer is handed back: waking the store's writer thread costs its caller
+        the GIL for a moment (about 0.4 ms measured), which the answer need not wait for. The store commits jobs in
+        the order they were queued; :meth:`settled` waits for them, and so does a cache lookup."""
         if self._store is None or (not req.spend and req.cache_entry is None):
             return
         rows, entry, cache = list(req.spend), req.cache_entry, self.cache
@@ -761,10 +1007,36 @@ class Chain:
             if entry is not None and cache is not None:
                 cache.put(conn, entry)
 
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._writes.add(done)
+        loop.call_soon(self._submit, job, len(rows), done)
+
+    def _submit(self, job: Callable[[Any], None], rows: int, done: asyncio.Future[None]) -> None:
+        assert self._store is not None
         try:
-            await self._store.write(job)
+            saving = self._store.submit(job)
         except StoreUnavailable as err:
-            log.warning("interpret_spend_not_saved", error=err.message, rows=len(rows))
+            log.warning("interpret_spend_not_saved", error=err.message, rows=rows)
+            self._writes.discard(done)
+            done.set_result(None)
+            return
+        saving.add_done_callback(functools.partial(self._saved, rows, done))
+
+    def _saved(self, rows: int, done: asyncio.Future[None], saving: asyncio.Future[None]) -> None:
+        self._writes.discard(done)
+        if not done.done():
+            done.set_result(None)
+        err = None if saving.cancelled() else saving.exception()
+        if isinstance(err, StoreUnavailable):
+            log.warning("interpret_spend_not_saved", error=err.message, rows=rows)
+        elif err is not None:
+            log.error("interpret_spend_not_saved", error=f"{type(err).__name__}: {err}", rows=rows)
+
+    async def settled(self) -> None:
+        """Until the store has committed (or refused) the rows and cache entries of every request so far."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
 
     # --- health --------------------------------------------------------------------------------------------------
 
@@ -792,7 +1064,7 @@ class Chain:
         except Exception as err:
             if probe is not None:
                 probe.failure()
-            self.connectivity.settle(conn, err)
+            self.connectivity.settle(slot.name, conn, err, witness=False)
             was = health.ok
             health.ok, health.error = (
                 False,
@@ -809,7 +1081,7 @@ class Chain:
         else:
             if probe is not None:
                 probe.success()
-            self.connectivity.settle(conn, None)
+            self.connectivity.settle(slot.name, conn, None)
             if health.ok is False:
                 log.info("provider_healthy", provider=slot.name)
             health.ok, health.error, health.info = True, None, info

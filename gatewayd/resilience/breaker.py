@@ -14,7 +14,8 @@ by our own limiters, bulkheads and other breakers: they say nothing about the ta
 decides (by default: transient errors are failures; permanent ones, a 404 or a validation error, mean the target
 answered, so they count as successes). A call that returned normally is a failure when ``failure_result`` says its
 result is unusable, or when it took ``slow_call_s`` or longer (when set), measured on the injected clock.
-Cancellation is never an outcome.
+Cancellation is never an outcome by itself; a caller that gave up on a call for taking too long (its deadline cut
+it, or a faster target answered first) says so with :meth:`Permit.slow`, a failure counted as slow.
 
 Time is read from the injected clock; ``open`` becomes ``half_open`` when a call (or a look at :attr:`state`)
 finds the wait over, so there is no timer task. Each state change is logged once, counted, set on the state
@@ -164,6 +165,13 @@ class Permit:
 
     def ignore(self) -> None:
         self._settle(None)
+
+    def slow(self) -> None:
+        """A failure by slowness: the call was cut off (a deadline, a hedge that won) before it could answer."""
+        if self._settled:
+            raise RuntimeError("a breaker permit is settled once")
+        self._settled = True
+        self._breaker._finish(self, True, slow=True)
 
     def record_exception(self, exc: BaseException) -> None:
         try:
@@ -362,7 +370,7 @@ class CircuitBreaker:
             return None
         return self.is_failure(exc)
 
-    def _finish(self, permit: Permit, failed: bool | None) -> None:
+    def _finish(self, permit: Permit, failed: bool | None, *, slow: bool = False) -> None:
         now = self._clock.monotonic()
         current = permit.generation == self._generation
         if permit.probe and current:
@@ -370,7 +378,7 @@ class CircuitBreaker:
         if failed is None:
             self._calls["ignored"].inc()
             return
-        if not failed and self.slow_call_s is not None and now - permit.started >= self.slow_call_s:
+        if slow or (not failed and self.slow_call_s is not None and now - permit.started >= self.slow_call_s):
             failed = True
             self._calls["slow"].inc()
         else:

@@ -25,10 +25,18 @@ Semantics, in one place:
   own I/O timeout).
 - Permanent errors are re-raised as they are, after one call. Giving up raises :class:`RetryExhausted` with the
   last error as ``__cause__``. Cancellation is never caught: it propagates from the attempt or the sleep at once.
+- A pause can be ended early by a ``wake`` event (a breaker that opened: waiting longer for that target is
+  pointless); the next attempt then runs at once and meets whatever woke it.
+
+:meth:`RetryPolicy.call` is the loop for one target. A caller that interleaves several targets (the interpreter's
+failover chain: fail over first, retry later) keeps one :class:`RetrySchedule` per target instead, from
+:meth:`RetryPolicy.schedule`: the same decisions, counters and logs, one failed attempt at a time, and it decides
+itself what to do while a target's pause runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -112,6 +120,18 @@ class RetryPolicy:
             return min(self.cap_s, top * draw.uniform(0.75, 1.25))
         return top
 
+    def schedule(
+        self, *, name: str | None = None, deadline: float | None = None, clock: Clock | None = None
+    ) -> RetrySchedule:
+        """A fresh schedule for one call made of attempts the caller runs itself. ``deadline`` is absolute, on
+        ``clock`` (the policy's clock unless given); the earlier of it and ``deadline_s`` from now applies."""
+        clock = self.clock if clock is None else clock
+        start = clock.monotonic()
+        end = deadline
+        if self.deadline_s is not None:
+            end = start + self.deadline_s if end is None else min(end, start + self.deadline_s)
+        return RetrySchedule(self, self.name if name is None else name, clock, start, end)
+
     async def call(
         self,
         fn: Callable[[], Awaitable[T]],
@@ -119,67 +139,31 @@ class RetryPolicy:
         name: str | None = None,
         deadline: float | None = None,
         clock: Clock | None = None,
+        wake: asyncio.Event | None = None,
     ) -> T:
         """Await ``fn()`` until it succeeds, a permanent error, or giving up.
 
         ``deadline`` is absolute, on ``clock`` (the policy's clock unless given); the earlier of it and
-        ``deadline_s`` from now applies. Raises :class:`DeadlineExceeded` if it has already passed.
+        ``deadline_s`` from now applies. Raises :class:`DeadlineExceeded` if it has already passed. ``wake``, when
+        set, ends a pause at once (the attempt after it runs straight away).
         """
-        clock = self.clock if clock is None else clock
-        label = self.name if name is None else name
-        start = clock.monotonic()
-        end = deadline
-        if self.deadline_s is not None:
-            end = start + self.deadline_s if end is None else min(end, start + self.deadline_s)
-        if end is not None and start >= end:
-            raise DeadlineExceeded(f"{label}: deadline passed before the first attempt", details={"policy": label})
-        attempt = 0
+        schedule = self.schedule(name=name, deadline=deadline, clock=clock)
+        if schedule.end is not None and schedule.start >= schedule.end:
+            raise DeadlineExceeded(
+                f"{schedule.label}: deadline passed before the first attempt", details={"policy": schedule.label}
+            )
         while True:
-            attempt += 1
             try:
                 result = await fn()
             except Exception as err:  # BaseException (cancellation) is deliberately not caught
-                verdict = self.classifier(err) if self.classifier is not None else classify(err, now=self.wall)
-                if not verdict.transient:
-                    counter(RETRY_ATTEMPTS, label, "permanent").inc()
-                    log.info(
-                        "retry_attempt_failed",
-                        policy=label,
-                        attempt=attempt,
-                        retryable=False,
-                        error=_error_code(err),
-                        reason=verdict.reason,
-                    )
+                step = schedule.failed(err)
+                if not step.verdict.transient:
                     raise
-                counter(RETRY_ATTEMPTS, label, "transient").inc()
-                delay, give_up = self._pause(label, attempt, verdict.hint_s, clock.monotonic(), end)
-                if give_up is not None:
-                    counter(RETRY_GAVE_UP, label, give_up).inc()
-                    log.warning(
-                        "retry_gave_up",
-                        policy=label,
-                        attempts=attempt,
-                        reason=give_up,
-                        error=_error_code(err),
-                        message=str(err),
-                        hint_s=verdict.hint_s,
-                        elapsed_s=round(clock.monotonic() - start, 6),
-                    )
-                    raise RetryExhausted(label, attempt, err, give_up, verdict.hint_s) from err
-                (log.debug if self.quiet else log.info)(
-                    "retry_attempt_failed",
-                    policy=label,
-                    attempt=attempt,
-                    retryable=True,
-                    error=_error_code(err),
-                    reason=verdict.reason,
-                    delay_s=round(delay, 6),
-                )
-                await clock.sleep(delay)
+                if step.give_up is not None:
+                    raise schedule.exhausted(err, step) from err
+                await schedule.pause(step.delay_s, wake)
             else:
-                counter(RETRY_ATTEMPTS, label, "success").inc()
-                if attempt > 1:
-                    log.info("retry_succeeded", policy=label, attempts=attempt)
+                schedule.succeeded()
                 return result
 
     def _pause(
@@ -204,3 +188,99 @@ class RetryPolicy:
         if end is not None and now + delay >= end:
             return delay, "deadline"
         return delay, None
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a failed attempt leads to: a pause of ``delay_s`` before the next, or ``give_up`` (``permanent``,
+    ``attempts``, ``deadline``, ``hint_too_long``, ``hint_past_deadline``)."""
+
+    verdict: Verdict
+    delay_s: float
+    give_up: str | None
+
+
+class RetrySchedule:
+    """One call's retries, one failed attempt at a time: :meth:`failed` says how long to pause or why to give up,
+    counting and logging as :meth:`RetryPolicy.call` does (which is built on it)."""
+
+    __slots__ = ("attempts", "clock", "end", "label", "policy", "start")
+
+    def __init__(self, policy: RetryPolicy, label: str, clock: Clock, start: float, end: float | None):
+        self.policy = policy
+        self.label = label
+        self.clock = clock
+        self.start = start
+        self.end = end
+        self.attempts = 0  # failed attempts so far
+
+    def failed(self, err: BaseException) -> Step:
+        """Count one failed attempt: the pause before the next one, or why there is none."""
+        policy, label = self.policy, self.label
+        self.attempts += 1
+        attempt = self.attempts
+        verdict = policy.classifier(err) if policy.classifier is not None else classify(err, now=policy.wall)
+        if not verdict.transient:
+            counter(RETRY_ATTEMPTS, label, "permanent").inc()
+            log.info(
+                "retry_attempt_failed",
+                policy=label,
+                attempt=attempt,
+                retryable=False,
+                error=_error_code(err),
+                reason=verdict.reason,
+            )
+            return Step(verdict, 0.0, "permanent")
+        counter(RETRY_ATTEMPTS, label, "transient").inc()
+        now = self.clock.monotonic()
+        delay, give_up = policy._pause(label, attempt, verdict.hint_s, now, self.end)
+        if give_up is not None:
+            counter(RETRY_GAVE_UP, label, give_up).inc()
+            log.warning(
+                "retry_gave_up",
+                policy=label,
+                attempts=attempt,
+                reason=give_up,
+                error=_error_code(err),
+                message=str(err),
+                hint_s=verdict.hint_s,
+                elapsed_s=round(now - self.start, 6),
+            )
+        else:
+            (log.debug if policy.quiet else log.info)(
+                "retry_attempt_failed",
+                policy=label,
+                attempt=attempt,
+                retryable=True,
+                error=_error_code(err),
+                reason=verdict.reason,
+                delay_s=round(delay, 6),
+            )
+        return Step(verdict, delay, give_up)
+
+    def exhausted(self, err: BaseException, step: Step) -> RetryExhausted:
+        """The error that says this schedule gave up after ``err`` (raise it ``from err``)."""
+        assert step.give_up is not None
+        return RetryExhausted(self.label, self.attempts, err, step.give_up, step.verdict.hint_s)
+
+    def succeeded(self) -> None:
+        counter(RETRY_ATTEMPTS, self.label, "success").inc()
+        if self.attempts:
+            log.info("retry_succeeded", policy=self.label, attempts=self.attempts + 1)
+
+    async def pause(self, seconds: float, wake: asyncio.Event | None = None) -> bool:
+        """Sleep ``seconds`` on the schedule's clock; False when ``wake`` was set first (then the sleep is cut
+        short at once), True when the pause ran its course."""
+        if wake is None:
+            await self.clock.sleep(seconds)
+            return True
+        if wake.is_set():
+            return False
+        async with asyncio.TaskGroup() as tg:
+            sleeper = tg.create_task(self.clock.sleep(seconds), name=f"gatewayd[{self.label}].pause")
+            woken = tg.create_task(wake.wait(), name=f"gatewayd[{self.label}].wake")
+            await asyncio.wait((sleeper, woken), return_when=asyncio.FIRST_COMPLETED)
+            slept = sleeper.done()
+            sleeper.cancel()
+            woken.cancel()
+        return slept and not wake.is_set()

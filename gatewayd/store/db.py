@@ -257,6 +257,12 @@ class Store:
 
     async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``job`` in the writer thread; return its result once the transaction holding it is committed."""
+        return await self.submit(job)
+
+    def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``job`` for the writer thread now; the future is done once its transaction is committed (or it
+        failed). Jobs commit in the order they were queued: a job submitted and not awaited is committed no later
+        than any job queued after it. Raises at once when the store is closed or lost."""
         if self._closed:
             raise StoreUnavailable("the store is closed")
         lost = self.lost
@@ -265,7 +271,7 @@ class Store:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put((job, fut, loop))
-        return await fut
+        return fut
 
     async def probe(self) -> None:
         """One small real write (the header page, rewritten with the value it has): whether SQLite can commit
