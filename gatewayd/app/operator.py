@@ -88,7 +88,9 @@ class Operator:
     async def run(self, scenario: str, duration_s: float) -> dict[str, Any]:
         if scenario not in SCENARIOS and scenario not in self.extra:
             raise NotFound(
-                f"no scenario {scenario!r}", details={"scenarios": [*SCENARIOS, *self.extra]}, code="unknown_scenario"
+                f"no scenario {scenario!r}",
+                details={"scenarios": list(dict.fromkeys([*SCENARIOS, *self.extra]))},
+                code="unknown_scenario",
             )
         if not 0 < duration_s <= MAX_DURATION_S:
             raise BadRequest(f"duration_s must be more than 0 and at most {MAX_DURATION_S:g}")

@@ -23,10 +23,13 @@ LEVELS = ("ok", "info", "warn", "fault")
 
 
 def duration(seconds: float | None) -> str:
-    """A length of time, to the precision a person wants: "0.4 s", "12 s", "3 min 5 s", "2 h 10 min", "3 d 4 h"."""
+    """A length of time, to the precision a person wants: "40 ms", "1.5 s", "12 s", "3 min 5 s", "2 h 10 min",
+    "3 d 4 h"."""
     if seconds is None:
         return "—"
     seconds = max(0.0, seconds)
+    if 0 < seconds < 0.95:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 10:
         return f"{seconds:.1f} s".replace(".0 s", " s")
     s = int(seconds)
