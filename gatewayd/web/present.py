@@ -357,7 +357,8 @@ def _problem(d: Device, now: float) -> tuple[str, str]:
     if not error:
         return ("none", "ok")
     down_at, back_at = d.get("down_at"), d.get("since")
-    when = ago(down_at or d.get("last_error_at"), now) if (down_at or d.get("last_error_at")) else "earlier"
+    at = down_at or d.get("last_error_at")
+    when = f"{duration(now - at)} ago" if at else "earlier"  # a number even within the second: an age, always
     back = f"; back {duration(back_at - down_at)} later" if down_at and back_at and back_at >= down_at else ""
     return (f"{when}: {error}{back}", "info")
 

@@ -45,6 +45,7 @@
 
   function fmt(n) {
     if (n === null || n === undefined || Number.isNaN(n)) return "—";
+    if (Number.isInteger(n)) return String(n);
     const a = Math.abs(n);
     return a >= 100 ? n.toFixed(0) : a >= 10 ? n.toFixed(1) : n.toFixed(2);
   }
@@ -64,6 +65,13 @@
     if (Array.isArray(v)) return v.map((x) => valueText(x)).join(", ");
     if (typeof v === "object") return pairs(v);
     return unit ? `${v} ${unit}` : String(v);
+  }
+
+  // A field's name as its profile describes it, else its key in words (present.label).
+  function label(key, meta) {
+    if (meta && meta.description) return meta.description;
+    const words = key.replace(/_/g, " ").trim();
+    return words.charAt(0).toUpperCase() + words.slice(1);
   }
 
   function pairs(obj, meta) {
@@ -232,7 +240,7 @@
       && ring.some((r) => numeric((r.values || {})[k]) !== null));
     box.replaceChildren(...keys.map((key) => {
       const meta = fields[key];
-      const name = meta.description || key.replace(/_/g, " ");
+      const name = label(key, meta);
       const ys = ring.map((r) => numeric((r.values || {})[key]));
       const last = ys.filter((y) => y !== null).pop();
       const s = svg("svg", { viewBox: "0 0 120 28", class: "spark", role: "img", "aria-label": `${name}, recent readings` });
@@ -256,6 +264,8 @@
       pen = true;
     }
     if (d) s.append(svg("path", { d, class: "line" }));
+    const only = points.filter((p) => p[1] !== null);
+    if (only.length === 1) s.append(svg("circle", { cx: sx(only[0][0]).toFixed(1), cy: sy(only[0][1]).toFixed(1), r: 2, class: "dot" }));
     return [ymin, ymax];
   }
 
@@ -277,10 +287,11 @@
       const w = 320, h = 90, pad = 4, top = 14;
       s.append(svg("line", { x1: pad, y1: h - pad, x2: w - pad, y2: h - pad, class: "axis" }));
       const pts = samples.map((x) => [x.ts, pick(x) === undefined ? null : pick(x)]);
-      const [, ymax] = line(s, pts, { w, h, pad, top, xmin: now - 3600, xmax: now, ymin: 0 });
-      const last = pts.length ? pts[pts.length - 1][1] : null;
+      line(s, pts, { w, h, pad, top, xmin: now - 3600, xmax: now, ymin: 0 });
+      const ys = pts.map((p) => p[1]).filter((y) => y !== null);
+      const last = ys.length ? ys[ys.length - 1] : null;
       const label = svg("text", { x: pad, y: 11, class: "label" });
-      label.textContent = samples.length ? `now ${fmt(last)} · max ${fmt(ymax)}` : "no samples yet";
+      label.textContent = ys.length ? `now ${fmt(last)} · highest ${fmt(Math.max(...ys))}` : "no samples yet";
       s.append(label);
       const span = svg("text", { x: w - pad, y: 11, class: "label end" });
       span.textContent = "60 min";
@@ -592,6 +603,7 @@
     if (data.enabled !== false) parts.push(...interpreterLines(data, active));
     box.className = "";
     box.replaceChildren(...parts);
+    box.dataset.state = "done";
   }
 
   // --- live: server-sent events, else polling ------------------------------------------------------------------------
