@@ -648,11 +648,17 @@
     es.addEventListener("resync", () => { refreshCommands(); loadHistory(); });
   }
 
-  wireForms();
-  drawCharts();
-  loadHistory();
-  loadTelemetry();
-  loadProviders();
-  setInterval(loadProviders, 15000);
-  connect();
+  function start() {
+    wireForms();
+    drawCharts();
+    loadHistory();
+    loadTelemetry();
+    loadProviders();
+    setInterval(loadProviders, 15000);
+    connect();
+  }
+
+  // After the first frame: the page the server rendered is complete and shows at once; the live parts follow.
+  // (A form pressed before then posts as it does without scripts.)
+  requestAnimationFrame(() => setTimeout(start, 0));
 })();
