@@ -87,6 +87,8 @@
     if (m) return `no permission to open the serial port ${m[1]} (is the service user in the dialout group?)`;
     m = /cannot connect to (\S+?): .*Connection refused/i.exec(text);
     if (m) return `nothing answers at ${m[1]} (connection refused)`;
+    m = /cannot connect to (\S+?): .*(Name or service not known|Temporary failure)/i.exec(text);
+    if (m) return `the host name in ${m[1]} is not known (DNS)`;
     return String(text).replace(/\[Errno -?\d+\]\s*/g, "").trim();
   }
 
