@@ -177,7 +177,8 @@ def _device(d: dict[str, Any], csrf: str) -> str:
         f'data-level="{level}">{_e(v["badge"])}</span></span></div>'
     )
     desc = f'{_e(d.get("description"))} · <span title="profile">{_e(d.get("profile"))}</span> · {_e(v["where"])}'
-    return f"""<article class="device" data-device="{_e(name)}" data-level="{level}" aria-labelledby="{ident}">
+    cls = "device board" if channels else "device"  # a board's card spans two columns from a tablet up
+    return f"""<article class="{cls}" data-device="{_e(name)}" data-level="{level}" aria-labelledby="{ident}">
 {head}
 <p class="desc muted">{desc}</p>
 <dl class="readings">{"".join(_reading(r) for r in v["readings"])}</dl>
