@@ -660,7 +660,19 @@
     connect();
   }
 
-  // After the first frame: the page the server rendered is complete and shows at once; the live parts follow.
-  // (A form pressed before then posts as it does without scripts.)
-  requestAnimationFrame(() => setTimeout(start, 0));
+  // After the first paint: the page the server rendered is complete and shows at once; the live parts follow and
+  // do not compete with it for the CPU. (A form pressed before then posts as it does without scripts; a tab opened
+  // in the background, which paints nothing, starts after half a second.)
+  function afterFirstPaint(fn) {
+    let done = false;
+    const go = () => { if (!done) { done = true; fn(); } };
+    setTimeout(go, 500);
+    try {
+      new PerformanceObserver((list, observer) => { observer.disconnect(); setTimeout(go, 0); })
+        .observe({ type: "paint", buffered: true });
+    } catch (err) {
+      requestAnimationFrame(() => setTimeout(go, 0));
+    }
+  }
+  afterFirstPaint(start);
 })();
