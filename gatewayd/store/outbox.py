@@ -9,14 +9,13 @@ wall clock becomes trustworthy (:func:`restamp`).
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from gatewayd import strictjson
+from gatewayd.timefmt import iso
 
 if TYPE_CHECKING:
     from gatewayd.commands.model import CommandRecord
@@ -66,12 +65,6 @@ class OutboxRow:
         body["ts"] = iso(self.ts)
         body["clock_synced"] = self.clock_synced
         return json.dumps(body, separators=(",", ":")).encode()
-
-
-def iso(ts: float) -> str:
-    if not math.isfinite(ts):
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def result_row(rec: CommandRecord, *, mono: float, boot_id: str, synced: bool) -> NewRow:

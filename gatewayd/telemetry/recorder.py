@@ -102,6 +102,7 @@ class Recorder:
         free_bytes: Callable[[], int | None] | None = None,
         space: DiskSpace | None = None,
         forward: bool = True,
+        profiles: Callable[[], Mapping[str, Profile]] = dict,
     ):
         self._space = space
         # False without an uplink ([mqtt] enabled = false): records still feed the page (recent readings, last
@@ -122,7 +123,7 @@ class Recorder:
             self._free_bytes = lambda: space.free
         else:
             self._free_bytes = lambda: shutil.disk_usage(self._data_dir).free
-        self._profiles: Callable[[], Mapping[str, Profile]] = dict
+        self._profiles = profiles  # device name -> profile, as the device manager has them now (SIGHUP reloads)
         self._telemetry: deque[sql.NewRow] = deque()
         self._events: deque[sql.NewRow] = deque()
         self._wake = asyncio.Event()
@@ -136,10 +137,6 @@ class Recorder:
         self.dropped_pending = 0
         self.invalid = 0
         self._counted = {kind: counter(TELEMETRY_RECORDS, kind) for kind in ("telemetry", "event")}
-
-    def attach(self, profiles: Callable[[], Mapping[str, Profile]]) -> None:
-        """The device registry, once the devices exist (they are built with this recorder as their sink)."""
-        self._profiles = profiles
 
     async def __aenter__(self) -> Recorder:
         CLOCK_SYNCED.set(int(self.stamper.synced))

@@ -44,6 +44,7 @@ from gatewayd.resilience.retry import RetryPolicy
 from gatewayd.store import Store, outbox
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.uplink import paho
 from gatewayd.uplink.discovery import discovery_messages
 from gatewayd.uplink.intake import Intake, LinkLost
 
@@ -96,6 +97,8 @@ class Uplink:
         )
         self._settled = asyncio.Event()  # the first session subscribed, or the first connection attempt failed
         self.subscribed = False
+        if cfg.enabled:
+            paho.check()  # at start, not at the first command: the installed aiomqtt has what the uplink uses
         self._environ = os.environ if environ is None else environ
         self._tasks = TaskOwner("uplink")
         self._wake = asyncio.Event()
@@ -192,9 +195,8 @@ class Uplink:
             timeout=self.cfg.puback_timeout_s,
             max_inflight_messages=self.cfg.max_inflight,
         )
-        # Acknowledge commands ourselves, after the commit. aiomqtt does not expose paho's manual acks; the paho
-        # client underneath does (paho-mqtt >= 2.0: manual_ack_set and ack).
-        client._client.manual_ack_set(True)
+        # Acknowledge commands ourselves, after the commit (aiomqtt has no public API for it: see uplink/paho.py).
+        paho.manual_acks(client)
         # aiomqtt logs a warning for every publish made while more than 10 await their PUBACK; the drain keeps up to
         # max_inflight in flight by design (plus status and events), so only more than that is worth a warning.
         client.pending_calls_threshold = self.cfg.max_inflight + 10
@@ -202,7 +204,7 @@ class Uplink:
 
     async def _connect(self) -> aiomqtt.Client:
         client = self._new_client()
-        closed = _watch_close(client)
+        closed = paho.watch_close(client)
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError) as err:
@@ -366,25 +368,6 @@ class Uplink:
                     await self._bucket.acquire()
                 tg.create_task(one(row))
         return acked, failures
-
-
-def _watch_close(client: aiomqtt.Client) -> list[str]:
-    """A list that gets the reason when the connection closes before the broker accepted it. paho reports such a
-    close (a TLS handshake alert for a missing client certificate, a proxy that hangs up) only through
-    ``on_disconnect``, which aiomqtt ignores before CONNACK and then waits out its whole timeout."""
-    closed: list[str] = []
-    paho = client._client
-    forward = paho.on_disconnect
-
-    def on_disconnect(*args: Any, **kwargs: Any) -> None:
-        if not client._connected.done():
-            reason = args[3] if len(args) > 3 else kwargs.get("reason_code", "closed")
-            closed.append(str(reason))
-        if forward is not None:
-            forward(*args, **kwargs)
-
-    paho.on_disconnect = on_disconnect
-    return closed
 
 
 _AWAY = ("refused", "unreachable", "name or service not known", "name resolution", "no route to host")

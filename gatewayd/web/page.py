@@ -12,7 +12,7 @@ from typing import Any
 
 from gatewayd.commands.model import State
 from gatewayd.web import present
-from gatewayd.web.auth import CSRF_FIELD, Principal
+from gatewayd.web.identity import CSRF_FIELD, Principal
 
 _STATE_CLASS = {"succeeded": "ok", "failed": "bad", "rejected": "bad", "expired": "bad", "cancelled": "muted"}
 

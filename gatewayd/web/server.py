@@ -37,8 +37,8 @@ from gatewayd.interpret.service import Answer
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.store import outbox as outbox_sql
-from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.timefmt import iso
 from gatewayd.web import auth, crosssite, openapi
 from gatewayd.web.connections import Connections, listen
 from gatewayd.web.console import CONSOLE, Console
@@ -204,6 +204,14 @@ async def post_command(request: web.Request) -> web.Response:
 
 async def get_command(request: web.Request) -> web.Response:
     rec = await _ctx(request).service.get(request.match_info["id"])
+    return web.json_response(rec.to_api())
+
+
+async def cancel_command(request: web.Request) -> web.Response:
+    """Cancel a command still waiting in its queue: 200 with the cancelled record, 409 once it may be on the wire
+    or is finished (with its state), 404 for an unknown id."""
+    who = auth.user_of(request) or request.remote or "http"
+    rec = await _ctx(request).service.cancel(request.match_info["id"], by=who)
     return web.json_response(rec.to_api())
 
 
@@ -401,6 +409,7 @@ def build_app(
     app.router.add_post("/api/v1/commands", post_command)
     app.router.add_get("/api/v1/commands", list_commands)
     app.router.add_get("/api/v1/commands/{id}", get_command)
+    app.router.add_post("/api/v1/commands/{id}/cancel", cancel_command)
     app.router.add_get("/api/v1/devices", list_devices)
     app.router.add_get("/api/v1/devices/{name}", get_device)
     app.router.add_get("/api/v1/devices/{name}/telemetry", device_telemetry)
