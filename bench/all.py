@@ -175,6 +175,22 @@ BENCHES: tuple[Bench, ...] = (
         ),
     ),
     Bench(
+        "page",
+        "Status page: first paint and transfer size",
+        "page.py",
+        ("--runs", "3", "--loads", "10"),
+        ("--runs", "1", "--loads", "3"),
+        "The daemon with the bundled `config.toml` on mock hardware; Debian's headless Chromium at 1400x1000 opens "
+        "the status page on loopback with a cold cache, and the browser's Performance API gives first paint and "
+        "the bytes on the wire per request (HTML, stylesheet, script, the API calls the script makes). The small "
+        "login page's first paint in the same browser is the baseline: what the browser and the machine's load "
+        "cost whatever the page.",
+        (
+            ("page: first paint / login-page baseline (ms)", "first_paint_ms|baseline_first_paint_ms", "{:.0f}"),
+            ("page: total transfer / HTML+CSS+JS (KiB)", "total_kib|first_load_kib", "{:.1f}"),
+        ),
+    ),
+    Bench(
         "resilience",
         "Resilience kit overhead",
         "resilience.py",

@@ -2,7 +2,11 @@
 only, so they start fast on a Pi; ``run`` imports the daemon.
 
 Exit codes: 0 success; 1 the command ended in a state other than succeeded (or did not finish in time);
-2 bad usage, invalid configuration or a request the daemon refused; 3 the daemon is not reachable.
+2 bad usage, invalid configuration or a request the daemon refused; 3 the daemon is not reachable; 141 the
+reader of the output went away (``gatewayd status | head -1``), as for any Unix tool killed by SIGPIPE: no
+traceback, nothing on standard error.
+
+Output is for people by default (aligned columns, words, units); ``--json`` gives the API's answer for scripts.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +26,7 @@ from urllib.parse import quote
 from gatewayd import strictjson
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_INVALID, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_PIPE_CLOSED = 128 + 13  # SIGPIPE, as the shell reports a tool that wrote to a closed pipe
 
 
 def default_config() -> Path:
@@ -162,11 +168,42 @@ def _unreachable(err: Unreachable) -> int:
 
 
 def _api_error(err: ApiError) -> int:
+    """The daemon's refusal on standard error: its code and message, each field's problem, and, for a name it does
+    not know, the names it does (devices, a device's actions, fault scenarios)."""
     error = (err.body or {}).get("error", {}) if isinstance(err.body, dict) else {}
+    details = error.get("details") or {}
     print(f"gatewayd: refused ({err.status} {error.get('code', '?')}): {error.get('message', '')}", file=sys.stderr)
-    for item in (error.get("details") or {}).get("errors", []):
+    for item in details.get("errors", []):
         print(f"  {item.get('field')}: {item.get('message')}", file=sys.stderr)
+    for key, what in (("known", "devices"), ("actions", "actions"), ("scenarios", "scenarios")):
+        names = details.get(key)
+        if isinstance(names, list) and names:
+            print(f"  {what} here: {', '.join(str(n) for n in names)}", file=sys.stderr)
     return EXIT_INVALID if err.status < 500 else EXIT_NOT_DONE
+
+
+def columns(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows as aligned columns, each as wide as its widest cell (long device or profile names included); the last
+    column is not padded."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(len(r) for r in rows))]
+    return [
+        indent + "  ".join(cell if i == len(r) - 1 else cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip()
+        for r in rows
+    ]
+
+
+def _actions_text(d: dict[str, Any]) -> str:
+    """A device's actions, a relay board's on1/off1 ... on8/off8 said once: "on1-8/off1-8 (channels), all_off"."""
+    actions = list(d.get("actions") or ())
+    channels = d.get("channels") or []
+    if not channels:
+        return ", ".join(actions)
+    paired = {a for ch in channels for a in (ch["on"], ch["off"])}
+    nums = [ch["channel"] for ch in channels]
+    span = f"{min(nums)}-{max(nums)}" if nums == list(range(min(nums), max(nums) + 1)) else ",".join(map(str, nums))
+    return ", ".join([f"on{span}/off{span} (channels)", *[a for a in actions if a not in paired]])
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -272,40 +309,176 @@ def cmd_say(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The verdict, the queue, a line per device (its state and last problem, in words), the recent commands."""
+    from gatewayd.web import present
+
     url = base_url(args)
     try:
         _, stats = request(f"{url}/api/v1/stats")
-        _, devices = request(f"{url}/api/v1/devices")
+        _, overview = request(f"{url}/api/v1/overview")
         _, recent = request(f"{url}/api/v1/commands?limit=10")
     except Unreachable as err:
         return _unreachable(err)
     except ApiError as err:
         return _api_error(err)
+    devices = overview.get("devices") or []
     if args.json:
-        print(json.dumps({"stats": stats, "devices": devices["devices"], "recent": recent["commands"]}, indent=2))
+        out = {"summary": overview.get("summary"), "stats": stats, "devices": devices, "recent": recent["commands"]}
+        print(json.dumps(out, indent=2))
         return EXIT_OK
+    verdict = (overview.get("summary") or {}).get("verdict") or {}
     q = stats["queue"]
     print(
-        f"gatewayd {stats['gateway_id']} ({stats['version']}, {stats['mode']} mode) at {url}: {stats['phase']}, "
-        f"{'healthy' if stats['healthy'] else 'UNHEALTHY'}, up {stats['uptime_s']:.0f} s"
+        f"{stats['gateway_id']}: {verdict.get('title', stats['phase'])} (gatewayd {stats['version']}, "
+        f"{stats['mode']} mode, {stats['phase']}, up {present.duration(stats['uptime_s'])}, at {url})"
     )
-    print(
-        f"queue: {q['queued']} queued, {q['in_flight']} executing; "
-        f"commands: {', '.join(f'{k} {v}' for k, v in sorted(stats['commands'].items())) or 'none yet'}"
-    )
+    if verdict.get("detail"):
+        print(f"  {verdict['detail']}")
+    done = ", ".join(f"{v} {k}" for k, v in sorted(stats["commands"].items())) or "none yet"
+    print(f"queue: {q['queued']} waiting, {q['in_flight']} running; commands since start: {done}")
     print("devices:")
-    for d in devices["devices"]:
-        state = "available" if d["available"] else f"UNAVAILABLE ({d['last_error']})"
-        print(f"  {d['name']:<16} {d['profile']:<14} {state}  actions: {', '.join(d['actions'])}")
+    rows = [["NAME", "PROFILE", "STATE", "LAST PROBLEM", "ACTIONS"]]
+    for d in devices:
+        view = d.get("view") or {}
+        state = view.get("badge") or ("answering" if d.get("available") else "NOT ANSWERING")
+        problem = view.get("problem") or present.plain_error(d.get("last_error")) or "none"
+        rows.append([d["name"], str(d.get("profile")), state, problem, _actions_text(d)])
+    for line in columns(rows):
+        print(line)
     if recent["commands"]:
-        print("recent commands:")
+        print("recent commands (UTC):")
+        rows = [["RECEIVED", "ID", "DEVICE", "ACTION", "STATE"]]
         for c in recent["commands"]:
-            print(f"  {c['created_at']}  {c['id'][:12]:<12} {c['device']:<12} {c['action']:<10} {c['state']}")
+            received = str(c["created_at"]).replace("T", " ").split(".")[0].rstrip("Z")
+            rows.append([received, c["id"][:12], c["device"], c["action"], c["state"]])
+        for line in columns(rows):
+            print(line)
     return EXIT_OK
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Is it working, and if not, what and what to do: the verdict and the overview's tiles, as on the page. Exit 1
+    when the daemon reports itself unhealthy (its /healthz answers 503)."""
+    url = base_url(args)
+    try:
+        try:
+            _, health = request(f"{url}/healthz")
+            code = EXIT_OK
+        except ApiError as err:
+            if err.status != 503:  # unhealthy is an answer, not a failure to ask
+                raise
+            health, code = err.body, EXIT_NOT_DONE
+        try:
+            _, overview = request(f"{url}/api/v1/overview")
+        except ApiError as err:
+            if err.status not in (401, 403):
+                raise
+            overview = {}  # a daemon with access control and no token here: /healthz alone
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        return _api_error(err)
+    summary = overview.get("summary")
+    if args.json:
+        print(json.dumps({"healthz": health, "summary": summary}, indent=2))
+        return code
+    if not summary:
+        verdict_text = "healthy" if health.get("healthy") else "NOT HEALTHY"
+        print(f"{health.get('gateway_id')}: {verdict_text} ({health.get('phase')})")
+        print("  (set GATEWAYD_TOKEN to a viewer's token to see what each part means)")
+        return code
+    verdict = summary["verdict"]
+    print(f"{health.get('gateway_id')}: {verdict['title']}")
+    print(f"  {verdict['detail']}")
+    marks = {"ok": "ok", "info": "note", "warn": "CHECK", "fault": "FAULT"}
+    rows = [[marks.get(t["level"], t["level"]), t["label"], t["text"]] for t in summary["tiles"]]
+    for tile, line in zip(summary["tiles"], columns(rows), strict=True):
+        print(line)
+        if tile.get("why") and tile["level"] != "ok":  # what it means and what to do, under its line
+            for text in textwrap.wrap(tile["why"], width=92):
+                print(f"        {text}")
+    return code
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """The counters, for a technician watching them move: commands per state, queue per device, outbox, uplink,
+    store and storage. ``health`` says what they mean."""
+    from gatewayd.web import present
+
+    url = base_url(args)
+    try:
+        _, st = request(f"{url}/api/v1/stats")
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        return _api_error(err)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    q, ob, up = st.get("queue") or {}, st.get("outbox") or {}, st.get("uplink") or {}
+    store, storage = st.get("store") or {}, st.get("storage") or {}
+    print(f"{st['gateway_id']} (gatewayd {st['version']}, {st['mode']} mode), up {present.duration(st['uptime_s'])}")
+    rows = [
+        ["commands", ", ".join(f"{v} {k}" for k, v in sorted((st.get("commands") or {}).items())) or "none yet"],
+        ["queue", f"{q.get('queued', 0)} waiting, {q.get('in_flight', 0)} running"],
+        [
+            "outbox",
+            f"{ob.get('rows', 0)} records ({present.size(ob.get('bytes'))}), oldest "
+            f"{present.duration(ob.get('oldest_age_s')) if ob.get('rows') else '—'}, "
+            f"{ob.get('telemetry_dropped', 0)} readings dropped",
+        ],
+    ]
+    if up.get("enabled") is False or not up:
+        rows.append(["uplink", "not configured"])
+    else:
+        rows.append(
+            [
+                "uplink",
+                f"{'connected' if up.get('connected') else 'not connected'} ({up.get('broker')}), "
+                f"{up.get('connects', 0)} connects, {up.get('published', 0)} published, "
+                f"{up.get('commands_received', 0)} commands received",
+            ]
+        )
+    rows.append(["store", f"{store.get('commits', 0)} commits, stalled {present.duration(store.get('stalled_s'))}"])
+    rows.append(["storage", f"{present.size(storage.get('free_bytes'))} free at {storage.get('path')}"])
+    for line in columns(rows, indent=""):
+        print(line)
+    per = q.get("per_device") or {}
+    if per:
+        print("per device:")
+        rows = [["DEVICE", "WAITING", "RUNNING", "CIRCUIT"]]
+        for name, dq in per.items():
+            breaker = (dq.get("breaker") or {}).get("state") or "—"
+            rows.append([name, str(dq.get("queued", 0)), str(dq.get("executing") or "—")[:12], breaker])
+        for line in columns(rows):
+            print(line)
+    return EXIT_OK
+
+
+def _report_lines(report: dict[str, Any]) -> list[str]:
+    """A fault drill's report in words: how it ended, what was done, what was seen."""
+    from gatewayd.web import present
+
+    head = (
+        f"{report.get('scenario')}: {'recovered' if report.get('recovered') else 'NOT recovered'}, "
+        f"{'healthy after' if report.get('healthy_after') else 'NOT healthy after'}"
+        + (f" (took {present.duration(report['took_s'])})" if isinstance(report.get("took_s"), int | float) else "")
+    )
+    lines = [head, *(f"  done: {a}" for a in report.get("actions") or ())]
+    for key, value in (report.get("observed") or {}).items():
+        if key.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
+            key, text = key[:-2], present.duration(value)
+        elif isinstance(value, str):
+            text = present.plain_error(value)
+        else:
+            text = present.value_text(value)
+        lines.append(f"  {key.replace('_', ' ')}: {text}")
+    return lines
+
+
 def _operator(path: str, method: str = "GET", timeout: float = 10.0) -> Callable[[argparse.Namespace], int]:
-    """``stats``, ``health``, ``config``, ``reset``, ``test``: the API's answer, as JSON."""
+    """``config``, ``reset``, ``test``: the API's answer (``config`` as JSON; the others in words, or JSON with
+    ``--json``)."""
 
     def run(args: argparse.Namespace) -> int:
         url = base_url(args)
@@ -318,11 +491,16 @@ def _operator(path: str, method: str = "GET", timeout: float = 10.0) -> Callable
         except Unreachable as err:
             return _unreachable(err)
         except ApiError as err:
-            if path == "/healthz" and err.status == 503:  # unhealthy is an answer, not a failure to ask
-                print(json.dumps(err.body, indent=2))
-                return EXIT_NOT_DONE
             return _api_error(err)
-        print(json.dumps(body, indent=2))
+        if getattr(args, "json", True):
+            print(json.dumps(body, indent=2))
+        elif "{scenario}" in path:
+            print("\n".join(_report_lines(body)))
+        else:
+            print(
+                f"reset: {body.get('breakers_closed', 0)} breakers closed, "
+                f"{body.get('limiter_keys_cleared', 0)} rate-limit keys cleared"
+            )
         if "{scenario}" in path:
             return EXIT_OK if body.get("recovered", True) and body.get("healthy_after", True) else EXIT_NOT_DONE
         return EXIT_OK
@@ -409,23 +587,42 @@ def build_parser() -> argparse.ArgumentParser:
     client(say)
     say.set_defaults(func=cmd_say)
 
-    status = sub.add_parser("status", help="show the daemon's health, devices and recent commands")
-    status.add_argument("--json", action="store_true")
-    client(status)
-    status.set_defaults(func=cmd_status)
+    def as_json(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="the API's answer as JSON, for scripts")
 
-    for name, path, method, text in (
-        ("stats", "/api/v1/stats", "GET", "counters: queue, commands per state, outbox, uplink, store"),
-        ("health", "/healthz", "GET", "is the daemon healthy (exit 1 if not)"),
-        ("config", "/api/v1/admin/config", "GET", "the effective configuration, secrets redacted (admin)"),
-        ("reset", "/api/v1/admin/reset", "POST", "close breakers, refill limiters, zero counters (admin)"),
+    for name, func, text in (
+        ("status", cmd_status, "the verdict, each device's state and last problem, and the recent commands"),
+        ("health", cmd_health, "is it working, and what to do if not: the verdict and each part (exit 1 if unhealthy)"),
+        ("stats", cmd_stats, "the counters: commands per state, queue per device, outbox, uplink, store"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".")
+        as_json(p)
         client(p)
-        p.set_defaults(func=_operator(path, method))
-    test = sub.add_parser("test", help="inject a fault scenario for a bounded time and report how it went (admin)")
-    test.add_argument("scenario", help="serial_unplug, serial_garbage, broker_down, slow_disk, provider_timeout, ...")
+        p.set_defaults(func=func)
+
+    config = sub.add_parser("config", help="the effective configuration as JSON, secrets redacted (admin)")
+    client(config)
+    config.set_defaults(func=_operator("/api/v1/admin/config"))
+    reset = sub.add_parser("reset", help="close breakers, refill limiters, zero counters (admin)")
+    as_json(reset)
+    client(reset)
+    reset.set_defaults(func=_operator("/api/v1/admin/reset", "POST"))
+
+    from gatewayd.web.present import SCENARIOS
+
+    width = max(map(len, SCENARIOS))
+    test = sub.add_parser(
+        "test",
+        help="inject a fault scenario for a bounded time and report how it went (admin)",
+        description="Injects a fault on this gateway for --duration seconds, undoes it, and reports how the\n"
+        "gateway coped (exit 1 if it did not recover). The provider_* scenarios need an active\n"
+        "language provider.",
+        epilog="scenarios:\n" + "\n".join(f"  {n.ljust(width)}  {what}" for n, what in SCENARIOS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    test.add_argument("scenario", help="one of the scenarios below")
     test.add_argument("--duration", type=float, default=5.0, help="seconds the fault lasts (default 5)")
+    as_json(test)
     client(test)
     test.set_defaults(func=_operator("/api/v1/admin/test/{scenario}", "POST"))
     scan = sub.add_parser(
@@ -463,9 +660,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "run" and args.config is None:
-        args.config = default_config()
-    if args.command == "check-config" and args.path is None:
-        args.path = default_config()
-    return int(args.func(args))
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            if args.command == "run" and args.config is None:
+                args.config = default_config()
+            if args.command == "check-config" and args.path is None:
+                args.path = default_config()
+            return int(args.func(args))
+        finally:  # here, where a closed pipe can still be caught (also after --help), not at the interpreter's exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader has gone (| head -1): what it took is all it wanted. Standard output goes to /dev/null so the
+        # interpreter's own flush at exit cannot raise again, and the command ends quietly, as SIGPIPE ends cat.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED

@@ -11,12 +11,16 @@ as_root() {
         echo "gatewayd setup: need root (or sudo) to run: $*" >&2; return 1; fi
 }
 
-apt_install() {
+apt_update_once() {
     # apt-get update once per boot of this script: a fresh machine has no package lists.
     if [ -z "${GATEWAYD_APT_UPDATED:-}" ]; then
         as_root apt-get update -qq
         export GATEWAYD_APT_UPDATED=1
     fi
+}
+
+apt_install() {
+    apt_update_once
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
@@ -26,7 +30,11 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
     exit 1
 fi
 
+FRESH=""
 if [ ! -x "$VENV/bin/python" ]; then
+    FRESH=1
+    echo "gatewayd setup: first run: making .venv and installing gatewayd into it; this takes a minute or two" \
+        "(once; later runs start at once)..." >&2
     if ! "$PY" -m venv "$VENV" 2>/dev/null; then
         # Debian splits venv/ensurepip out of python3.
         rm -rf "$VENV"
@@ -40,7 +48,17 @@ WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)${EXTRA:+[$EXTRA]}"
 HAVE="$(cat "$STAMP" 2>/dev/null || true)"
 # The test install is a superset of the plain one: `run` after `test` must not reinstall.
 if [ "$HAVE" != "$WANT" ] && ! { [ -z "$EXTRA" ] && [ "${HAVE%%\[*}" = "$WANT" ]; }; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${EXTRA:+[$EXTRA]}"
+    [ -z "$FRESH" ] && echo "gatewayd setup: installing gatewayd${EXTRA:+ with its $EXTRA extras} into .venv" \
+        "(pyproject.toml is new or changed); this takes a minute..." >&2
+    # pip's and the build backend's chatter goes to a log, shown only if the install fails.
+    PIPLOG="$VENV/pip-install.log"
+    if ! { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off --upgrade pip &&
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off \
+            -e "$ROOT${EXTRA:+[$EXTRA]}"; } >"$PIPLOG" 2>&1; then
+        cat "$PIPLOG" >&2
+        echo "gatewayd setup: installing into .venv failed (above; also in $PIPLOG)" >&2
+        exit 1
+    fi
+    echo "gatewayd setup: done, .venv is ready" >&2
     echo "$WANT" > "$STAMP"
 fi

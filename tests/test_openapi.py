@@ -88,7 +88,7 @@ def test_fuzzing_the_api_finds_no_server_error_and_no_undocumented_status(daemon
 def test_promtool_accepts_the_metrics(daemon: Daemon) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.fail("promtool is missing: ./scripts/test installs Debian's prometheus package, which ships it")
+        pytest.fail("promtool is missing: ./scripts/test puts it in .cache/tools/bin (from Debian's package)")
     # Traffic first, so the HTTP histograms and per-route counters have samples.
     daemon.post({"device": "pump1", "action": "read"}, wait=5)
     daemon.get("/api/v1/nope")

@@ -44,15 +44,15 @@ def test_secrets_are_redacted_but_the_names_of_their_variables_are_kept() -> Non
 
 
 def test_stats_health_config_and_reset_from_the_cli(daemon: Daemon) -> None:
-    code, stats = _cli(daemon, "stats")
+    code, stats = _cli(daemon, "stats", "--json")
     assert code == 0 and stats["gateway_id"] == "gw-dev" and "outbox" in stats and "uplink" in stats
-    code, health = _cli(daemon, "health")
-    assert code == 0 and health["status"] == "ok"
+    code, health = _cli(daemon, "health", "--json")
+    assert code == 0 and health["healthz"]["status"] == "ok"
     code, config = _cli(daemon, "config")
     assert code == 0
     assert config["config"]["serial"]["bus0"]["baudrate"] == 115200
     assert config["overrides"]["http.port"] == "GATEWAYD_HTTP__PORT"
-    code, reset = _cli(daemon, "reset")
+    code, reset = _cli(daemon, "reset", "--json")
     assert code == 0 and reset["breakers_closed"] == 5  # one per device
     code, unknown = _cli(daemon, "test", "meteor_strike")
     assert code == 2 and "unknown_scenario" in str(unknown)
@@ -60,7 +60,7 @@ def test_stats_health_config_and_reset_from_the_cli(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("scenario", ["serial_unplug", "serial_garbage", "slow_disk"])
 def test_each_local_fault_scenario_ends_healthy_with_a_report(daemon: Daemon, scenario: str) -> None:
-    code, report = _cli(daemon, "test", scenario, "--duration", "1")
+    code, report = _cli(daemon, "test", scenario, "--duration", "1", "--json")
     assert code == 0, report
     assert report["scenario"] == scenario and report["recovered"] is True and report["healthy_after"] is True
     assert report["actions"] and report["observed"]
@@ -90,7 +90,7 @@ def test_broker_down_drops_the_link_keeps_the_backlog_and_drains_it_after(tmp_pa
         )
         d.start()
         assert d.post({"device": "sensor1", "action": "set_interval", "params": {"seconds": 0.05}}, wait=5)[0] == 200
-        code, report = _cli(d, "test", "broker_down", "--duration", "1.5")
+        code, report = _cli(d, "test", "broker_down", "--duration", "1.5", "--json")
         assert code == 0, report
         observed = report["observed"]
         assert observed["connected_before"] is True
@@ -103,6 +103,6 @@ def test_broker_down_drops_the_link_keeps_the_backlog_and_drains_it_after(tmp_pa
 
 def test_provider_scenarios_say_what_they_need_when_no_provider_is_active(daemon: Daemon) -> None:
     # The bundled config lists providers, but without API keys in the environment none of them is asked.
-    code, report = _cli(daemon, "test", "provider_down", "--duration", "1")
+    code, report = _cli(daemon, "test", "provider_down", "--duration", "1", "--json")
     assert code == 2
     assert "scenario_unavailable" in str(report)

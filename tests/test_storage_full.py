@@ -224,7 +224,10 @@ def test_a_daemon_without_room_refuses_new_work_takes_critical_commands_and_says
     wait_until(lambda: 'gatewayd_telemetry_dropped_total{reason="storage_full"}' in _metrics(d), what="dropped")
     assert "gatewayd_storage_full 1.0" in _metrics(d)
     page = str(http("GET", f"{d.url}/")[1])
-    assert '<div class="tile" data-k="storage"><dt>Storage</dt><dd class="bad">FULL: new commands refused' in page
+    tile = '<div class="tile" data-k="storage" data-level="fault"><dt>Storage</dt><dd class="text">FULL: new commands'
+    assert tile in page
+    _, overview = d.get("/api/v1/overview")
+    assert overview["summary"]["verdict"]["title"] == "Needs attention now"  # the verdict says so first
     assert d.get("/api/v1/outbox")[1]["by_kind"].get("telemetry", 0) == 0
     assert d.stop() == 0
     lines = d.log_lines()

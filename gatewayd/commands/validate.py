@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gatewayd import strictjson
-from gatewayd.commands.model import CommandRequest
+from gatewayd.commands.model import CommandRequest, quoted
 from gatewayd.config.profiles import ParamSpec, Profile
 from gatewayd.errors import BadRequest, UnknownDevice, ValidationFailed
 
@@ -124,12 +124,12 @@ def check_param(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
         return (value, None) if isinstance(value, bool) else (None, "must be true or false")
     if spec.type in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            return None, f"must be a number ({spec.type})"
+            return None, f"must be {_number_kind(spec)}, not {quoted(value)}"
         if isinstance(value, float) and not math.isfinite(value):
             return None, "must be a finite number"
         if spec.type == "int":
             if isinstance(value, float) and not value.is_integer():
-                return None, "must be a whole number"
+                return None, f"must be {_number_kind(spec)}, not {quoted(value)}"
             value = int(value)
         # Compared before any conversion to float: Python compares an int of any size with a float exactly, while
         # float() of a JSON integer with 400 digits raises OverflowError.
@@ -151,6 +151,18 @@ def check_param(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
     if len(value) > spec.max_length:
         return None, f"must be at most {spec.max_length} characters"
     return value, None
+
+
+def _number_kind(spec: ParamSpec) -> str:
+    """What a numeric parameter takes, in words: "a whole number from 0 to 100 %", "a number of at least 0 s"."""
+    kind = "a whole number" if spec.type == "int" else "a number"
+    if spec.min is not None and spec.max is not None:
+        return f"{kind} from {spec.min:g} to {spec.max:g}{_unit(spec)}"
+    if spec.min is not None:
+        return f"{kind} of at least {spec.min:g}{_unit(spec)}"
+    if spec.max is not None:
+        return f"{kind} of at most {spec.max:g}{_unit(spec)}"
+    return f"{kind} ({spec.unit})" if spec.unit else kind
 
 
 def _unit(spec: ParamSpec) -> str:

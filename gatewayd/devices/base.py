@@ -22,6 +22,10 @@ class Availability:
     available: bool = False
     last_error: str | None = None
     since: float = field(default_factory=time.time)
+    # Wall times, for display: when the latest outage began and when its latest error was seen. After a recovery
+    # they stay, so a page can say "could not open the port 3 min ago, back 12 s later" rather than a bare error.
+    down_at: float | None = None
+    last_error_at: float | None = None
     # Called with the new value on every change (the dispatcher wakes the device's held commands).
     listeners: list[Callable[[bool], None]] = field(default_factory=list, repr=False, compare=False)
 
@@ -32,11 +36,12 @@ class Availability:
             self._tell(True)
 
     def down(self, error: str) -> None:
-        self.last_error = error
+        now = time.time()
+        self.last_error, self.last_error_at = error, now
         changed = self.available or self.since == 0
         if changed:
             log.warning("device_unavailable", device=self.subject, error=error)
-            self.since = time.time()
+            self.since = self.down_at = now
         self.available = False
         if changed:
             self._tell(False)
@@ -49,7 +54,13 @@ class Availability:
                 log.exception("availability_listener_failed", device=self.subject)
 
     def to_api(self) -> dict[str, Any]:
-        return {"available": self.available, "last_error": self.last_error, "since": self.since}
+        return {
+            "available": self.available,
+            "last_error": self.last_error,
+            "since": self.since,
+            "down_at": self.down_at,
+            "last_error_at": self.last_error_at,
+        }
 
 
 class Device(Protocol):

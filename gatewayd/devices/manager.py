@@ -7,6 +7,7 @@ never stops the daemon.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -231,9 +232,60 @@ class DeviceManager:
                     **dev.availability.to_api(),
                     **dev.describe(),
                     "actions": actions,
+                    "fields": fields(dev.profile),
+                    "channels": channels(dev.profile, self._loaded.config.devices[name].channels),
                 }
             )
         return out
+
+
+def fields(profile: Profile) -> dict[str, dict[str, Any]]:
+    """What each value in a device's state and readings is, from its profile: the telemetry points first, then
+    the actions' parameters (a PWM output's ``percent`` is its ``set`` action's, in %). Type, unit, description
+    and range; a client shows "Air temperature 21.4 °C" from these, never a bare key and number."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, point in profile.telemetry.items():
+        out[name] = {"type": point.type, "unit": point.unit, "description": point.description, "source": "telemetry"}
+        out[name].update({k: v for k, v in (("min", point.min), ("max", point.max)) if v is not None})
+    for spec in profile.actions.values():
+        for name, param in spec.params.items():
+            if name not in out:
+                kind = "str" if param.type == "enum" else param.type
+                out[name] = {"type": kind, "unit": param.unit, "description": param.description, "source": "param"}
+    return out
+
+
+_TRAILING_NUMBER = re.compile(r"[0-9]+$")
+
+
+def channels(profile: Profile, labels: Mapping[int, str]) -> list[dict[str, Any]]:
+    """A multi-channel board's channels (its on3/off3 action pairs), each with its label from the config and the
+    telemetry point that reads its state: the point on the coil the channel's action writes, else the boolean
+    point whose name ends in the channel's number (``relay3``). Empty for a device with one output."""
+    from gatewayd.interpret.registry import channel_actions  # pure; the interpreter's own reading of the profile
+
+    pairs = channel_actions(profile)
+    if len(pairs) < 2:
+        return []
+    bools = {n: p for n, p in profile.telemetry.items() if p.type == "bool"}
+    out = []
+    for channel, (on, off) in pairs.items():
+        written = profile.actions[on].modbus
+        point = next(
+            (
+                n
+                for n, p in bools.items()
+                if written is not None
+                and p.modbus is not None
+                and p.modbus.table == written.write == "coil"
+                and p.modbus.address == written.address
+            ),
+            None,
+        )
+        if point is None:
+            point = next((n for n in bools if (m := _TRAILING_NUMBER.search(n)) and int(m[0]) == channel), None)
+        out.append({"channel": channel, "label": labels.get(channel), "on": on, "off": off, "point": point})
+    return out
 
 
 def pty_framing(cfg: SerialBusConfig) -> SerialBusConfig:

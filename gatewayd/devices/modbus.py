@@ -369,6 +369,11 @@ class ModbusDevice:
             if not isinstance(value, bool):
                 raise ValidationFailed(f"coil {m.address} takes true or false, not {value!r}")
             await self.bus.write_coil(self.unit, m.address, value, function=m.function_code)
+            # The unit echoed the write: a point that reads this coil now holds the value, without waiting for
+            # the next poll (a board's channel shows "on" as soon as it is on).
+            for name, point in self.profile.telemetry.items():
+                if point.modbus is not None and point.modbus.table == "coil" and point.modbus.address == m.address:
+                    self.values[name] = value
             return {"table": "coil", "address": m.address, "value": value}
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValidationFailed(f"holding register {m.address} takes a number, not {value!r}")

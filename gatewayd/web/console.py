@@ -33,7 +33,7 @@ from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_KEYS
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.timefmt import iso
-from gatewayd.web import auth, page
+from gatewayd.web import auth, page, present
 from gatewayd.web.history import History
 from gatewayd.web.live import EventHub, encode
 
@@ -144,12 +144,14 @@ class Console:
 
     # --- views -------------------------------------------------------------------------------------------------
 
-    def device_views(self) -> list[dict[str, Any]]:
-        """The devices as the API describes them, with when each was last heard from."""
+    def device_views(self, status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The devices as the API describes them, with when each was last heard from and ``view``: the texts the
+        page shows on its card (:func:`gatewayd.web.present.device_view`)."""
+        now = time.time()
+        per_device = ((status if status is not None else self.status()).get("queue") or {}).get("per_device") or {}
         out = []
         for device in self.devices():
             seen = [self.last_ok.get(device["name"])]
-            telemetry = device.get("telemetry")
             if self.recorder is not None:
                 ring = self.recorder.recent.get(device["name"])
                 if ring:
@@ -159,8 +161,8 @@ class Console:
                     seen.append(event["ts"])
             known = [s for s in seen if s is not None]
             device["last_seen"] = iso(max(known)) if known else None
-            device["last_seen_ago_s"] = round(max(0.0, time.time() - max(known)), 1) if known else None
-            device["telemetry"] = telemetry
+            device["last_seen_ago_s"] = round(max(0.0, now - max(known)), 1) if known else None
+            device["view"] = present.device_view(device, per_device.get(device["name"]), now)
             out.append(device)
         return out
 
@@ -178,13 +180,17 @@ class Console:
         return dict(sorted(out.items()))
 
     def overview(self) -> dict[str, Any]:
-        """The page's overview and devices, as the ``status`` event and ``GET /api/v1/overview`` carry them."""
+        """The page's overview and devices, as the ``status`` event and ``GET /api/v1/overview`` carry them:
+        the facts, and ``summary``, what they mean (the verdict and the overview's tiles)."""
         status = self.status()
+        devices = self.device_views(status)
+        error_rate = self.history.error_rate()
         return {
+            "summary": present.assess(present.Facts(status, error_rate, devices, time.time())),
             "status": status,
-            "error_rate": self.history.error_rate(),
+            "error_rate": error_rate,
             "commands_accepted": self.service.accepted,
-            "devices": self.device_views(),
+            "devices": devices,
             "limiters": self.limiters(),
         }
 
@@ -215,16 +221,17 @@ class Console:
         device = request.query.get("device") or None
         records = await self.service.listing(state=state, device=device, limit=50)
         session = request.get("session")
+        ov = self.overview()
         html = page.render(
-            self.status(),
-            self.device_views(),
+            ov["status"],
+            ov["devices"],
             [r.to_api(transitions=False) for r in records],
             principal=auth.principal_of(request),
+            summary=ov["summary"],
             csrf=session.csrf if isinstance(session, auth.Session) else "",
             auth_enabled=self.auth.enabled,
             filters={"state": state or "", "device": device or ""},
-            error_rate=self.history.error_rate(),
-            limiters=self.limiters(),
+            limiters=ov["limiters"],
             flash=flash,
             sent=request.query.get("sent"),
         )

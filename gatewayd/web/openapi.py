@@ -201,7 +201,13 @@ def document() -> dict[str, Any]:
                 "responses": _responses(200, 404, 409),
             }
         },
-        "/api/v1/devices": {"get": {"summary": "Devices with state and actions", "responses": _responses(200)}},
+        "/api/v1/devices": {
+            "get": {
+                "summary": "Devices with state and actions, the fields their values are (type, unit, description) "
+                "and a multi-channel board's channels",
+                "responses": _responses(200),
+            }
+        },
         "/api/v1/devices/{name}": {
             "get": {
                 "summary": "One device",
@@ -221,7 +227,8 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/overview": {
             "get": {
-                "summary": "What the page's live status carries: status, error rate, devices, limiters",
+                "summary": "What the page's live status carries: summary (the verdict and each part, in words), "
+                "status, error rate, devices (each with its card's texts in view), limiters",
                 "responses": _responses(200),
             }
         },

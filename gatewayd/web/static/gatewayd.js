@@ -17,6 +17,7 @@
     finals: new Map(),       // id -> final record seen recently (a result may arrive before the POST answers)
     pending: new Map(),      // id -> {box, label}: commands sent from this page, awaiting their final state
     sent: 0,                 // requests sent from this page's forms: the newest one owns its result box
+    devices: {},             // device -> its latest description (fields and their units, actions, view)
     readings: {},            // device -> [{at, values}]
     lastReading: {},         // device -> "at" of the newest reading drawn
     source: null,
@@ -42,28 +43,70 @@
     return node;
   }
 
-  function size(n) {
-    if (n === null || n === undefined) return "unknown";
-    for (const [unit, scale] of [["GiB", 1024 ** 3], ["MiB", 1024 ** 2], ["KiB", 1024]]) {
-      if (n >= scale) return `${(n / scale).toFixed(1)} ${unit}`;
-    }
-    return `${n} B`;
-  }
-
-  function duration(s) {
-    if (s === null || s === undefined) return "—";
-    s = Math.floor(s);
-    if (s < 60) return `${s} s`;
-    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
-    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
-    return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
-  }
-
   function fmt(n) {
     if (n === null || n === undefined || Number.isNaN(n)) return "—";
+    if (Number.isInteger(n)) return String(n);
     const a = Math.abs(n);
     return a >= 100 ? n.toFixed(0) : a >= 10 ? n.toFixed(1) : n.toFixed(2);
   }
+
+  // Values and errors in words, as gatewayd/web/present.py writes them on the server (number, value_text, pairs,
+  // plain_error): the page never shows JSON or the C library's errno tags.
+  function number(v) {
+    if (Number.isInteger(v)) return String(v);
+    return Math.abs(v) < 10 ? v.toFixed(2) : v.toFixed(1);
+  }
+
+  function valueText(v, meta) {
+    const unit = meta && meta.unit;
+    if (v === null || v === undefined) return "—";
+    if (typeof v === "boolean") return v ? "yes" : "no";
+    if (typeof v === "number") return unit ? `${number(v)} ${unit}` : number(v);
+    if (Array.isArray(v)) return v.map((x) => valueText(x)).join(", ");
+    if (typeof v === "object") return pairs(v);
+    return unit ? `${v} ${unit}` : String(v);
+  }
+
+  // A field's name as its profile describes it, else its key in words (present.label).
+  function label(key, meta) {
+    if (meta && meta.description) return meta.description;
+    const words = key.replace(/_/g, " ").trim();
+    return words.charAt(0).toUpperCase() + words.slice(1);
+  }
+
+  function pairs(obj, meta) {
+    if (!obj || typeof obj !== "object") return obj === null || obj === undefined ? "" : String(obj);
+    return Object.entries(obj).map(([k, v]) => `${k.replace(/_/g, " ")} ${valueText(v, (meta || {})[k])}`).join(", ");
+  }
+
+  function plainError(text) {
+    if (!text) return "";
+    let m = /could not open port (\S+?):.*No such file or directory/i.exec(text);
+    if (m) return `the serial port ${m[1]} is not there (adapter unplugged or renamed?)`;
+    m = /could not open port (\S+?):.*Permission denied/i.exec(text);
+    if (m) return `no permission to open the serial port ${m[1]} (is the service user in the dialout group?)`;
+    m = /cannot connect to (\S+?): .*Connection refused/i.exec(text);
+    if (m) return `nothing answers at ${m[1]} (connection refused)`;
+    m = /cannot connect to (\S+?): .*(Name or service not known|Temporary failure)/i.exec(text);
+    if (m) return `the host name in ${m[1]} is not known (DNS)`;
+    return String(text).replace(/\[Errno -?\d+\]\s*/g, "").trim();
+  }
+
+  // A nested object as a definition list (a command's result, how it was understood, a drill's report).
+  function pairsList(obj) {
+    const dl = el("dl", { class: "pairs" });
+    const add = (key, v) => {
+      if (v !== null && typeof v === "object" && !Array.isArray(v)) {
+        for (const [k, x] of Object.entries(v)) add(key ? `${key} ${k}` : k, x);
+      } else {
+        dl.append(el("dt", { text: key.replace(/_/g, " ") }), el("dd", { text: typeof v === "string" ? plainError(v) : valueText(v) }));
+      }
+    };
+    add("", obj);
+    return dl;
+  }
+
+  function when(iso) { return (iso || "").replace("T", " ").split(".")[0].replace(/Z$/, ""); }
 
   async function api(method, path, body) {
     const headers = { Accept: "application/json" };
@@ -80,7 +123,7 @@
   function describeError(r) {
     const e = r.data && r.data.error;
     if (r.status === 0) return `the gateway did not answer (${r.error || "network error"})`;
-    return e ? `refused (${r.status} ${e.code}): ${e.message}` : `HTTP ${r.status}`;
+    return e ? `refused (${r.status} ${e.code}): ${plainError(e.message)}` : `HTTP ${r.status}`;
   }
 
   function setLive(mode, text) {
@@ -91,68 +134,74 @@
   }
 
   // --- overview and devices -------------------------------------------------------------------------------------
+  // The server says what the state means (gatewayd/web/present.py): the verdict, the tiles and each device's texts
+  // come ready in the overview; this places them.
 
-  function tile(key, text, cls) {
-    const dd = $(`.tile[data-k="${key}"] dd`);
-    if (!dd) return;
-    dd.textContent = text;
-    dd.className = cls || "";
+  function applySummary(summary) {
+    if (!summary) return;
+    const v = summary.verdict, box = $("#verdict");
+    box.dataset.level = v.level;
+    $(".title", box).textContent = v.title;
+    $(".detail", box).textContent = v.detail;
+    const list = $("#overview .tiles");
+    for (const t of summary.tiles) {
+      let tile = $(`.tile[data-k="${CSS.escape(t.key)}"]`, list);
+      if (!tile) { tile = el("div", { class: "tile", "data-k": t.key }, el("dt"), el("dd", { class: "text" })); list.append(tile); }
+      tile.dataset.level = t.level;
+      $("dt", tile).textContent = t.label;
+      $(".text", tile).textContent = t.text;
+      let why = $(".why", tile);
+      if (t.why && t.level !== "ok") {
+        if (!why) { why = el("dd", { class: "why" }); tile.append(why); }
+        why.textContent = t.why;
+      } else if (why) why.remove();
+    }
   }
 
   function applyOverview(ov) {
-    const st = ov.status || {};
-    const q = st.queue || {}, ob = st.outbox || {}, up = st.uplink, clock = st.clock || {};
-    tile("health", `${st.healthy ? "healthy" : "UNHEALTHY"} · ${st.phase}`, st.healthy ? "ok" : "bad");
-    tile("uptime", duration(st.uptime_s));
-    if (!up) tile("uplink", "—", "muted");
-    else if (up.enabled === false) tile("uplink", "disabled", "muted");
-    else if (up.connected) tile("uplink", `connected (${up.broker})`, "ok");
-    else tile("uplink", `offline (${up.last_error || "connecting"})`, "bad");
-    const synced = clock.synchronised;
-    tile("clock", synced === true ? "synchronised" : synced === false ? "not synchronised" : "unknown",
-      synced === true ? "ok" : synced === false ? "bad" : "muted");
-    tile("queue", `${q.queued || 0} queued · ${q.in_flight || 0} executing`);
-    tile("outbox", `${ob.rows === undefined ? "—" : ob.rows} records`);
-    tile("oldest", duration(ob.oldest_age_s));
-    const sto = st.storage;
-    if (!sto) tile("storage", "—", "muted");
-    else if (sto.full) tile("storage", "FULL: new commands refused", "bad");
-    else tile("storage", `${size(sto.free_bytes)} free`, "ok");
-    const er = ov.error_rate || {};
-    tile("errors", er.rate === null || er.rate === undefined ? "no commands" : `${(er.rate * 100).toFixed(1)} % of ${er.finished}`,
-      er.rate ? "bad" : "");
-    const perDevice = q.per_device || {};
-    for (const d of ov.devices || []) applyDevice(d, perDevice[d.name]);
+    applySummary(ov.summary);
+    for (const d of ov.devices || []) { state.devices[d.name] = d; applyDevice(d); }
     if (ov.limiters) applyLimiters(ov.limiters);
     if (state.accepted !== null && ov.commands_accepted !== state.accepted) scheduleCommandRefresh();
     state.accepted = ov.commands_accepted;
   }
 
-  // What the gateway will send to the device by itself (as page.py's scheduled_text writes it).
-  function scheduledText(rows) {
-    if (!rows || !rows.length) return "—";
-    const why = { max_on: "max on-time", on_period: "end of the on-period" };
-    return rows.slice().sort((a, b) => (a.due_in_s ?? Infinity) - (b.due_in_s ?? Infinity))
-      .map((r) => `${r.action} ${r.due_in_s === null || r.due_in_s === undefined ? "after the command runs" : `in ${duration(r.due_in_s)}`} (${why[r.kind] || r.kind})`)
-      .join("; ");
+  function reading(r) {
+    return el("div", { class: "reading", "data-key": r.key }, el("dt", { text: r.label }), el("dd", { text: r.text }));
   }
 
-  function applyDevice(d, dq) {
+  function applyChannels(card, channels) {
+    for (const ch of channels || []) {
+      const form = $(`form.channel[data-channel="${ch.channel}"]`, card);
+      if (!form) continue;
+      form.dataset.state = ch.state;
+      form.dataset.action = ch.action;
+      form.elements.action.value = ch.action;
+      $(".ch-state", form).textContent = ch.state;
+      const button = $("button", form);
+      button.textContent = ch.button;
+      button.setAttribute("aria-label", `${ch.button} channel ${ch.channel}${ch.label ? `, ${ch.label}` : ""}`);
+    }
+  }
+
+  function applyDevice(d) {
     const card = $(`article.device[data-device="${CSS.escape(d.name)}"]`);
-    if (!card) return;
-    const avail = $(".avail", card);
-    avail.replaceChildren(el("span", { class: `badge ${d.available ? "ok" : "bad"}`, text: d.available ? "available" : "unavailable" }));
-    $(".last-seen", card).textContent = d.last_seen ? `${d.last_seen} (${duration(d.last_seen_ago_s)} ago)` : "never";
-    $(".last-error", card).textContent = d.last_error || "—";
-    const b = d.breaker;
-    const breaker = $(".breaker", card);
-    if (b && b.state === "open") breaker.replaceChildren(el("span", { class: "bad", text: "open" }), `, probe in ${b.retry_after_s} s`);
-    else if (b && b.state === "half_open") breaker.textContent = "half-open: probing";
-    else breaker.textContent = b ? "closed" : "—";
-    $(".state", card).textContent = JSON.stringify(d.state || {});
-    $(".dqueue", card).textContent = dq ? `${dq.queued} queued${dq.executing ? `, executing ${dq.executing}` : ""}` : "—";
-    const sched = $(".scheduled", card);
-    if (sched) sched.textContent = scheduledText(d.scheduled);
+    const v = d.view;
+    if (!card || !v) return;
+    card.dataset.level = v.level;
+    const badge = $(".avail .badge", card);
+    badge.dataset.level = v.level;
+    badge.textContent = v.badge;
+    $(".readings", card).replaceChildren(...v.readings.map(reading));
+    $(".as-of", card).textContent = v.as_of;
+    $(".last-seen", card).textContent = v.seen;
+    const problem = $(".last-error", card);
+    problem.textContent = v.problem;
+    problem.dataset.level = v.problem_level;
+    $(".breaker", card).textContent = v.circuit;
+    $(".dqueue", card).textContent = v.queue;
+    $(".scheduled", card).textContent = v.scheduled;
+    applyChannels(card, v.channels);
     if (d.telemetry && d.telemetry.at !== state.lastReading[d.name]) {
       const ring = state.readings[d.name] || (state.readings[d.name] = []);
       ring.push(d.telemetry);
@@ -166,10 +215,12 @@
     const names = Object.keys(limiters);
     if (!box || !names.length) return;
     const cols = ["allowed", "limited", "bypassed", "keys"];
-    box.replaceChildren(el("table", { id: "limiter-table" },
-      el("thead", {}, el("tr", {}, el("th", { text: "limiter" }), ...cols.map((c) => el("th", { text: c })))),
-      el("tbody", {}, ...names.map((n) => el("tr", {}, el("td", { text: n }),
-        ...cols.map((c) => el("td", { text: limiters[n][c] === undefined ? "—" : String(Math.round(limiters[n][c])) })))))));
+    const summary = $("#limiters summary");
+    if (summary) summary.textContent = `Rate limiters (${names.length})`;
+    box.replaceChildren(el("table", { id: "limiter-table", class: "stack" },
+      el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "Limiter" }), ...cols.map((c) => el("th", { scope: "col", text: c })))),
+      el("tbody", {}, ...names.map((n) => el("tr", {}, el("td", { "data-label": "Limiter", text: n }),
+        ...cols.map((c) => el("td", { "data-label": c, text: limiters[n][c] === undefined ? "—" : String(Math.round(limiters[n][c])) })))))));
   }
 
   // --- charts -----------------------------------------------------------------------------------------------------
@@ -179,19 +230,24 @@
     return typeof v === "number" && Number.isFinite(v) ? v : null;
   }
 
+  // A small chart per reading the profile declares as a number, captioned with its name and unit; a value the
+  // profile does not describe (a frame counter) is not charted.
   function drawSparks(device) {
     const box = $(`.sparks[data-device="${CSS.escape(device)}"]`);
     const ring = state.readings[device] || [];
-    if (!box || !ring.length) return;
+    const fields = (state.devices[device] || {}).fields;
+    if (!box || !ring.length || !fields) return;
     state.lastReading[device] = ring[ring.length - 1].at;
-    const keys = [];
-    for (const r of ring) for (const [k, v] of Object.entries(r.values || {})) if (numeric(v) !== null && !keys.includes(k)) keys.push(k);
+    const keys = Object.keys(fields).filter((k) => ["int", "float"].includes(fields[k].type)
+      && ring.some((r) => numeric((r.values || {})[k]) !== null));
     box.replaceChildren(...keys.map((key) => {
+      const meta = fields[key];
+      const name = label(key, meta);
       const ys = ring.map((r) => numeric((r.values || {})[key]));
       const last = ys.filter((y) => y !== null).pop();
-      const s = svg("svg", { viewBox: "0 0 120 28", class: "spark", role: "img", "aria-label": key });
+      const s = svg("svg", { viewBox: "0 0 120 28", class: "spark", role: "img", "aria-label": `${name}, recent readings` });
       line(s, ys.map((y, i) => [i, y]), { w: 120, h: 28, pad: 2, xmin: 0, xmax: Math.max(1, ys.length - 1) });
-      return el("figure", { class: "spark", "data-key": key }, s, el("figcaption", { text: `${key} ${fmt(last)}` }));
+      return el("figure", { class: "spark", "data-key": key }, s, el("figcaption", { text: `${name} ${valueText(last, meta)}` }));
     }));
   }
 
@@ -210,6 +266,8 @@
       pen = true;
     }
     if (d) s.append(svg("path", { d, class: "line" }));
+    const only = points.filter((p) => p[1] !== null);
+    if (only.length === 1) s.append(svg("circle", { cx: sx(only[0][0]).toFixed(1), cy: sy(only[0][1]).toFixed(1), r: 2, class: "dot" }));
     return [ymin, ymax];
   }
 
@@ -231,10 +289,11 @@
       const w = 320, h = 90, pad = 4, top = 14;
       s.append(svg("line", { x1: pad, y1: h - pad, x2: w - pad, y2: h - pad, class: "axis" }));
       const pts = samples.map((x) => [x.ts, pick(x) === undefined ? null : pick(x)]);
-      const [, ymax] = line(s, pts, { w, h, pad, top, xmin: now - 3600, xmax: now, ymin: 0 });
-      const last = pts.length ? pts[pts.length - 1][1] : null;
+      line(s, pts, { w, h, pad, top, xmin: now - 3600, xmax: now, ymin: 0 });
+      const ys = pts.map((p) => p[1]).filter((y) => y !== null);
+      const last = ys.length ? ys[ys.length - 1] : null;
       const label = svg("text", { x: pad, y: 11, class: "label" });
-      label.textContent = samples.length ? `now ${fmt(last)} · max ${fmt(ymax)}` : "no samples yet";
+      label.textContent = ys.length ? `now ${fmt(last)} · highest ${fmt(Math.max(...ys))}` : "no samples yet";
       s.append(label);
       const span = svg("text", { x: w - pad, y: 11, class: "label end" });
       span.textContent = "60 min";
@@ -260,20 +319,28 @@
   const STATE_CLASS = { succeeded: "ok", failed: "bad", rejected: "bad", expired: "bad", cancelled: "muted" };
   const FINAL = new Set(["succeeded", "failed", "expired", "rejected", "cancelled"]);
 
+  function paramUnits(c) {
+    const action = ((state.devices[c.device] || {}).actions || {})[c.action] || {};
+    const props = (action.params || {}).properties || {};
+    return Object.fromEntries(Object.entries(props).map(([k, p]) => [k, { unit: p["x-unit"] }]));
+  }
+
+  // A command's result or error in words (as page.py's outcome()).
   function outcome(c) {
-    if (c.error) return c.error.message || c.error.code;
-    return c.result ? JSON.stringify(c.result) : "";
+    if (c.error) return plainError(c.error.message || c.error.code);
+    return pairs(c.result, (state.devices[c.device] || {}).fields);
   }
 
   function commandRow(c) {
     const link = el("a", { class: "cmd-link", href: `/api/v1/commands/${encodeURIComponent(c.id)}` }, el("code", { text: c.id.slice(0, 16) }));
-    const params = c.params && Object.keys(c.params).length ? JSON.stringify(c.params) : "";
+    const who = `${c.source || ""}${c.user ? ` · ${c.user}` : ""} · ${c.priority}`;
     return el("tr", { "data-command-id": c.id },
-      el("td", {}, link), el("td", { text: c.created_at }), el("td", { text: c.device }),
-      el("td", {}, `${c.action} `, el("code", { text: params })), el("td", { text: c.priority }),
-      el("td", { text: (c.source || "") + (c.user ? ` · ${c.user}` : "") }),
-      el("td", { class: `cstate ${STATE_CLASS[c.state] || ""}`, text: c.state }),
-      el("td", { class: "outcome", text: outcome(c) }));
+      el("td", { "data-label": "Id" }, link), el("td", { "data-label": "Received (UTC)", text: when(c.created_at) }),
+      el("td", { "data-label": "Device", text: c.device }),
+      el("td", { "data-label": "Action" }, `${c.action} `, el("span", { class: "params", text: pairs(c.params, paramUnits(c)) })),
+      el("td", { "data-label": "From", text: who }),
+      el("td", { "data-label": "State", class: `cstate ${STATE_CLASS[c.state] || ""}`, text: c.state }),
+      el("td", { "data-label": "Result", class: "outcome", text: outcome(c) }));
   }
 
   function filters() {
@@ -339,7 +406,7 @@
     if (!r.ok) return;
     const tbody = $("#command-table tbody");
     const rows = r.data.commands.map(commandRow);
-    tbody.replaceChildren(...(rows.length ? rows : [el("tr", { class: "empty" }, el("td", { colspan: "8", class: "muted", text: "no commands" }))]));
+    tbody.replaceChildren(...(rows.length ? rows : [el("tr", { class: "empty" }, el("td", { colspan: "7", class: "muted", text: "no commands" }))]));
     for (const c of r.data.commands) noteRecord(c, "poll");
   }
 
@@ -352,19 +419,20 @@
     const next = row.nextElementSibling;
     if (next && next.classList.contains("detail")) { next.remove(); return; }
     const r = await api("GET", `/api/v1/commands/${encodeURIComponent(id)}`);
-    const cell = el("td", { colspan: "8" });
+    const cell = el("td", { colspan: "7" });
     if (!r.ok) cell.textContent = describeError(r);
     else {
       const c = r.data;
       const list = el("ol", { class: "transitions" }, ...(c.transitions || []).map((t) =>
-        el("li", {}, el("b", { text: t.state }), ` ${t.at}`, t.detail ? ` — ${t.detail}` : "")));
+        el("li", {}, el("b", { text: t.state }), ` ${when(t.at)}`, t.detail ? ` — ${plainError(t.detail)}` : "")));
       const how = c.interpretation || c.interpreted || null;
-      cell.append(el("div", {}, el("h4", { text: "Transitions" }), list),
-        el("div", {}, el("h4", { text: "Interpreted" }),
-          how ? el("pre", { text: JSON.stringify(how, null, 2) })
+      const what = c.error || c.result;
+      cell.append(el("div", {}, el("h4", { text: "Steps (UTC)" }), list),
+        el("div", {}, el("h4", { text: "Understood" }),
+          how ? pairsList(how)
             : el("p", { class: "muted", text: `a structured command from ${c.source}${c.user ? ` (${c.user})` : ""}: nothing to interpret` })),
         el("div", {}, el("h4", { text: c.error ? "Error" : "Result" }),
-          el("pre", { text: JSON.stringify(c.error || c.result, null, 2) })));
+          what ? pairsList(what) : el("p", { class: "muted", text: "none yet" })));
     }
     row.after(el("tr", { class: "detail" }, cell));
   }
@@ -407,7 +475,27 @@
     return { device: form.dataset.device, action: form.dataset.action, params };
   }
 
+  // A drill's report in words: how it ended, what was done, what was seen ("detected unplug after 0.02 s").
+  function reportText(name, rep) {
+    const seconds = (k, v) => (k.endsWith("_s") && typeof v === "number" ? [k.slice(0, -2), `${number(v)} s`] : [k, v]);
+    const seen = Object.entries(rep.observed || {}).map(([k, v]) => {
+      const [key, val] = seconds(k, v);
+      return `  ${key.replace(/_/g, " ")}: ${typeof val === "string" ? plainError(val) : valueText(val)}`;
+    });
+    return [`${name}: ${rep.recovered ? "recovered" : "NOT recovered"}, ${rep.healthy_after ? "healthy after" : "NOT healthy after"}`
+      + ` (took ${number(rep.took_s || 0)} s)`, ...(rep.actions || []).map((a) => `  done: ${a}`), ...seen].join("\n");
+  }
+
   function wireForms() {
+    // A relay board's channel is a toggle: its form carries the action pressing it does now (on3 or off3).
+    for (const form of $$("form.channel")) {
+      form.addEventListener("submit", (ev) => {
+        ev.preventDefault();
+        const label = $(".ch-label", form).textContent;
+        sendCommand({ device: form.dataset.device, action: form.dataset.action, params: {} }, $("#result"),
+          `${form.dataset.device} ${form.dataset.action} (channel ${form.dataset.channel}, ${label})`);
+      });
+    }
     for (const form of $$("form.action")) {
       form.addEventListener("submit", (ev) => {
         ev.preventDefault();
@@ -448,41 +536,76 @@
         if (box.dataset.ticket !== ticket) return;
         if (r.status === 404 || r.status === 405) showResult(box, `${name}: unavailable (${r.status}): this daemon has no fault-scenario endpoint`, "muted", "http");
         else if (!r.ok) showResult(box, `${name}: ${describeError(r)}`, "bad", "http");
-        else showResult(box, `${name}: ${r.status}\n${JSON.stringify(r.data, null, 2)}`, "ok", "http");
+        else showResult(box, reportText(name, r.data), r.data.recovered === false ? "bad" : "ok", "http");
       });
     }
   }
 
   // --- providers ----------------------------------------------------------------------------------------------------
 
-  function table(rows) {
-    const keys = [];
-    for (const r of rows) for (const k of Object.keys(r)) if (!keys.includes(k)) keys.push(k);
-    const cell = (v) => (v !== null && typeof v === "object" ? JSON.stringify(v) : v === null || v === undefined ? "—" : String(v));
-    return el("table", {}, el("thead", {}, el("tr", {}, ...keys.map((k) => el("th", { text: k })))),
-      el("tbody", {}, ...rows.map((r) => el("tr", {}, ...keys.map((k) => el("td", { text: cell(r[k]) }))))));
+  // The interpreter in a technician's terms: who answers sentences now, each provider's state, the cache and spend.
+  function providerRow(p) {
+    const h = p.health || {}, b = p.breaker || {}, rpm = (p.limits || {}).rpm || {};
+    const status = p.active ? `active, priority ${p.priority}` : `off: ${p.inactive_reason || "inactive"}`;
+    const health = !p.active ? "—" : h.ok === true ? `ok${h.latency_ms !== null && h.latency_ms !== undefined ? `, ${Math.round(h.latency_ms)} ms` : ""}`
+      : h.ok === false ? `failing: ${plainError(h.error) || "no answer"}` : "not checked yet";
+    const breaker = b.state === "open" ? `open, retried in ${Math.round(b.retry_after_s || 0)} s` : b.state === "half_open" ? "half-open: probing" : "closed";
+    const cells = [
+      ["Provider", el("span", {}, el("b", { text: p.name }), el("span", { class: "muted", text: ` ${p.model || ""}` }))],
+      ["Status", status], ["Health", health], ["Breaker", breaker],
+      ["Requests/min", rpm.limit ? `${rpm.limit - (rpm.available ?? rpm.limit)} of ${rpm.limit} used` : "—"],
+      ["Spend today", number(p.spend_today || 0)],
+    ];
+    return el("tr", { "data-provider": p.name }, ...cells.map(([label, v]) =>
+      el("td", { "data-label": label }, v instanceof Node ? v : String(v))));
   }
 
-  function asRows(v) {
-    if (Array.isArray(v)) return v.map((x) => (x && typeof x === "object" ? x : { value: x }));
-    if (v && typeof v === "object") return Object.entries(v).map(([name, x]) => (x && typeof x === "object" ? { name, ...x } : { name, value: x }));
-    return [];
+  function interpreterLines(data, active) {
+    const lines = [];
+    const cache = data.cache || {}, spend = data.spend || {}, local = data.local || {};
+    if (cache.enabled === false) lines.push("Prompt cache: off.");
+    else if (!active.length && !cache.entries) lines.push("Prompt cache: empty, and stays so while no provider is active (it keeps providers' answers only).");
+    else {
+      const asked = (cache.hits || 0) + (cache.misses || 0);
+      lines.push(`Prompt cache: ${cache.entries ?? 0} answers kept; ${cache.hits || 0} of ${asked} sentences answered from it.`);
+    }
+    if (spend.daily_budget !== undefined) {
+      lines.push(`Spend today: ${number(spend.today || 0)} of ${number(spend.daily_budget)} (daily budget)${spend.exhausted ? ": spent, only free providers and the local rules until midnight UTC" : ""}.`);
+    }
+    if (active.some((p) => p.cloud) && data.connectivity && data.connectivity.state === "open") {
+      lines.push(`Internet: unreachable, cloud providers skipped for ${Math.round(data.connectivity.retry_after_s || 0)} s.`);
+    }
+    if (local.ready !== undefined) {
+      const can = local.can_do || [];
+      lines.push(local.ready ? `Local rules: ready, ${can.length} commands understood${can.length ? ` (e.g. "${can[can.length > 15 ? 15 : 0].example}")` : ""}.` : "Local rules: not ready.");
+    }
+    return lines.map((t) => el("p", { text: t }));
   }
 
   async function loadProviders() {
     const box = $("#providers-body");
     const r = await api("GET", "/api/v1/providers");
-    if (r.status === 404) { box.className = "muted"; box.textContent = "no providers configured"; return; }
+    if (r.status === 404) { box.className = "muted"; box.textContent = "Natural-language commands are not available on this gateway."; return; }
     if (!r.ok) { box.className = "bad"; box.textContent = describeError(r); return; }
     const data = r.data || {};
-    const providers = asRows(data.providers !== undefined ? data.providers : data);
-    const parts = [providers.length ? table(providers) : el("p", { class: "muted", text: "no providers configured" })];
-    const titles = { connectivity: "Connectivity breaker", cache: "Prompt cache", spend: "Spend", limiters: "Rate limiters", rate_limits: "Rate limiters" };
-    for (const [key, title] of Object.entries(titles)) {
-      if (data[key] && typeof data[key] === "object") parts.push(el("h3", { text: title }), table(asRows(data[key])));
+    const providers = Array.isArray(data.providers) ? data.providers : [];
+    const active = providers.filter((p) => p.active);
+    let lead;
+    if (data.enabled === false) lead = "Natural-language commands are off ([interpret] enabled = false in the config).";
+    else if (!providers.length) lead = "No language provider is configured: the local rules answer every sentence, on this gateway.";
+    else if (!active.length) lead = "No language provider is active: the local rules answer every sentence, on this gateway, with no network. To use a provider, set its API key in the daemon's environment and restart it.";
+    else lead = `${active.length} of ${providers.length} providers active; the local rules answer when they cannot.`;
+    const parts = [el("p", { class: "lead", text: lead })];
+    if (providers.length) {
+      const cols = ["Provider", "Status", "Health", "Breaker", "Requests/min", "Spend today"];
+      parts.push(el("table", { id: "provider-table", class: "stack" },
+        el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", { scope: "col", text: c })))),
+        el("tbody", {}, ...providers.map(providerRow))));
     }
+    if (data.enabled !== false) parts.push(...interpreterLines(data, active));
     box.className = "";
     box.replaceChildren(...parts);
+    box.dataset.state = "done";
   }
 
   // --- live: server-sent events, else polling ------------------------------------------------------------------------
@@ -527,11 +650,29 @@
     es.addEventListener("resync", () => { refreshCommands(); loadHistory(); });
   }
 
-  wireForms();
-  drawCharts();
-  loadHistory();
-  loadTelemetry();
-  loadProviders();
-  setInterval(loadProviders, 15000);
-  connect();
+  function start() {
+    wireForms();
+    drawCharts();
+    loadHistory();
+    loadTelemetry();
+    loadProviders();
+    setInterval(loadProviders, 15000);
+    connect();
+  }
+
+  // After the first paint: the page the server rendered is complete and shows at once; the live parts follow and
+  // do not compete with it for the CPU. (A form pressed before then posts as it does without scripts; a tab opened
+  // in the background, which paints nothing, starts after half a second.)
+  function afterFirstPaint(fn) {
+    let done = false;
+    const go = () => { if (!done) { done = true; fn(); } };
+    setTimeout(go, 500);
+    try {
+      new PerformanceObserver((list, observer) => { observer.disconnect(); setTimeout(go, 0); })
+        .observe({ type: "paint", buffered: true });
+    } catch (err) {
+      requestAnimationFrame(() => setTimeout(go, 0));
+    }
+  }
+  afterFirstPaint(start);
 })();
