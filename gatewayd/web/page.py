@@ -72,6 +72,15 @@ def _who(principal: Principal, csrf: str, auth_enabled: bool) -> str:
     )
 
 
+def _outbox_tile(outbox: dict[str, Any]) -> tuple[str, str]:
+    """The outbox's depth, and whether telemetry goes out live or a backlog is being carried (and since when)."""
+    rows = outbox.get("rows", "—")
+    backlog = (outbox.get("telemetry") or {}).get("backlog")
+    if backlog:
+        return f"{rows} records · backlog for {duration(backlog.get('age_s'))}", "bad"
+    return f"{rows} records · live", ""
+
+
 def _overview(status: dict[str, Any], error_rate: dict[str, Any]) -> str:
     queue = status.get("queue") or {}
     outbox = status.get("outbox") or {}
@@ -111,7 +120,7 @@ def _overview(status: dict[str, Any], error_rate: dict[str, Any]) -> str:
         ("uplink", "Uplink", link, link_cls),
         ("clock", "Clock", clock_text, clock_cls),
         ("queue", "Queue", f"{queue.get('queued', 0)} queued · {queue.get('in_flight', 0)} executing", ""),
-        ("outbox", "Outbox", f"{outbox.get('rows', '—')} records", ""),
+        ("outbox", "Outbox", *_outbox_tile(outbox)),
         ("oldest", "Oldest unsent", duration(outbox.get("oldest_age_s")), ""),
         ("storage", "Storage", storage_text, storage_cls),
         ("errors", "Error rate (5 min)", rate_text, "bad" if rate else ""),

@@ -112,7 +112,10 @@
     tile("clock", synced === true ? "synchronised" : synced === false ? "not synchronised" : "unknown",
       synced === true ? "ok" : synced === false ? "bad" : "muted");
     tile("queue", `${q.queued || 0} queued · ${q.in_flight || 0} executing`);
-    tile("outbox", `${ob.rows === undefined ? "—" : ob.rows} records`);
+    const backlog = (ob.telemetry || {}).backlog;
+    const depth = `${ob.rows === undefined ? "—" : ob.rows} records`;
+    if (backlog) tile("outbox", `${depth} · backlog for ${duration(backlog.age_s)}`, "bad");
+    else tile("outbox", `${depth} · live`);
     tile("oldest", duration(ob.oldest_age_s));
     const sto = st.storage;
     if (!sto) tile("storage", "—", "muted");
