@@ -34,7 +34,7 @@ def test_a_hash_verifies_its_token_only_and_is_salted() -> None:
     assert first != second  # a fresh salt each time
     assert verify_token("s3cret", first) and verify_token("s3cret", second)
     assert not verify_token("s3cret ", first) and not verify_token("", first)
-    assert re.fullmatch(r"scrypt\$10\$8\$1\$[A-Za-z0-9_-]{22}\$[A-Za-z0-9_-]{43}", first)
+    assert re.fullmatch(r"scrypt\$10\$8\$1\$[A-Za-z0-9_-]{22}\$[A-Za-z0-9_-]{43}\$[A-Za-z0-9_-]{3}", first)
     AuthToken(name="x", role="viewer", hash=first)  # the configuration accepts what hash_token makes
 
 
@@ -120,6 +120,38 @@ def test_sessions_expire_are_bounded_and_end_on_logout() -> None:
     assert sessions.get(b.id) is None and len(sessions) == 1
 
 
+async def test_an_unknown_token_costs_no_scrypt_however_many_tokens_are_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bearer token is found by its tag, not by trying every configured hash: a flood of wrong tokens costs
+    nothing but an HMAC each, and a right one one scrypt. A hash made before tags existed is still accepted."""
+    tokens = [f"tok-{i:03d}" for i in range(60)]
+    legacy = hash_token("tok-legacy", log2_n=FAST).rsplit("$", 1)[0]  # the six-field form of earlier releases
+    cfg = AuthSection(
+        enabled=True,
+        tokens=[entry(f"user{i}", "viewer", t) for i, t in enumerate(tokens)]
+        + [AuthToken(name="old", role="operator", hash=legacy)],
+    )
+    authn = Authenticator(cfg)
+    calls: list[str] = []
+    real = auth.verify_token
+
+    def counting(token: str, stored: str) -> bool:
+        calls.append(stored)
+        return real(token, stored)
+
+    monkeypatch.setattr(auth, "verify_token", counting)
+    wrong = [f"guess-{i}" for i in range(200)]
+    for guess in wrong:
+        assert await authn.check_token(guess) is None
+    tag_collisions = sum(auth.token_tag(g) == auth.token_tag(t) for g in wrong for t in tokens)
+    assert len(calls) == len(wrong) + tag_collisions  # the legacy entry for each, a tagged one only on a collision
+    calls.clear()
+    assert await authn.check_token("tok-042") == Principal("user42", "viewer", "bearer")
+    assert len(calls) == 1
+    assert await authn.check_token("tok-legacy") == Principal("old", "operator", "bearer")
+
+
 # --- the authenticator ------------------------------------------------------------------------------------------
 
 
@@ -137,7 +169,7 @@ async def test_a_bearer_token_is_verified_once_then_remembered(monkeypatch: pyte
     assert await authn.check_token("tok-eve") == Principal("eve", "viewer", "bearer")
     verified = len(calls)
     assert await authn.check_token("tok-eve") == Principal("eve", "viewer", "bearer")
-    assert len(calls) == verified  # the second request costs no scrypt
+    assert len(calls) == verified == 1  # one scrypt for the holder's entry, none for the other; none the 2nd time
     assert await authn.check_token("tok-nobody") is None
     assert await authn.check_token("tok-nobody") is None  # failures are not remembered
     assert await authn.login("ops", "tok-ops") == Principal("ops", "operator", "session")

@@ -280,7 +280,8 @@ def test_tls_with_a_client_certificate_connects_and_without_one_is_refused(tmp_p
         wait_until(lambda: _uplink(no_cert)["last_error"], 10, "the refused connection")
         uplink = _uplink(no_cert)
         assert uplink["connected"] is False and uplink["connects"] == 0
-        assert uplink["last_error"]
+        # Not "timed out": the broker hung up during the TLS handshake, and start-up did not wait that out.
+        assert "closed the connection before accepting it" in uplink["last_error"], uplink["last_error"]
         assert no_cert.post({"device": "pump1", "action": "stop"}, wait=5)[0] == 200  # works offline meanwhile
     finally:
         broker.kill9()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -15,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gatewayd import strictjson
+from gatewayd.timefmt import iso
 
 
 class State(StrEnum):
@@ -162,7 +162,7 @@ class Transition:
     detail: str | None = None
 
     def to_api(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": self.state.value, "at": _iso(self.at)}
+        out: dict[str, Any] = {"state": self.state.value, "at": iso(self.at)}
         if self.detail:
             out["detail"] = self.detail
         return out
@@ -219,10 +219,10 @@ class CommandRecord:
             "source": self.source,
             "user": self.user,
             "state": self.state.value,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
             "ttl_s": self.ttl_s,
-            "deadline_at": _iso(self.deadline_at),
+            "deadline_at": iso(self.deadline_at),
             "result": self.result,
             "error": (
                 {"code": self.error_code, "message": self.error_message} if self.error_code is not None else None
@@ -233,12 +233,6 @@ class CommandRecord:
         if transitions:
             out["transitions"] = [t.to_api() for t in self.transitions]
         return out
-
-
-def _iso(ts: float) -> str:
-    if not math.isfinite(ts):
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def dumps(value: Any) -> str:

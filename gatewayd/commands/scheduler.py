@@ -26,8 +26,8 @@ from gatewayd.commands.model import Clock, Priority
 from gatewayd.commands.service import CommandService
 from gatewayd.errors import GatewayError, ShuttingDown, StoreUnavailable
 from gatewayd.store import Store, schedule
-from gatewayd.store.outbox import iso
 from gatewayd.tasks import TaskOwner
+from gatewayd.timefmt import iso
 
 log = structlog.get_logger("gatewayd.scheduler")
 

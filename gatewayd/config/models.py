@@ -39,8 +39,11 @@ class HttpLimits(Section):
     max_clients: int = Field(default=1000, ge=1, le=100_000)
 
 
-# A token's stored hash, as ``gatewayd hash-token`` prints it: scrypt$<log2 n>$<r>$<p>$<salt>$<key> (base64url).
-TOKEN_HASH_PATTERN = r"^scrypt\$[0-9]{1,2}\$[0-9]{1,2}\$[0-9]\$[A-Za-z0-9_-]{16,88}\$[A-Za-z0-9_-]{32,88}$"
+# A token's stored hash, as ``gatewayd hash-token`` prints it: scrypt$<log2 n>$<r>$<p>$<salt>$<key>$<tag>
+# (base64url; the tag, 16 bits that find the entry without a scrypt per configured token, is optional).
+TOKEN_HASH_PATTERN = (
+    r"^scrypt\$[0-9]{1,2}\$[0-9]{1,2}\$[0-9]\$[A-Za-z0-9_-]{16,88}\$[A-Za-z0-9_-]{32,88}(\$[A-Za-z0-9_-]{3})?$"
+)
 
 
 class AuthToken(Section):

@@ -303,6 +303,7 @@ _REWRITES: dict[str, list[tuple[str, str]]] = {
         (r"\b(?:an?|one) minute and a half\b", "90 seconds"),
         (r"\bhalf a minute\b", "30 seconds"),
         (r"\b(?:a|one) second\b", "1 seconds"),
+        (r"\b(\d+(?:[.,]\d+)?) second\b", r"\1 seconds"),  # text2num reads "1 second" as "1 2nd"
         (r"\b(?:an|one) hour\b", "1 hour"),
         (r"\b(?:a|one) minute\b", "1 minute"),
         (r"\b(?:a|one) day\b", "1 day"),

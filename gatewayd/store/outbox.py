@@ -12,15 +12,14 @@ wall clock becomes trustworthy (:func:`restamp`).
 
 from __future__ import annotations
 
-import math
 import sqlite3
-import time
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from gatewayd import strictjson
+from gatewayd.timefmt import iso
 
 if TYPE_CHECKING:
     from gatewayd.commands.model import CommandRecord
@@ -85,12 +84,6 @@ class OutboxRow:
     def message(self) -> bytes:
         """The bytes published: the stored object plus its sequence number and timestamp."""
         return _stamped(self.payload, self.id, self.ts, self.clock_synced)
-
-
-def iso(ts: float) -> str:
-    if not math.isfinite(ts):
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def result_row(rec: CommandRecord, *, mono: float, boot_id: str, synced: bool) -> NewRow:

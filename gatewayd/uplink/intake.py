@@ -75,6 +75,7 @@ from gatewayd.resilience.errors import RateLimited
 from gatewayd.store import Store, outbox
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.telemetry.sink import Record
+from gatewayd.uplink import paho
 
 if TYPE_CHECKING:
     from gatewayd.interpret.service import InterpretService
@@ -183,7 +184,7 @@ class Intake:
             if m.event is not None:
                 self._recorder.put(m.event)
             if m.done.result():
-                _ack(client, m.message)
+                paho.ack(client, m.message)
 
         def settled(_fut: asyncio.Future[bool] | None = None) -> None:
             while order and order[0].done.done():
@@ -472,8 +473,3 @@ def _clip(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clip(v) for v in value[:_CLIP_ITEMS]]
     return value
-
-
-def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-    if message.qos > 0:
-        client._client.ack(message.mid, message.qos)

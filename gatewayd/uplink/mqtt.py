@@ -54,6 +54,7 @@ from gatewayd.store import Store, outbox
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry import batching
 from gatewayd.telemetry.recorder import Held, Recorder
+from gatewayd.uplink import paho
 from gatewayd.uplink.discovery import discovery_messages
 from gatewayd.uplink.intake import Intake, LinkLost
 from gatewayd.uplink.pacing import AckWindow
@@ -112,6 +113,8 @@ class Uplink:
         )
         self._settled = asyncio.Event()  # the first session subscribed, or the first connection attempt failed
         self.subscribed = False
+        if cfg.enabled:
+            paho.check()  # at start, not at the first command: the installed aiomqtt has what the uplink uses
         self._environ = os.environ if environ is None else environ
         self._tasks = TaskOwner("uplink")
         self._wake = asyncio.Event()
@@ -238,9 +241,8 @@ class Uplink:
             # full window of backlog.
             max_inflight_messages=2 * self.cfg.max_inflight,
         )
-        # Acknowledge commands ourselves, after the commit. aiomqtt does not expose paho's manual acks; the paho
-        # client underneath does (paho-mqtt >= 2.0: manual_ack_set and ack).
-        client._client.manual_ack_set(True)
+        # Acknowledge commands ourselves, after the commit (aiomqtt has no public API for it: see uplink/paho.py).
+        paho.manual_acks(client)
         # aiomqtt logs a warning for every publish made while more than 10 await their PUBACK; the drain and the live
         # readings keep up to max_inflight each in flight by design (plus status), so only more is worth a warning.
         client.pending_calls_threshold = 2 * self.cfg.max_inflight + 10
@@ -248,12 +250,17 @@ class Uplink:
 
     async def _connect(self) -> aiomqtt.Client:
         client = self._new_client()
+        closed = paho.watch_close(client)
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError) as err:
-            self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {err}")
-            self._settled.set()
-            raise
+            failure: BaseException = err
+            if closed:  # the broker hung up before its CONNACK (a TLS alert, a proxy): say so, not "timed out"
+                failure = aiomqtt.MqttError(f"the broker closed the connection before accepting it ({closed[0]})")
+            self._down(f"cannot connect to {self.cfg.host}:{self.cfg.port}: {failure}")
+            if closed or _refused(err):  # the broker answered no: ready now, offline; a slow connect may still come
+                self._settled.set()
+            raise failure from None
         return client
 
     def _down(self, reason: str) -> None:
@@ -547,3 +554,16 @@ class Uplink:
         self._sent_since = time.monotonic() if self._sent else None
         self._recorder.update_stats(stats)
         return True
+
+
+_AWAY = ("refused", "unreachable", "name or service not known", "name resolution", "no route to host")
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether a failed connect says the broker is not there (refused, unreachable, an unknown name), rather than
+    slow (a timeout): only then does start-up stop waiting for the first subscription. aiomqtt turns the OSError
+    into an MqttError carrying its text."""
+    if isinstance(err, ConnectionRefusedError):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _AWAY)

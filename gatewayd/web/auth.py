@@ -88,10 +88,26 @@ def new_token() -> str:
 def hash_token(
     token: str, *, log2_n: int = SCRYPT_LOG2_N, r: int = SCRYPT_R, p: int = SCRYPT_P, salt: bytes | None = None
 ) -> str:
-    """``scrypt$<log2 n>$<r>$<p>$<salt>$<key>``, the form ``[http.auth] tokens`` keeps."""
+    """``scrypt$<log2 n>$<r>$<p>$<salt>$<key>$<tag>``, the form ``[http.auth] tokens`` keeps."""
     salt = secrets.token_bytes(16) if salt is None else salt
     key = _scrypt(token, salt, log2_n, r, p)
-    return f"scrypt${log2_n}${r}${p}${_b64(salt)}${_b64(key)}"
+    return f"scrypt${log2_n}${r}${p}${_b64(salt)}${_b64(key)}${token_tag(token)}"
+
+
+def token_tag(token: str) -> str:
+    """16 bits of an HMAC of the token: enough to find which configured entry a presented token could be (so an
+    unknown token costs no scrypt at all, and a known one exactly one), too few to test guesses against: a
+    dictionary of a million candidates leaves some fifteen per tag, each to be checked with scrypt."""
+    return _b64(hmac.digest(_TAG_KEY, token.encode("utf-8"), "sha256")[:_TAG_BYTES])
+
+
+_TAG_KEY, _TAG_BYTES = b"gatewayd bearer token tag v1", 2
+
+
+def _stored_tag(stored: str) -> str | None:
+    """The tag of a stored hash, None for a hash made before tags (checked by scrypt, as then)."""
+    fields = stored.split("$")
+    return fields[6] if len(fields) == 7 else None
 
 
 def _scrypt(token: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
@@ -105,8 +121,8 @@ def verify_token(token: str, stored: str) -> bool:
     """True if ``token`` is the secret ``stored`` was made from. Constant-time in the comparison; a malformed
     hash verifies nothing."""
     try:
-        scheme, log2_n, r, p, salt, key = stored.split("$")
-        if scheme != "scrypt":
+        scheme, log2_n, r, p, salt, key, *tag = stored.split("$")
+        if scheme != "scrypt" or len(tag) > 1:
             return False
         expected = _unb64(key)
         actual = _scrypt(token, _unb64(salt), int(log2_n), int(r), int(p))
@@ -226,6 +242,11 @@ class Authenticator:
         self.enabled = cfg.enabled
         self.sessions = Sessions(cfg.session_ttl_s, cfg.max_sessions, clock)
         self._by_name: dict[str, AuthToken] = {t.name: t for t in cfg.tokens}
+        # Bearer tokens are looked up by their tag: an unknown token costs no scrypt, a known one one (hashes made
+        # before tags existed are each tried, as they were).
+        self._by_tag: dict[str | None, list[AuthToken]] = {}
+        for t in cfg.tokens:
+            self._by_tag.setdefault(_stored_tag(t.hash), []).append(t)
         # Tokens already verified, by their SHA-256: a bearer request costs one scrypt per token, not per request.
         # At most one entry per configured token (only successes are kept).
         self._verified: dict[bytes, AuthToken] = {}
@@ -271,7 +292,7 @@ class Authenticator:
         return Principal(entry.name, entry.role, "bearer")
 
     def _find(self, token: str) -> AuthToken | None:
-        for entry in self._by_name.values():
+        for entry in self._by_tag.get(token_tag(token), []) + self._by_tag.get(None, []):
             if verify_token(token, entry.hash):
                 return entry
         return None

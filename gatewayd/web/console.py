@@ -30,9 +30,9 @@ from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.errors import GatewayError
 from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_KEYS
-from gatewayd.store.outbox import iso
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.timefmt import iso
 from gatewayd.web import auth, page
 from gatewayd.web.history import History
 from gatewayd.web.live import EventHub, encode

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gatewayd.commands.model import CommandRecord, State
-from gatewayd.store.outbox import iso
+from gatewayd.timefmt import iso
 
 # Final states that count as errors in the error rate (a cancelled command is somebody's choice, not a fault).
 ERROR_STATES = frozenset({State.FAILED, State.EXPIRED, State.REJECTED})

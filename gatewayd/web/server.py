@@ -37,8 +37,8 @@ from gatewayd.interpret.service import Answer
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import CircuitOpenError, RateLimited
 from gatewayd.store import outbox as outbox_sql
-from gatewayd.store.outbox import iso
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.timefmt import iso
 from gatewayd.web import auth, crosssite, openapi
 from gatewayd.web.connections import Connections, listen
 from gatewayd.web.console import CONSOLE, Console
