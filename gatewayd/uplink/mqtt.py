@@ -524,7 +524,9 @@ class Uplink:
         acked.clear()
         waits = [asyncio.ensure_future(acked.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
-            done, _ = await asyncio.wait(waits, timeout=_DELETE_EVERY_S if busy else _IDLE_POLL_S)
+            done, _ = await asyncio.wait(
+                waits, timeout=_DELETE_EVERY_S if busy else _IDLE_POLL_S, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for w in waits:
                 w.cancel()
