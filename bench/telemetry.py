@@ -269,6 +269,12 @@ class Window:
     rss_end_mib: float
 
 
+async def polls_made(session: aiohttp.ClientSession, d: Daemon) -> int:
+    """Polls the daemon has made of every unit so far (answered or not)."""
+    devices = await get(session, d, "/api/v1/devices")
+    return sum(int(dev["poll"]["polls"]) for dev in devices if "poll" in dev)
+
+
 async def measure(d: Daemon, sub: Subscriber, seconds: float) -> Window:
     first = reading(d.pid)
     await asyncio.sleep(seconds)
@@ -308,6 +314,7 @@ class RunResult:
     fast_rss_start_mib: float
     fast_rss_end_mib: float
     fast_outbox_rows: int
+    fast_polled_dp_per_s: float = 0.0  # datapoints the daemon read from the bus a second (delivered or not)
     problems: list[str] = field(default_factory=list)
     log_events: dict[str, int] = field(default_factory=dict)
 
@@ -351,7 +358,9 @@ async def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
                 async with Daemon(work / "fast", root=root, config=config) as d:
                     await d.wait_ready(session, READY_TIMEOUT_S)
                     await asyncio.sleep(args.warmup)
+                    polls_before = await polls_made(session, d)
                     fast = await measure(d, sub, args.seconds)
+                    polled = (await polls_made(session, d) - polls_before) * args.registers / fast.seconds
                     outbox = await get(session, d, "/api/v1/outbox")
                     await d.stop()
                     for event, n in scan_log(d.log_path).events.items():
@@ -377,6 +386,7 @@ async def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
         fast_rss_start_mib=fast.rss_start_mib,
         fast_rss_end_mib=fast.rss_end_mib,
         fast_outbox_rows=int(outbox["rows"]),
+        fast_polled_dp_per_s=polled,
         log_events=dict(events),
     )
     result.problems = problems(result)
@@ -470,6 +480,7 @@ ROWS: list[report.Row] = [
     ("outage: backlog drained after return (s)", "drained_s", "{:.2f}"),
     ("datapoints lost", "lost_dp", "{:.0f}"),
     ("datapoints duplicated", "duplicated_dp", "{:.0f}"),
+    ("fast poll: polled (datapoints/s)", "fast_polled_dp_per_s", "{:.0f}"),
     ("fast poll: delivered (datapoints/s)", "fast_dp_per_s", "{:.0f}"),
     ("fast poll: fraction of nominal", "fast_fraction", "{:.1%}"),
     ("fast poll: CPU-s per 1,000 datapoints", "fast_cpu_s_per_1000_dp", "{:.4f}"),
