@@ -273,3 +273,21 @@ def test_after_an_outage_live_readings_go_out_before_the_backlog(broker: Broker,
     assert {m["id"] for t, m in after if "/result/" in t} >= {f"out-{i}" for i in range(30)}
     lines = [line["event"] for line in d.log_lines()]
     assert lines.count("telemetry_backlog_started") == 1 and lines.count("telemetry_backlog_caught_up") == 1
+
+
+async def test_telemetry_has_a_byte_budget_of_its_own_that_drops_its_oldest_and_never_an_event(
+    store: Store, tmp_path: Path
+) -> None:
+    mono = Mono()
+    async with _recorder(store, tmp_path, mono, write_behind_s=0, telemetry_max_bytes=16 * 1024) as rec:
+        for i in range(300):
+            rec.put(Record.telemetry("pump1", {"i": i, "pad": "x" * 60}, mono=mono.now))
+            if i % 30 == 0:
+                rec.put(Record.of_event("pump1", "tick", {"i": i, "pad": "y" * 200}))
+        await rec.flush()
+        assert rec.stats is not None
+        assert rec.stats.bytes_by_kind["telemetry"] <= 16 * 1024 < rec.stats.bytes  # the events are on top of it
+    rows = await _outbox_rows(store)
+    assert [m["data"]["i"] for k, m in rows if k == "event"] == list(range(0, 300, 30))
+    kept = [m["values"]["i"] for k, m in rows if k == "telemetry"]
+    assert 0 < len(kept) < 300 and kept == list(range(300 - len(kept), 300))  # the newest, in order
