@@ -306,7 +306,7 @@ class Uplink:
                 try:
                     await self._session(client)
                 except* (aiomqtt.MqttError, LinkLost, OSError, GatewayError) as group:
-                    reason = "; ".join(str(e) for e in group.exceptions)
+                    reason = "; ".join(str(e) for e in _leaves(group))
             except asyncio.CancelledError:
                 await self._goodbye(client)
                 raise
@@ -381,6 +381,9 @@ class Uplink:
         recorder = self._recorder
         room = asyncio.Event()
         limit = self.cfg.max_inflight
+        # Taken from the recorder and not settled yet: a task cancelled before it ran (the session ending) never
+        # reaches its finally, and its readings are given back below.
+        unsettled: dict[int, list[Held]] = {}
 
         async def publish(message: batching.Message, taken: list[Held]) -> None:
             self._live_inflight += 1
@@ -392,6 +395,7 @@ class Uplink:
                 raise LinkLost(f"publish failed: {err}") from err  # ends the session: the TaskGroup stops the rest
             finally:
                 self._live_inflight -= 1
+                unsettled.pop(id(taken), None)
                 recorder.settle_live(taken, ok)
                 if ok:
                     self.published += len(taken)
@@ -415,11 +419,16 @@ class Uplink:
                     taken = recorder.take_live(free if self._batch == "off" else free * self._batch_max)
                     rows = [h.row for h in taken]
                     for message in batching.messages(rows, self._batch, self._batch_max):
-                        tg.create_task(publish(message, [taken[i] for i in message.items]))
+                        carried = [taken[i] for i in message.items]
+                        unsettled[id(carried)] = carried
+                        tg.create_task(publish(message, carried))
                     await asyncio.sleep(0)  # the tasks hand their messages to paho, in order, before anything else
                     first.set()
         except* LinkLost as group:
             raise group.exceptions[0] from None
+        finally:
+            for carried in unsettled.values():
+                recorder.settle_live(carried, False)
 
     # --- outbox out ------------------------------------------------------------------------------------------
 
@@ -556,6 +565,14 @@ class Uplink:
         self._sent_since = time.monotonic() if self._sent else None
         self._recorder.update_stats(stats)
         return True
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in a group, nested groups (the live and drain tasks' own) opened."""
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 _AWAY = ("refused", "unreachable", "name or service not known", "name resolution", "no route to host")
