@@ -271,7 +271,7 @@ class Window:
 
 async def polls_made(session: aiohttp.ClientSession, d: Daemon) -> int:
     """Polls the daemon has made of every unit so far (answered or not)."""
-    devices = await get(session, d, "/api/v1/devices")
+    devices = (await get(session, d, "/api/v1/devices"))["devices"]
     return sum(int(dev["poll"]["polls"]) for dev in devices if "poll" in dev)
 
 
@@ -345,7 +345,7 @@ async def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
                     kept = sum(s.datapoints for s in sub.samples() if down.wall <= s.observed < returned)
                     peer.pause()  # no more polls: every one counted from here on must arrive
                     await asyncio.sleep(1.5)
-                    devices = await get(session, d, "/api/v1/devices")
+                    devices = (await get(session, d, "/api/v1/devices"))["devices"]
                     polls = {dev["name"]: int(dev["poll"]["polls"]) for dev in devices if "poll" in dev}
                     lost, duplicated = await settle(sub, polls, args)
                     peer.resume()
