@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from gatewayd import strictjson
 
@@ -200,6 +201,19 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_NOT_DONE
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a command still waiting in its queue; exit 1 (with its state) once it may have reached the device."""
+    url = base_url(args)
+    try:
+        _, record = request(f"{url}/api/v1/commands/{quote(args.id, safe='')}/cancel", "POST", {}, timeout=10)
+    except Unreachable as err:
+        return _unreachable(err)
+    except ApiError as err:
+        return _api_error(err)
+    print(f"cancelled {record.get('id')} ({record.get('device')} {record.get('action')}): it was never sent")
+    return EXIT_OK
+
+
 def cmd_say(args: argparse.Namespace) -> int:
     """A natural-language command: the daemon interprets it (LLM providers, else its local rules) and runs it."""
     body: dict[str, Any] = {"text": args.text}
@@ -316,6 +330,18 @@ def _operator(path: str, method: str = "GET", timeout: float = 10.0) -> Callable
     return run
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Probe a Modbus bus or host for the unit ids that answer; with a profile, read its points once
+    (gatewayd.devices.modbus_scan). Logs go to standard error, at error level only: the output is the scan."""
+    from gatewayd.devices import modbus_scan
+    from gatewayd.observability import logging as gwlog
+
+    gwlog.configure("error", stream=sys.stderr)
+    if args.bus and args.config is None:
+        args.config = default_config()
+    return modbus_scan.main(args)
+
+
 def cmd_hash_token(args: argparse.Namespace) -> int:
     """A new token (or the one given on standard input) and the hash for ``[http.auth] tokens``."""
     from gatewayd.web.auth import hash_token, new_token
@@ -369,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     client(send)
     send.set_defaults(func=cmd_send)
 
+    cancel = sub.add_parser("cancel", help="cancel a command still waiting in its queue (never sent)")
+    cancel.add_argument("id", help="the command's id (as send, say and status show it)")
+    client(cancel)
+    cancel.set_defaults(func=cmd_cancel)
+
     say = sub.add_parser("say", help="send a command in plain words and print its final record")
     say.add_argument("text", help='e.g. "switch the irrigation pump on for 10 minutes"')
     say.add_argument("--user", help="who is asking (the per-user limit counts it)")
@@ -397,6 +428,27 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--duration", type=float, default=5.0, help="seconds the fault lasts (default 5)")
     client(test)
     test.set_defaults(func=_operator("/api/v1/admin/test/{scenario}", "POST"))
+    scan = sub.add_parser(
+        "scan",
+        help="probe a Modbus bus or host for the unit ids that answer, and read a profile's points once",
+        description="Exit status: 0 a unit answered, 1 none did, 2 bad usage, 3 the port or host cannot be opened.",
+    )
+    where = scan.add_mutually_exclusive_group(required=True)
+    where.add_argument("--host", help="a Modbus TCP device, gateway or serial server")
+    where.add_argument("--serial", metavar="PORT", help="an RS-485 adapter, e.g. /dev/serial/by-id/usb-...")
+    where.add_argument("--bus", help="a [modbus_tcp.NAME] or Modbus [serial.NAME] of the config (mock mode: simulated)")
+    scan.add_argument("--port", type=int, default=502, help="with --host (default 502)")
+    scan.add_argument("--rtu-over-tcp", action="store_true", help="with --host: a serial server passing RTU frames")
+    scan.add_argument("--baudrate", type=int, default=9600, help="with --serial (default 9600)")
+    scan.add_argument("--parity", choices=["N", "E", "O"], default="N", help="with --serial (default N)")
+    scan.add_argument("--stopbits", type=int, choices=[1, 2], default=1, help="with --serial (default 1)")
+    scan.add_argument("--units", default="1-247", help="unit ids to probe: 1-247 (default), 1,2,5, 255")
+    scan.add_argument("--timeout", type=float, help="seconds a unit has to answer (default 1 over TCP, 0.5 serial)")
+    scan.add_argument("--profile", help="read this profile's points from each unit (a name, or a .toml file)")
+    scan.add_argument("--profiles", type=Path, help="the profiles directory (default: the config's)")
+    scan.add_argument("--config", type=Path, help="the config with --bus, and for its profiles directory")
+    scan.add_argument("--json", action="store_true", help="print the units and their values as JSON")
+    scan.set_defaults(func=cmd_scan)
     hasher = sub.add_parser(
         "hash-token",
         help="make an access token and its hash for [http.auth] tokens",

@@ -3,6 +3,7 @@ its port and data directory overridden through the environment, exactly as syste
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.toml"
+
+
+# --- leaked tasks ------------------------------------------------------------------------------------------------
+# An in-process test must leave no task of gatewayd's running: gatewayd owns every task it starts and closes it
+# (gatewayd.tasks.TaskOwner), and a task left behind is one a long-running daemon would accumulate. pytest-asyncio
+# ends each test's event loop with asyncio.Runner, which cancels what is left: that is where it is seen.
+_LEAKED: list[str] = []
+_cancel_all_tasks = asyncio.runners._cancel_all_tasks  # type: ignore[attr-defined]
+
+
+def _ours(task: asyncio.Task[Any]) -> bool:
+    """A task running gatewayd's code (libraries' own tasks, such as aiohttp lingering on a refused body, are
+    theirs to end)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return task.get_name().startswith("gatewayd") or (code is not None and "/gatewayd/" in code.co_filename)
+
+
+def _cancel_and_record(loop: asyncio.AbstractEventLoop) -> None:
+    _LEAKED.extend(f"{t.get_name()}: {t.get_coro()!r}" for t in asyncio.all_tasks(loop) if not t.done() and _ours(t))
+    _cancel_all_tasks(loop)
+
+
+asyncio.runners._cancel_all_tasks = _cancel_and_record  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    _LEAKED.clear()
+    result = yield
+    if _LEAKED:
+        leaked, _LEAKED[:] = list(_LEAKED), []
+        raise AssertionError(f"{item.nodeid} left {len(leaked)} task(s) running:\n" + "\n".join(leaked[:10]))
+    return result
 
 
 def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:

@@ -230,3 +230,40 @@ async def test_a_command_queued_behind_a_slow_one_expires_in_the_queue_and_never
         pump_gate.set()
         assert (await final(store, slow.id)).state is State.SUCCEEDED
         assert pump.executed == [slow.id]
+
+
+# --- cancelling ----------------------------------------------------------------------------------------------------
+
+
+async def until_dispatched(service: Any, command_id: str) -> None:
+    async with asyncio.timeout(5):
+        while (await service.get(command_id)).state is not State.DISPATCHED:  # noqa: ASYNC110 (a store, no event)
+            await asyncio.sleep(0.01)
+
+
+async def test_a_queued_command_is_cancelled_once_never_sent_and_stays_cancelled(tmp_path: Path) -> None:
+    from gatewayd.errors import Conflict, UnknownCommand
+    from tests.test_dispatcher import core
+
+    async with core(tmp_path) as c:
+        c.pump.gate = asyncio.Event()
+        await c.service.submit({"id": "busy", "device": "pump1", "action": "start"}, source="http")
+        await c.service.submit({"id": "queued", "device": "pump1", "action": "stop"}, source="http")
+        await until_dispatched(c.service, "busy")
+        both = await asyncio.gather(*(c.service.cancel("queued", by="ann") for _ in range(3)))
+        assert {r.state for r in both} == {State.CANCELLED}
+        assert both[0].error_message == "cancelled before it was sent, by ann"
+        with pytest.raises(Conflict, match="may already have reached the device") as on_wire:
+            await c.service.cancel("busy", by="ann")
+        assert on_wire.value.details["state"] == "dispatched"
+        with pytest.raises(UnknownCommand):
+            await c.service.cancel("nobody-sent-this", by="ann")
+        c.pump.gate.set()
+        assert (await c.final("busy")).state is State.SUCCEEDED
+        with pytest.raises(Conflict, match="already succeeded"):
+            await c.service.cancel("busy", by="ann")
+        assert c.pump.executed == ["busy"] and c.dispatcher.queued() == 0
+    async with core(tmp_path) as c:  # a restart does not bring it back
+        assert (await c.service.get("queued")).state is State.CANCELLED
+        await asyncio.sleep(0.1)
+        assert c.pump.executed == []

@@ -186,7 +186,9 @@ def test_duplicate_id_returns_the_original_and_never_runs_twice(daemon: Daemon) 
 
 
 def test_expired_command_never_executes(make_daemon: Any) -> None:
-    d: Daemon = make_daemon({"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.6"})
+    # The blocker takes 0.6 s; the reply timeout leaves room for a loaded machine (the default 1 s did not).
+    slow = {"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "0.6", "GATEWAYD_SERIAL__BUS0__RESPONSE_TIMEOUT_S": "3"}
+    d: Daemon = make_daemon(slow)
     d.start()
     status, blocker, _ = d.post({"device": "pump1", "action": "start"})
     assert status == 202
@@ -375,3 +377,28 @@ def test_logs_are_json_lines_with_command_and_device(daemon: Daemon) -> None:
     about = [line for line in lines if line.get("command_id") == rec["id"]]
     assert {line["event"] for line in about} >= {"command_accepted", "command_dispatched", "command_finished"}
     assert all(line["device"] == "pump1" for line in about)
+
+
+def test_a_queued_command_is_cancelled_from_the_cli_and_never_runs_one_on_the_wire_is_not(make_daemon: Any) -> None:
+    slow = {"GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S": "3", "GATEWAYD_SERIAL__BUS0__RESPONSE_TIMEOUT_S": "5"}
+    d: Daemon = make_daemon(slow)
+    d.start()
+    d.post({"id": "on-the-wire", "device": "pump1", "action": "start"})
+    d.wait_state("on-the-wire", "dispatched")
+    assert d.post({"id": "waiting", "device": "pump1", "action": "set_speed", "params": {"percent": 40}})[0] == 202
+
+    def cancel(command_id: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "gatewayd", "cancel", command_id, "--url", d.url]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    done = cancel("waiting")
+    assert done.returncode == 0 and "never sent" in done.stdout, done.stderr
+    assert cancel("waiting").returncode == 0  # asking again changes nothing
+    refused = cancel("on-the-wire")
+    assert refused.returncode == 2 and "409" in refused.stderr and "may already have reached" in refused.stderr
+    unknown = cancel("no-such-command")
+    assert unknown.returncode == 2 and "404" in unknown.stderr
+    assert d.wait_final("on-the-wire")["state"] == "succeeded"
+    rec = d.wait_final("waiting")
+    assert rec["state"] == "cancelled" and rec["error"]["code"] == "cancelled"
+    assert d.executions("waiting") == 0

@@ -83,17 +83,24 @@ async def core(tmp_path: Path, **commands: Any) -> AsyncIterator[Core]:
     pump = RecordingDevice("pump1", PROFILES["sim_pump"])
     devices = Devices({"pump1": pump})
     async with Store(tmp_path / "g.db") as store:
-        service = CommandService(store, devices, CommandsSection(**commands), clock)  # type: ignore[arg-type]
+        service: CommandService
         dispatcher = Dispatcher(
             store,
             devices.devices,  # type: ignore[arg-type]
             clock=clock,
-            on_final=service.on_final,
+            on_final=lambda rec: service.on_final(rec),
             forward_results=False,
             reconcile_interval_s=commands.get("reconcile_interval_s", 10.0),
         )
+        service = CommandService(
+            store,
+            devices,  # type: ignore[arg-type]
+            CommandsSection(**commands),
+            clock,
+            dispatcher=dispatcher,
+        )
         async with dispatcher:
-            service.attach(dispatcher)
+            service.open_intake()
             yield Core(store, pump, service, dispatcher)
 
 

@@ -24,6 +24,7 @@ from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import Profile
 from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.modbus import ModbusBus, ModbusDevice
+from gatewayd.devices.modbus_link import SerialLink
 from gatewayd.devices.modbus_sim import Block, Layout, ModbusSimulator, ModbusUnit, Sdm120Model, TableModel
 from gatewayd.devices.simulator import Faults
 from gatewayd.errors import DeviceBusy, DeviceRejected, DeviceTimeout, DeviceUnavailable
@@ -133,6 +134,22 @@ def plant_layout() -> Layout:
     }
 
 
+# What plant_layout holds, read through PLANT's points (scaled, offset, in both word orders).
+PLANT_AT_POWER_UP = {
+    "running": False,
+    "alarm": True,
+    "speed": 0.0,
+    "mode": 7,
+    "setpoint": 21.5,
+    "counter": 0,
+    "temperature": -12.3,
+    "pressure": 1.5,
+    "flow": 12.5,
+    "energy": 123456.7,
+    "delta": -70_000,
+}
+
+
 class PlantModel(TableModel):
     """The plant's registers, refusing some register values with the exception code a test asks for, and telling
     the test when the unit served a read."""
@@ -175,8 +192,9 @@ async def _line(
     clock: Clock = REAL_CLOCK,
     **line: Any,
 ) -> AsyncIterator[tuple[ModbusSimulator, ModbusBus]]:
+    cfg = cfg or _cfg()
     async with ModbusSimulator("rtu", units, **line) as sim:
-        async with ModbusBus("rtu", cfg or _cfg(), sim.port, clock=clock) as bus:
+        async with ModbusBus("rtu", cfg, SerialLink(sim.port, cfg), clock=clock) as bus:
             assert bus.availability.available
             yield sim, bus
 
@@ -224,19 +242,7 @@ async def test_telemetry_with_scale_offset_units_and_both_word_orders(tmp_path: 
         before = bus.transactions
         values = await dev.execute("r1", "read", {})
         assert bus.transactions - before == 7, "coils, discrete inputs, holding 10, 12, 20-21, 30-31, inputs 0-7"
-        assert values == {
-            "running": False,
-            "alarm": True,
-            "speed": 0.0,
-            "mode": 7,
-            "setpoint": 21.5,
-            "counter": 0,
-            "temperature": -12.3,
-            "pressure": 1.5,
-            "flow": 12.5,
-            "energy": 123456.7,
-            "delta": -70_000,
-        }
+        assert values == PLANT_AT_POWER_UP
         assert isinstance(values["mode"], int) and isinstance(values["speed"], float)
         described = dev.describe()
         assert described["points"]["temperature"] == {"value": -12.3, "unit": "°C"}
@@ -303,6 +309,16 @@ async def test_a_silent_or_absent_unit_times_out_while_its_neighbour_answers(tmp
 # --- hot-plug ----------------------------------------------------------------------------------------------------
 
 
+async def _in_flight(dev: ModbusDevice, unit: ModbusUnit, model: PlantModel) -> asyncio.Task[dict[str, Any]]:
+    """A read the unit has received, its reply held back by half a second of latency."""
+    unit.latency_s = 0.5
+    model.served.clear()
+    pending = asyncio.create_task(dev.execute("inflight", "read_speed", {}))
+    async with asyncio.timeout(2):
+        await model.served.wait()
+    return pending
+
+
 async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path: Path) -> None:
     cycles = 12
     link = tmp_path / "sim" / "rtu.tty"
@@ -313,16 +329,12 @@ async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path:
     with structlog.testing.capture_logs() as logs:
         async with (
             ModbusSimulator("rtu", {1: unit}, link=link) as sim,
-            ModbusBus("rtu", cfg, str(link)) as bus,
+            ModbusBus("rtu", cfg, SerialLink(str(link), cfg)) as bus,
             _device(bus) as dev,
         ):
             await dev.execute("first", "set_speed", {"percent": 1})
             # A request in flight when the port goes fails at once as unavailable, not after the 1 s timeout.
-            unit.latency_s = 0.5
-            model.served.clear()
-            pending = asyncio.create_task(dev.execute("inflight", "read_speed", {}))
-            async with asyncio.timeout(2):
-                await model.served.wait()  # the unit has the request; its reply is held back by the latency
+            pending = await _in_flight(dev, unit, model)
             unplugged_at = time.monotonic()
             sim.unplug()
             with pytest.raises(DeviceUnavailable):
@@ -357,7 +369,7 @@ async def test_twelve_unplugs_and_replugs_each_back_within_two_seconds(tmp_path:
 
 async def test_a_bus_that_starts_without_its_port_opens_it_when_it_appears(tmp_path: Path) -> None:
     link = tmp_path / "sim" / "rtu.tty"
-    async with ModbusBus("rtu", _cfg(), str(link)) as bus:
+    async with ModbusBus("rtu", _cfg(), SerialLink(str(link), _cfg())) as bus:
         assert not bus.availability.available
         assert bus.availability.last_error == f"cannot open {link}: No such file or directory"
         async with ModbusSimulator("rtu", {1: _plant(tmp_path)}, link=link), _device(bus) as dev:
@@ -398,7 +410,8 @@ async def test_byte_at_a_time_with_noise(tmp_path: Path) -> None:
     unit = _plant(tmp_path, faults=Faults(garbage=0.5, garbage_max=16, seed=4))
     received: list[int] = []
     async with ModbusSimulator("rtu", {1: unit}, byte_at_a_time=True) as sim:
-        bus = ModbusBus("rtu", _cfg(response_timeout_s=0.5), sim.port)
+        cfg = _cfg(response_timeout_s=0.5)
+        bus = ModbusBus("rtu", cfg, SerialLink(sim.port, cfg))
         hunt = bus._filter_reply
 
         def counting(sending: bool, data: bytes) -> bytes:
@@ -458,18 +471,23 @@ async def test_every_fault_at_once_byte_by_byte(tmp_path: Path) -> None:
     assert unit.faulted["garbage"] > 0
 
 
+async def _replies_lost_after_noise(dev: ModbusDevice) -> int:
+    """How many reads time out before one is answered (correctly); the next one is answered too."""
+    lost = 0
+    while True:
+        try:
+            assert await dev.execute("after", "read_mode", {}) == {"mode": 7}
+            break
+        except DeviceTimeout:
+            lost += 1
+    assert await dev.execute("next", "read_mode", {}) == {"mode": 7}
+    return lost
+
+
 async def test_a_burst_of_noise_between_requests_costs_at_most_one_reply(tmp_path: Path) -> None:
     async with _line(tmp_path, {1: _plant(tmp_path)}) as (sim, bus), _device(bus) as dev:
         sim.inject(bytes(range(256)) * 16)  # 4 KiB, with every unit address and function code in it
-        lost = 0
-        while True:
-            try:
-                assert await dev.execute("after", "read_mode", {}) == {"mode": 7}
-                break
-            except DeviceTimeout:
-                lost += 1
-        assert lost <= 1
-        assert await dev.execute("next", "read_mode", {}) == {"mode": 7}
+        assert await _replies_lost_after_noise(dev) <= 1
 
 
 # --- slow and late replies -------------------------------------------------------------------------------------

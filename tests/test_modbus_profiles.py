@@ -68,7 +68,66 @@ def test_the_shipped_profiles_map_the_real_devices() -> None:
     }
     assert coils["on1"] == (0, True) and coils["off8"] == (7, False) and coils["all_off"] == (0xFF, False)
     assert relay.safety.off_action == "all_off" and relay.actions["all_off"].safe
-    assert sorted(MODELS) == sorted(MODBUS_SIMULATORS) == sorted({meter.simulator, relay.simulator})
+    files = (ROOT / "hardware/profiles").glob("*.toml")
+    shipped = [Profile.model_validate({"name": f.stem, **_toml(f)}) for f in files]
+    modbus = {p.simulator for p in shipped if p.kind == "modbus_rtu"}
+    assert sorted(MODELS) == sorted(MODBUS_SIMULATORS) == sorted(modbus), "each shipped Modbus profile is simulated"
+
+
+def _shipped(name: str) -> Profile:
+    return Profile.model_validate({"name": name, **_toml(ROOT / f"hardware/profiles/{name}.toml")})
+
+
+def _points(profile: Profile) -> dict[str, tuple[str, int, str, str]]:
+    return {
+        name: (p.modbus.table, p.modbus.address, p.modbus.register_type, p.modbus.word_order)
+        for name, p in profile.telemetry.items()
+        if p.modbus
+    }
+
+
+def test_the_tcp_profiles_follow_the_register_maps_they_cite() -> None:
+    """Addresses on the wire (the manuals number from 1), types and word order, against the documents each profile
+    names at its top."""
+    for name, document in [
+        ("eastron_sdm630", "SDM630 Modbus Protocol"),
+        ("fronius_symo", "Fronius Datamanager Modbus TCP & RTU"),
+        ("advantech_adam6017", "ADAM-6000 Series User Manual"),
+    ]:
+        header = (ROOT / f"hardware/profiles/{name}.toml").read_text().split("\nkind")[0]
+        assert f"Register map: {'Advantech' if 'adam' in name else name.split('_')[0].capitalize()}" in header, name
+        assert document in " ".join(header.replace("# ", "").split()), name
+
+    meter = _shipped("eastron_sdm630")
+    m = _points(meter)
+    for phase, (volts, amps, watts, pf) in enumerate([(0x00, 0x06, 0x0C, 0x1E), (0x02, 0x08, 0x0E, 0x20)], 1):
+        assert m[f"voltage_l{phase}"] == ("input", volts, "float32", "big")  # 30001, 30003
+        assert m[f"current_l{phase}"][:2] == ("input", amps)  # 30007, 30009
+        assert m[f"power_l{phase}"][:2] == ("input", watts)  # 30013, 30015
+        assert m[f"power_factor_l{phase}"][:2] == ("input", pf)  # 30031, 30033
+    assert m["total_power"][:2] == ("input", 0x34) and m["frequency"][:2] == ("input", 0x46)  # 30053, 30071
+    assert m["import_energy"][:2] == ("input", 0x48) and m["export_energy"][:2] == ("input", 0x4A)  # 30073, 30075
+    assert meter.telemetry["import_energy"].unit == "kWh" and meter.telemetry["frequency"].unit == "Hz"
+    demand = meter.actions["set_demand_period"].modbus
+    assert demand is not None and (demand.address, demand.function_code, demand.register_type) == (2, 16, "float32")
+
+    inverter = _shipped("fronius_symo")
+    f = _points(inverter)
+    assert f["ac_power"] == ("holding", 40091, "float32", "big")  # W, 40092 (model 113, float)
+    assert f["energy"][:2] == ("holding", 40101) and f["state"][:3] == ("holding", 40117, "uint16")  # WH, St
+    assert inverter.telemetry["power_limit"].modbus is not None
+    assert (f["power_limit"][1], inverter.telemetry["power_limit"].modbus.scale) == (40242, 0.01)  # WMaxLimPct
+    limit = inverter.actions["set_power_limit"].modbus
+    assert limit is not None and (limit.address, limit.scale) == (40242, 0.01)
+    assert inverter.actions["connect"].confirm and inverter.actions["disconnect"].safe
+
+    io = _shipped("advantech_adam6017")
+    a = _points(io)
+    assert [a[f"ai{ch}"][:2] for ch in range(8)] == [("holding", ch) for ch in range(8)]  # 40001-40008
+    assert [a[f"ai{ch}_type"][:2] for ch in range(8)] == [("holding", 200 + ch) for ch in range(8)]  # 40201-40208
+    assert (a["do0"][:2], a["do1"][:2]) == (("coil", 16), ("coil", 17))  # 00017, 00018
+    ai0 = io.telemetry["ai0"].modbus
+    assert ai0 is not None and ai0.scale * 65535 + ai0.offset == pytest.approx(20.0), "4-20 mA across 0-65535"
 
 
 def _toml(path: Path) -> dict[str, Any]:
@@ -298,16 +357,21 @@ def test_check_config_refuses_mismatched_protocols_missing_addresses_and_unknown
         '[devices.meter_odd_sim]\nprofile = "odd_meter"\nbus = "rtu"\naddress = 3\n'
         '[devices.meter_twice]\nprofile = "eastron_sdm120"\nbus = "rtu"\naddress = 3\n'
     )
-    with pytest.raises(ConfigError) as info:
-        load_config(cfg, environ={})
-    found = [str(p) for p in info.value.problems]
-    expect = [
+    assert_problems(
+        cfg,
         "devices.meter_on_line.bus: profile 'eastron_sdm120' speaks modbus_rtu, but bus 'line' is protocol 'gatewayd'",
         "devices.pump_on_rtu.bus: profile 'sim_pump' speaks gatewayd, but bus 'rtu' is protocol 'modbus_rtu'",
         "devices.meter_no_address.address: a serial device needs an address",
         "devices.meter_odd_sim.profile: unknown simulator 'pump'",
         "devices.meter_twice.address: address 3 on rtu is used by meter_odd_sim",
-    ]
+    )
+
+
+def assert_problems(cfg: Path, *expect: str) -> None:
+    """check-config finds these problems in the file, each at the end of a line of its own, and no others."""
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, environ={})
+    found = [str(p) for p in info.value.problems]
     for line in expect:
         assert any(p.endswith(line) for p in found), (line, found)
     assert len(found) == len(expect), found

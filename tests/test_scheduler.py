@@ -48,18 +48,20 @@ async def rig(db: Path, max_on_s: float = 0.3, clock: Clock | None = None) -> As
     relay = RecordingDevice("relay1", timed_relay(max_on_s))
     devices = Devices({"relay1": relay})
     async with Store(db) as store:
-        service = CommandService(store, devices, CommandsSection(), clock)  # type: ignore[arg-type]
-        scheduler = Scheduler(store, service, clock)
+        service: CommandService
+        scheduler: Scheduler
         dispatcher = Dispatcher(
             store,
             devices.devices,  # type: ignore[arg-type]
             clock=clock,
-            on_final=service.on_final,
+            on_final=lambda rec: service.on_final(rec),
             forward_results=False,
-            on_armed=scheduler.wake,
+            on_armed=lambda: scheduler.wake(),
         )
+        service = CommandService(store, devices, CommandsSection(), clock, dispatcher=dispatcher)  # type: ignore[arg-type]
+        scheduler = Scheduler(store, service, clock)
         async with dispatcher:
-            service.attach(dispatcher)
+            service.open_intake()
             async with scheduler:
                 yield Rig(store, relay, service, scheduler)
 

@@ -91,8 +91,9 @@ async def test_byte_at_a_time(tmp_path: Path) -> None:
         bus.decoder = decoder = CountingDecoder()
         assert await _run(bus, 20) == (20, 0)
     assert decoder.dropped == 0 and decoder.frames == 20
-    # Each byte is a write of its own; the reader, on the same loop, sometimes finds two or three waiting.
-    assert decoder.reads > decoder.read_bytes / 3, (decoder.reads, decoder.read_bytes)
+    # Each byte is a write of its own: the frames reached the decoder in pieces (how many bytes a read finds
+    # waiting depends on how loaded the machine is, so only that they came in pieces is checked).
+    assert decoder.reads > 2 * decoder.frames, (decoder.reads, decoder.read_bytes)
 
 
 async def test_garbage_between_frames_and_a_megabyte_of_it(tmp_path: Path) -> None:

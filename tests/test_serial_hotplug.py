@@ -167,6 +167,11 @@ class SimProcess:
         if sig == signal.SIGTERM:
             assert rc == 0, f"simulator exit {rc} on SIGTERM"
             assert not self.link.is_symlink(), "a clean stop removes the link"
+        else:
+            # A killed simulator leaves its link behind, pointing at a pty number the kernel hands to the next pty
+            # anyone opens (another test's simulator on a shared machine): the daemon would reopen the link and
+            # talk to that one. udev removes a /dev/serial/by-id link as the adapter goes; so does this, for it.
+            self.link.unlink(missing_ok=True)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

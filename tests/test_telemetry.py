@@ -330,15 +330,17 @@ pin = 4
     loaded = load_config(config)
     cfg = loaded.config
     async with Store(cfg.db_path) as store:
-        async with Recorder(
+        recorder = Recorder(
             store,
             OutboxSection(flush_interval_s=0.05),
             TelemetrySection(clock_sync="unsynced"),
             cfg.gateway.data_dir,
             boot_id=BOOT_ID,
-        ) as rec:
-            async with DeviceManager(loaded, sink=rec) as devices:
-                rec.attach(devices.profiles)
+            profiles=lambda: manager.profiles(),
+        )
+        manager = DeviceManager(loaded, sink=recorder)
+        async with recorder:
+            async with manager as devices:
                 devices.simulators["bus0"].devices[2].model.report_hz = 40.0
                 button = devices.devices["door"]
                 pin = button._controller.factory.pin(4)  # type: ignore[attr-defined]

@@ -11,18 +11,25 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gatewayd.config.loader import LoadedConfig
+from gatewayd.devices.manager import DeviceManager
 from gatewayd.devices.serial_bus import SerialDevice
 from gatewayd.errors import BadRequest, Conflict, GatewayError, NotFound
+from gatewayd.resilience import ResilienceState
 from gatewayd.resilience.breaker import CircuitBreaker
 from gatewayd.resilience.keyed import KeyedLimiter
+from gatewayd.store import Store, ping
 
 if TYPE_CHECKING:
-    from gatewayd.app.supervisor import Supervisor
+    from gatewayd.telemetry.recorder import Recorder
+    from gatewayd.uplink.mqtt import Uplink
+
+Scenario = Callable[[float], Awaitable[dict[str, Any]]]
 
 log = structlog.get_logger("gatewayd.operator")
 
@@ -54,14 +61,37 @@ def redact(value: Any, key: str = "") -> Any:
 
 
 class Operator:
-    def __init__(self, sup: Supervisor):
-        self._sup = sup
+    """What ``gatewayd config``, ``reset`` and ``test`` do, given the parts they act on. Scenarios are a registry:
+    the gateway's own (offered when their part runs) and those another component brings (the interpreter's
+    provider faults), each a runner of ``duration_s`` that returns what it did and saw."""
+
+    def __init__(
+        self,
+        *,
+        loaded: Callable[[], LoadedConfig],
+        healthy: Callable[[], bool],
+        store: Store,
+        resilience: ResilienceState,
+        devices: DeviceManager,
+        recorder: Recorder | None = None,
+        uplink: Uplink | None = None,
+        scenarios: Mapping[str, Scenario] | None = None,
+    ):
+        self._loaded, self._healthy = loaded, healthy
+        self._store, self._resilience, self._devices = store, resilience, devices
+        self._recorder, self._uplink = recorder, uplink
         self._running: str | None = None
-        # Scenarios another component adds (the interpreter's provider faults): name -> runner(duration_s).
-        self.extra: dict[str, Callable[[float], Awaitable[dict[str, Any]]]] = {}
+        self.scenarios: dict[str, Scenario] = {
+            "serial_unplug": self._serial_unplug,
+            "serial_garbage": self._serial_garbage,
+            "slow_disk": self._slow_disk,
+        }
+        if uplink is not None and uplink.cfg.enabled:
+            self.scenarios["broker_down"] = self._broker_down
+        self.scenarios.update(scenarios or {})
 
     def config(self) -> dict[str, Any]:
-        loaded = self._sup.loaded
+        loaded = self._loaded()
         return {
             "path": str(loaded.path),
             "overrides": loaded.overrides,
@@ -72,23 +102,23 @@ class Operator:
     def reset(self) -> dict[str, Any]:
         """Close every breaker, refill every limiter, zero the counters a technician watches."""
         breakers = limiters = 0
-        for tool in self._sup.resilience.tools().values():
+        for tool in self._resilience.tools().values():
             if isinstance(tool, CircuitBreaker):
                 tool.reset("operator reset")
                 breakers += 1
             elif isinstance(tool, KeyedLimiter):
                 limiters += tool.clear()
-        devices = self._sup.devices
-        if devices is not None:
-            for bus in devices.buses.values():
-                limiters += bus.reset_counters()
+        for bus in self._devices.buses.values():
+            limiters += bus.reset_counters()
         log.warning("operator_reset", breakers=breakers, limiters=limiters)
         return {"breakers_closed": breakers, "limiter_keys_cleared": limiters}
 
     async def run(self, scenario: str, duration_s: float) -> dict[str, Any]:
-        if scenario not in SCENARIOS and scenario not in self.extra:
+        if scenario not in SCENARIOS and scenario not in self.scenarios:
             raise NotFound(
-                f"no scenario {scenario!r}", details={"scenarios": [*SCENARIOS, *self.extra]}, code="unknown_scenario"
+                f"no scenario {scenario!r}",
+                details={"scenarios": sorted({*SCENARIOS, *self.scenarios})},
+                code="unknown_scenario",
             )
         if not 0 < duration_s <= MAX_DURATION_S:
             raise BadRequest(f"duration_s must be more than 0 and at most {MAX_DURATION_S:g}")
@@ -98,7 +128,7 @@ class Operator:
         started = time.monotonic()
         log.warning("operator_test_started", scenario=scenario, duration_s=duration_s)
         try:
-            runner = self.extra.get(scenario) or getattr(self, f"_{scenario}", None)
+            runner = self.scenarios.get(scenario)
             if runner is None:
                 raise Conflict(
                     f"scenario {scenario!r} needs a component this gateway does not run",
@@ -112,7 +142,7 @@ class Operator:
             "duration_s": duration_s,
             "took_s": round(time.monotonic() - started, 3),
             **observed,
-            "healthy_after": self._sup.healthy(),
+            "healthy_after": self._healthy(),
         }
         log.warning("operator_test_finished", **{k: v for k, v in report.items() if not isinstance(v, dict | list)})
         return report
@@ -120,8 +150,8 @@ class Operator:
     # --- scenarios -------------------------------------------------------------------------------------------
 
     def _simulated_bus(self) -> tuple[str, Any, Any]:
-        devices = self._sup.devices
-        if devices is None or not devices.simulators:
+        devices = self._devices
+        if not devices.simulators:
             raise Conflict("no simulated serial bus: this scenario runs in mock mode only", code="needs_mock_mode")
         name = next(iter(devices.simulators))
         return name, devices.simulators[name], devices.buses[name]
@@ -176,9 +206,7 @@ class Operator:
 
     async def _probe_serial(self, bus: Any) -> dict[str, Any]:
         """One read on the first device of the bus whose profile has a read that needs no parameters."""
-        devices = self._sup.devices
-        assert devices is not None
-        for device in devices.devices.values():
+        for device in self._devices.devices.values():
             if not isinstance(device, SerialDevice) or device.bus is not bus:
                 continue
             for action, spec in device.profile.actions.items():
@@ -199,10 +227,8 @@ class Operator:
         return {"ok": bus.availability.available, "device": None}
 
     async def _broker_down(self, duration_s: float) -> dict[str, Any]:
-        uplink = self._sup.uplink
-        if uplink is None or not uplink.cfg.enabled:
-            raise Conflict("the MQTT uplink is disabled", code="scenario_unavailable")
-        recorder = self._sup.recorder
+        uplink, recorder = self._uplink, self._recorder
+        assert uplink is not None  # offered only with an uplink that is enabled
         was_connected = uplink.connected
         depth_before = recorder.stats.rows if recorder and recorder.stats else 0
         await uplink.outage(duration_s)
@@ -227,8 +253,7 @@ class Operator:
         }
 
     async def _slow_disk(self, duration_s: float) -> dict[str, Any]:
-        store = self._sup.store
-        assert store is not None
+        store = self._store
         delay = 0.25
         store.write_delay_s = delay
         latencies = []
@@ -236,14 +261,14 @@ class Operator:
             end = time.monotonic() + duration_s
             while time.monotonic() < end:
                 started = time.monotonic()
-                await store.write(lambda c: c.execute("SELECT 1").fetchone())
+                await store.write(ping)
                 latencies.append(_ms(started))
         finally:
             store.write_delay_s = 0.0
         # A batch that began before the delay was lifted (a telemetry flush) may still be sleeping: let it go.
         await store.write(lambda c: None)
         started = time.monotonic()
-        await store.write(lambda c: c.execute("SELECT 1").fetchone())
+        await store.write(ping)
         after = _ms(started)
         return {
             "actions": [f"every commit delayed by {delay * 1000:.0f} ms for {duration_s:g} s (a slow SD card)"],

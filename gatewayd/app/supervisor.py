@@ -81,7 +81,7 @@ class Supervisor:
         self.devices: DeviceManager | None = None
         self.recorder: Recorder | None = None
         self.uplink: Uplink | None = None
-        self.operator = Operator(self)
+        self.operator: Operator | None = None
         self.dispatcher: Dispatcher | None = None
         self.service: CommandService | None = None
         self.scheduler: Scheduler | None = None
@@ -189,82 +189,93 @@ class Supervisor:
                     check_s=cfg.store.space_check_s,
                 )
             )
-            self.recorder = await stack.enter_async_context(
-                Recorder(
-                    self.store,
-                    cfg.outbox,
-                    cfg.telemetry,
-                    cfg.gateway.data_dir,
-                    boot_id=self.clock.boot_id,
-                    space=self.space,
-                    forward=cfg.mqtt.enabled,
-                )
+            # Construction order is the dependency order; a component later in it that an earlier one calls back
+            # (the device manager's profiles for the recorder, the service for the dispatcher's finished commands,
+            # the scheduler's wake-up) is reached through a closure over the name it is about to be bound to.
+            # Every name is bound before the component that holds such a closure is entered (starts working).
+            service: CommandService
+            scheduler: Scheduler
+            recorder = Recorder(
+                self.store,
+                cfg.outbox,
+                cfg.telemetry,
+                cfg.gateway.data_dir,
+                boot_id=self.clock.boot_id,
+                space=self.space,
+                forward=cfg.mqtt.enabled,
+                profiles=lambda: devices.profiles(),
             )
-            self.devices = await stack.enter_async_context(DeviceManager(self.loaded, sink=self.recorder))
-            self.recorder.attach(self.devices.profiles)
-            self.service = CommandService(self.store, self.devices, cfg.commands, self.clock, self.space)
-            self.scheduler = Scheduler(self.store, self.service, self.clock)
+            devices = DeviceManager(self.loaded, sink=recorder)
+            self.recorder = await stack.enter_async_context(recorder)
+            self.devices = await stack.enter_async_context(devices)
             dispatcher = Dispatcher(
                 self.store,
-                self.devices.devices,
+                devices.devices,
                 clock=self.clock,
-                on_final=self.service.on_final,
+                on_final=lambda rec: service.on_final(rec),
                 retry=cfg.resilience.device_retry,
                 breaker=cfg.resilience.device_breaker,
                 forward_results=cfg.mqtt.enabled,
                 reconcile_interval_s=cfg.commands.reconcile_interval_s,
-                on_armed=self.scheduler.wake,
+                on_armed=lambda: scheduler.wake(),
+                clock_synced=lambda: recorder.stamper.synced,
             )
+            self.service = service = CommandService(
+                self.store, devices, cfg.commands, self.clock, self.space, dispatcher=dispatcher
+            )
+            self.scheduler = scheduler = Scheduler(self.store, service, self.clock)
             for name, breaker in dispatcher.breakers.items():
                 self.resilience.register(f"breaker:device:{name}", breaker)
             if cfg.interpret.enabled:
                 self.interpret = InterpretService(
                     cfg.interpret,
                     store=self.store,
-                    service=self.service,
-                    profiles=self.devices.profiles,
+                    service=service,
+                    profiles=devices.profiles,
                     descriptions={name: dev.description for name, dev in cfg.devices.items()},
                     channels={name: dev.channels for name, dev in cfg.devices.items() if dev.channels},
-                    facts=LiveFacts(self.devices.devices, self.recorder.recent),
+                    facts=LiveFacts(devices.devices, recorder.recent),
                     environ=self._environ,
                     command_clock=self.clock,
                 )
                 self.interpret.register(self.resilience)
             await self.resilience.load(self.store)  # before any command runs: an open breaker stays open
-            recorder = self.recorder
-            dispatcher.clock_synced = lambda: recorder.stamper.synced
             self.dispatcher = await stack.enter_async_context(dispatcher)
             if self.interpret is not None:
                 await stack.enter_async_context(self.interpret)
-            ctx = WebContext(
-                self.service,
-                self.devices,
-                self.status,
-                cfg.commands.max_wait_s,
-                self.dispatcher.breaker_state,
-                recorder=self.recorder,
-                operator=self.operator,
-                interpret=self.interpret,
-                scheduler=self.scheduler,
-            )
             self.uplink = await stack.enter_async_context(
                 Uplink(
                     cfg.mqtt,
                     cfg.gateway.id,
                     self.store,
-                    self.service,
-                    self.recorder,
-                    self.devices.profiles,
+                    service,
+                    recorder,
+                    devices.profiles,
                     interpret=self.interpret,
                 )
             )
-            if self.interpret is not None:
-                interpret = self.interpret
-                extra = self.operator.extra
-                extra["provider_timeout"] = lambda s: interpret.fault_scenario("timeout", s)
-                extra["provider_429"] = lambda s: interpret.fault_scenario("429", s)
-                extra["provider_down"] = lambda s: interpret.fault_scenario("down", s)
-            collector = GatewayCollector(self)
+            self.operator = Operator(
+                loaded=lambda: self.loaded,
+                healthy=self.healthy,
+                store=self.store,
+                resilience=self.resilience,
+                devices=devices,
+                recorder=recorder,
+                uplink=self.uplink,
+                scenarios=self.interpret.fault_scenarios() if self.interpret is not None else None,
+            )
+            ctx = WebContext(
+                service,
+                devices,
+                self.status,
+                cfg.commands.max_wait_s,
+                dispatcher.breaker_state,
+                recorder=recorder,
+                operator=self.operator,
+                interpret=self.interpret,
+                scheduler=scheduler,
+            )
+            collector = GatewayCollector(lambda: devices, lambda: self.dispatcher)
             REGISTRY.register(collector)
             stack.callback(REGISTRY.unregister, collector)
             self.web = await stack.enter_async_context(WebServer(cfg.http, ctx))
@@ -278,7 +289,7 @@ class Supervisor:
             if self.notifier.enabled:
                 tasks.spawn("systemd", self._systemd())
 
-            self.service.attach(self.dispatcher)
+            service.open_intake()
             # Switch-offs and ends of on-periods, those from before a restart too (overdue ones at once): now that
             # commands are taken.
             await stack.enter_async_context(self.scheduler)

@@ -81,6 +81,7 @@ class Dispatcher:
         rclock: ResilienceClock = REAL_CLOCK,
         forward_results: bool = True,
         on_armed: Callable[[], None] = lambda: None,
+        clock_synced: Callable[[], bool] = lambda: False,
     ):
         self._store = store
         # False without an uplink ([mqtt] enabled = false): no result row for an outbox nobody drains.
@@ -88,7 +89,7 @@ class Dispatcher:
         self._devices = devices
         self._clock = clock
         self._on_final = on_final
-        self.clock_synced: Callable[[], bool] = lambda: False  # the telemetry clock's, for result timestamps
+        self.clock_synced = clock_synced  # the telemetry clock's, for result timestamps
         self._sweep_interval_s = sweep_interval_s
         self._reconcile_interval_s = reconcile_interval_s
         self._on_armed = on_armed  # a scheduled action was armed: the Scheduler looks at its due times again
@@ -97,6 +98,7 @@ class Dispatcher:
         self._queued = _Waiting()  # everything waiting in a queue, by command id
         self._busy: dict[str, CommandRecord] = {}  # device -> command being executed
         self._settling: set[str] = set()  # taken from a queue to be expired: neither queued nor executing
+        self._cancels: dict[str, tuple[CommandRecord, asyncio.Event]] = {}  # being cancelled: set when recorded
         # Open commands whose request may have reached the device: asked in this process, or dispatched before a
         # restart. Their deadline passing is not "expired" (never executed): the outcome is unknown.
         self._maybe_sent: set[str] = set()
@@ -180,6 +182,27 @@ class Dispatcher:
         wake = self._wake.get(rec.device)
         if wake is not None:
             wake.set()
+
+    async def cancel(self, command_id: str, by: str) -> CommandRecord | None:
+        """Take a command out of its queue before it is sent, and finish it as cancelled. None when it is not
+        waiting in a queue (being executed, retried, settled, or not open): it may already be on the wire."""
+        underway = self._cancels.get(command_id)
+        if underway is not None:  # another cancel took it: its answer is this one's
+            await underway[1].wait()
+            return underway[0]
+        rec = self._queued.pop(command_id)
+        if rec is None:
+            return None
+        self._cancels[command_id] = (rec, done := asyncio.Event())
+        self._settling.add(rec.id)
+        try:
+            await self._finish(rec, State.CANCELLED, code="cancelled", message=f"cancelled before it was sent, by {by}")
+        finally:
+            self._settling.discard(rec.id)
+            del self._cancels[command_id]
+            done.set()
+        log.info("command_cancelled", command_id=rec.id, device=rec.device, by=by)
+        return rec
 
     def knows(self, command_id: str) -> bool:
         """Whether the command is in a queue, executing, or being settled: in step with an open record."""

@@ -54,6 +54,8 @@ class CommandService:
         cfg: CommandsSection,
         clock: Clock,
         space: DiskSpace | None = None,
+        *,
+        dispatcher: Dispatcher | None = None,
     ):
         self._store = store
         self.space = space
@@ -61,7 +63,7 @@ class CommandService:
         self._cfg = cfg
         self._clock = clock
         self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher = dispatcher  # None: validation and lookups only (nothing can be queued)
         self.accepting = False
         self.accepted = 0
         self.replayed = 0
@@ -71,9 +73,9 @@ class CommandService:
     def boot_id(self) -> str:
         return self._clock.boot_id
 
-    def attach(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-        self.accepting = True
+    def open_intake(self) -> None:
+        """Start-up is done: new commands are taken from now on."""
+        self.accepting = self.dispatcher is not None
 
     def close_intake(self) -> None:
         self.accepting = False
@@ -283,6 +285,29 @@ class CommandService:
         if rec is None:
             raise UnknownCommand(f"no command with id {command_id!r}", details={"id": command_id})
         return rec
+
+    async def cancel(self, command_id: str, *, by: str) -> CommandRecord:
+        """Cancel a command still waiting in its queue (never sent). A command already sent, being retried or
+        finished cannot be taken back: Conflict, with its state; stop a running actuator with its opposite action."""
+        rec = await self.get(command_id)
+        if rec.state is State.CANCELLED:
+            return rec  # cancelled already: asking again changes nothing
+        if rec.state.final:
+            raise Conflict(
+                f"command {command_id!r} is already {rec.state.value}",
+                details={"id": command_id, "state": rec.state.value},
+            )
+        cancelled = None if self.dispatcher is None else await self.dispatcher.cancel(command_id, by)
+        if cancelled is None:
+            rec = await self.get(command_id)
+            if rec.state is State.CANCELLED:
+                return rec  # two cancels at once: the other one did it
+            raise Conflict(
+                f"command {command_id!r} is {rec.state.value}: it may already have reached the device and cannot be "
+                "taken back; send the opposite action (for example stop) instead",
+                details={"id": command_id, "state": rec.state.value},
+            )
+        return await self.get(command_id)
 
     async def listing(self, *, state: str | None, device: str | None, limit: int) -> list[CommandRecord]:
         return await self._store.read(lambda c: sql.listing(c, state=state, device=device, limit=limit))

@@ -21,7 +21,9 @@ from gatewayd.errors import ConfigError, ConfigProblem
 ENV_PREFIX = "GATEWAYD_"
 KNOWN_SIMULATORS = frozenset({"pump", "sensor_node"})
 # gatewayd.devices.modbus_sim.MODELS (not imported here: check-config must not load pymodbus).
-MODBUS_SIMULATORS = frozenset({"eastron_sdm120", "waveshare_relay8"})
+MODBUS_SIMULATORS = frozenset(
+    {"eastron_sdm120", "eastron_sdm630", "waveshare_relay8", "fronius_symo", "advantech_adam6017"}
+)
 # The serial profile kinds and the bus protocol each speaks.
 SERIAL_PROTOCOLS = {"serial_line": "gatewayd", "modbus_rtu": "modbus_rtu"}
 
@@ -144,7 +146,11 @@ def load_profiles(directory: Path, problems: list[ConfigProblem]) -> dict[str, P
 def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     pins: dict[int, str] = {}
-    addresses: dict[tuple[str, int], str] = {}
+    addresses: dict[tuple[str, int], str] = {}  # (bus, address or unit id) -> device
+    for bus in sorted(set(cfg.serial) & set(cfg.modbus_tcp)):
+        problems.append(
+            ConfigProblem(file, f"modbus_tcp.{bus}", f"[serial.{bus}] has this name: devices name their bus, once")
+        )
     for name, dev in cfg.devices.items():
         key = f"devices.{name}"
         profile = profiles.get(dev.profile)
@@ -163,38 +169,85 @@ def _cross_check(cfg: Config, profiles: dict[str, Profile], file: str) -> list[C
             if dev.bus is None:
                 problems.append(ConfigProblem(file, f"{key}.bus", "a serial device needs a bus"))
                 continue
+            if dev.bus in cfg.modbus_tcp:
+                problems.extend(_check_tcp_device(cfg, name, dev, profile, addresses, file))
+                continue
             if dev.bus not in cfg.serial:
-                problems.append(ConfigProblem(file, f"{key}.bus", f"unknown serial bus {dev.bus!r}"))
+                problems.append(
+                    ConfigProblem(
+                        file, f"{key}.bus", f"unknown bus {dev.bus!r} (no [serial.{dev.bus}] or [modbus_tcp.{dev.bus}])"
+                    )
+                )
                 continue
             protocol = cfg.serial[dev.bus].protocol
             if protocol != SERIAL_PROTOCOLS[profile.kind]:
+                problems.append(_speaks(profile, f"bus {dev.bus!r} is protocol {protocol!r}", key, file))
+            if dev.unit_id is not None:
                 problems.append(
-                    ConfigProblem(
-                        file,
-                        f"{key}.bus",
-                        f"profile {profile.name!r} speaks {SERIAL_PROTOCOLS[profile.kind]}, "
-                        f"but bus {dev.bus!r} is protocol {protocol!r}",
-                    )
+                    ConfigProblem(file, f"{key}.unit_id", "unit_id is for Modbus TCP connections: give an address")
                 )
             if dev.address is None:
                 problems.append(ConfigProblem(file, f"{key}.address", "a serial device needs an address"))
-            elif (dev.bus, dev.address) in addresses:
-                other = addresses[(dev.bus, dev.address)]
-                problems.append(
-                    ConfigProblem(file, f"{key}.address", f"address {dev.address} on {dev.bus} is used by {other}")
-                )
             else:
-                addresses[(dev.bus, dev.address)] = name
+                problems.extend(_claim(addresses, dev.bus, dev.address, name, f"{key}.address", file))
             if cfg.bus_simulated(dev.bus):
-                if profile.simulator is None:
-                    problems.append(
-                        ConfigProblem(
-                            file, f"{key}.profile", f"profile {profile.name!r} has no simulator for mock mode"
-                        )
-                    )
-                elif profile.simulator not in (MODBUS_SIMULATORS if profile.kind == "modbus_rtu" else KNOWN_SIMULATORS):
-                    problems.append(ConfigProblem(file, f"{key}.profile", f"unknown simulator {profile.simulator!r}"))
+                problems.extend(_simulator_problems(profile, key, file))
     return problems
+
+
+def _check_tcp_device(
+    cfg: Config, name: str, dev: DeviceConfig, profile: Profile, addresses: dict[tuple[str, int], str], file: str
+) -> list[ConfigProblem]:
+    """A device on a Modbus TCP connection: a Modbus profile, and a unit id of its own on the connection."""
+    key = f"devices.{name}"
+    assert dev.bus is not None
+    connection = cfg.modbus_tcp[dev.bus]
+    problems: list[ConfigProblem] = []
+    if profile.kind != "modbus_rtu":
+        problems.append(_speaks(profile, f"{dev.bus!r} is a Modbus TCP connection", key, file))
+    if dev.address is not None:
+        problems.append(
+            ConfigProblem(file, f"{key}.address", "a device on a Modbus TCP connection has a unit_id, not an address")
+        )
+    if dev.unit_id is None:
+        problems.append(ConfigProblem(file, f"{key}.unit_id", "a device on a Modbus TCP connection needs a unit_id"))
+    elif connection.framer == "rtu" and not 1 <= dev.unit_id <= 247:
+        problems.append(
+            ConfigProblem(
+                file, f"{key}.unit_id", "RTU over TCP reaches units on RS-485: a unit_id is an address, 1 to 247"
+            )
+        )
+    else:
+        problems.extend(_claim(addresses, dev.bus, dev.unit_id, name, f"{key}.unit_id", file))
+    if connection.simulated(cfg.gateway.mode):
+        problems.extend(_simulator_problems(profile, key, file))
+    return problems
+
+
+def _speaks(profile: Profile, but: str, key: str, file: str) -> ConfigProblem:
+    return ConfigProblem(
+        file, f"{key}.bus", f"profile {profile.name!r} speaks {SERIAL_PROTOCOLS[profile.kind]}, but {but}"
+    )
+
+
+def _claim(
+    addresses: dict[tuple[str, int], str], bus: str, address: int, name: str, where: str, file: str
+) -> list[ConfigProblem]:
+    """One device per address (or unit id) on a bus."""
+    other = addresses.setdefault((bus, address), name)
+    if other == name:
+        return []
+    what = "address" if where.endswith(".address") else "unit id"
+    return [ConfigProblem(file, where, f"{what} {address} on {bus} is used by {other}")]
+
+
+def _simulator_problems(profile: Profile, key: str, file: str) -> list[ConfigProblem]:
+    """Mock mode simulates the device: its profile must name a simulator model there is."""
+    if profile.simulator is None:
+        return [ConfigProblem(file, f"{key}.profile", f"profile {profile.name!r} has no simulator for mock mode")]
+    if profile.simulator not in (MODBUS_SIMULATORS if profile.kind == "modbus_rtu" else KNOWN_SIMULATORS):
+        return [ConfigProblem(file, f"{key}.profile", f"unknown simulator {profile.simulator!r}")]
+    return []
 
 
 def _check_channels(dev: DeviceConfig, profile: Profile, key: str, file: str) -> list[ConfigProblem]:

@@ -214,6 +214,40 @@ class SerialBusConfig(Section):
         return self
 
 
+class ModbusTcpConfig(Section):
+    """A Modbus TCP connection (hardware/MODBUS.md): a device that speaks Modbus TCP itself (an energy meter, an
+    inverter, an I/O module, a PLC), or a gateway or serial server with RS-485 units behind it. One request at a time
+    on it, as on a serial bus; the devices on it name it as their ``bus`` and give their ``unit_id``."""
+
+    host: Annotated[str, Field(pattern=r"^[A-Za-z0-9:][A-Za-z0-9.:_-]{0,252}$")]  # a name, an IPv4 or IPv6 address
+    port: int = Field(default=502, ge=1, le=65535)
+    # "socket": Modbus TCP (the MBAP header, whose transaction id pairs each reply with its request). "rtu": Modbus
+    # RTU frames with their CRC, carried over TCP as they are, as a serial server in transparent mode passes them
+    # to and from its RS-485 port ("RTU over TCP"); the unit ids are then RTU addresses, 1-247.
+    framer: Literal["socket", "rtu"] = "socket"
+    response_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=60)  # an unanswered connection attempt gives up then
+    # Requests sent on the connection: a token bucket of transactions_burst, refilled at transactions_per_s (None:
+    # no limit). For devices that serve a few requests a second, and for gateways with a slow line behind them.
+    transactions_per_s: float | None = Field(default=None, gt=0, le=10_000)
+    transactions_burst: int = Field(default=1, ge=1, le=10_000)
+    turnaround_s: float = Field(default=0.0, ge=0, le=1)  # a pause after each transaction, for a slow gateway
+    # A connection that is refused or lost is opened again: the pause before attempt n is drawn from
+    # [0, min(reconnect_cap_s, reconnect_base_s * 2**n)] (full jitter), for as long as the host stays away.
+    reconnect_base_s: float = Field(default=0.1, gt=0, le=10)
+    reconnect_cap_s: float = Field(default=5.0, gt=0, le=300)
+    simulate: bool | None = None  # None: simulate when gateway.mode is "mock" (pymodbus's TCP server on loopback)
+
+    @model_validator(mode="after")
+    def _reconnect_cap_not_below_base(self) -> ModbusTcpConfig:
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must not be less than reconnect_base_s")
+        return self
+
+    def simulated(self, mode: str) -> bool:
+        return mode == "mock" if self.simulate is None else self.simulate
+
+
 class SimulatorConfig(Section):
     latency_s: float = Field(default=0.0, ge=0, le=60)
     # A dead device on a live bus: requests arrive, nothing answers (the gateway sees response timeouts).
@@ -237,6 +271,9 @@ class DeviceConfig(Section):
     description: str = ""
     bus: Name | None = None
     address: int | None = Field(default=None, ge=1, le=247)
+    # A device on a Modbus TCP connection: its unit identifier, 0-255 (a device that is the TCP server itself often
+    # answers on 1, 0 or 255; units behind a gateway keep their RS-485 address, 1-247).
+    unit_id: int | None = Field(default=None, ge=0, le=255)
     pin: int | None = Field(default=None, ge=0, le=53)
     active_high: bool = True
     simulator: SimulatorConfig = SimulatorConfig()
@@ -459,6 +496,7 @@ class Config(Section):
     mqtt: MqttSection = MqttSection()
     interpret: InterpretSection = InterpretSection()
     serial: dict[Name, SerialBusConfig] = Field(default_factory=dict)
+    modbus_tcp: dict[Name, ModbusTcpConfig] = Field(default_factory=dict)
     devices: dict[Name, DeviceConfig] = Field(default_factory=dict)
 
     @property

@@ -1,12 +1,13 @@
 """Builds every device from the configuration: serial buses (each with a simulator behind a pseudo-terminal in
-mock mode), Modbus RTU buses (pymodbus's server as the simulator in mock mode) and GPIO outputs. Opening a device
-that is missing marks it unavailable; it never stops the daemon.
+mock mode), Modbus RTU buses (pymodbus's server as the simulator in mock mode), Modbus TCP connections (pymodbus's
+TCP server on loopback in mock mode) and GPIO outputs. Opening a device that is missing marks it unavailable; it
+never stops the daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from gatewayd.config.loader import LoadedConfig
-from gatewayd.config.models import SerialBusConfig
+from gatewayd.config.models import DeviceConfig, ModbusTcpConfig, SerialBusConfig
 from gatewayd.config.profiles import GPIO_KINDS, Profile
 from gatewayd.devices.base import Device
 from gatewayd.devices.gpio import GpioController, GpioInput, GpioOutput, GpioPwm
@@ -24,6 +25,8 @@ from gatewayd.telemetry import MemorySink, Record, TelemetrySink
 
 if TYPE_CHECKING:
     from gatewayd.devices.modbus import ModbusBus
+    from gatewayd.devices.modbus_sim import ModbusUnit
+    from gatewayd.devices.modbus_tcp_sim import ModbusTcpSimulator
 
 log = structlog.get_logger("gatewayd.devices")
 
@@ -36,6 +39,7 @@ class DeviceManager:
         self.buses: dict[str, SerialBus] = {}
         self.modbus_buses: dict[str, ModbusBus] = {}
         self.simulators: dict[str, PtySimulator] = {}
+        self.tcp_simulators: dict[str, ModbusTcpSimulator] = {}  # Modbus TCP connection -> the host mock mode runs
         self._stack = contextlib.AsyncExitStack()
 
     @property
@@ -107,6 +111,8 @@ class DeviceManager:
             for name, dev in on_bus.items():
                 assert dev.address is not None
                 self.devices[name] = SerialDevice(name, profiles[dev.profile], bus, dev.address)
+        for name, connection in cfg.modbus_tcp.items():
+            await self._open_modbus_tcp(name, connection)
         gpio_devices = {n: d for n, d in cfg.devices.items() if profiles[d.profile].kind in GPIO_KINDS}
         if gpio_devices:
             controller = await self._stack.enter_async_context(
@@ -137,40 +143,50 @@ class DeviceManager:
 
     async def _open_modbus(self, bus_name: str, bus_cfg: SerialBusConfig) -> None:
         """A Modbus RTU bus and its units; in mock mode pymodbus's server answers for them behind a pty."""
-        from gatewayd.devices.modbus import ModbusBus, ModbusDevice  # pymodbus only for configs that use it
+        from gatewayd.devices.modbus import ModbusBus  # pymodbus only for configs that use it
+        from gatewayd.devices.modbus_link import SerialLink
 
-        cfg = self._loaded.config
-        profiles = self._loaded.profiles
-        on_bus = {n: d for n, d in cfg.devices.items() if d.bus == bus_name}
+        on_bus = {n: d for n, d in self._loaded.config.devices.items() if d.bus == bus_name}
         port = bus_cfg.port
-        if cfg.bus_simulated(bus_name):
-            from gatewayd.devices.modbus_sim import ModbusSimulator, ModbusUnit, make_model
+        if self._loaded.config.bus_simulated(bus_name):
+            from gatewayd.devices.modbus_sim import ModbusSimulator
 
-            units = {}
-            for name, dev in on_bus.items():
-                profile = profiles[dev.profile]
-                assert profile.simulator is not None and dev.address is not None  # checked by the config loader
-                units[dev.address] = ModbusUnit(
-                    name,
-                    dev.address,
-                    make_model(profile.simulator, dev.address),
-                    self.sim_dir / f"{name}.jsonl",
-                    latency_s=dev.simulator.latency_s,
-                    mute=dev.simulator.mute,
-                    busy_replies=dev.simulator.busy_replies,
-                    profile=profile,
-                )
             link = self.sim_dir / f"{bus_name}.tty"  # a stable name, as for line-protocol buses
+            units = simulated_units(self._loaded, on_bus, address_of, self.sim_dir)
             self.simulators[bus_name] = await self._stack.enter_async_context(
                 ModbusSimulator(bus_name, units, link=link)
             )
             port = str(link)
             bus_cfg = pty_framing(bus_cfg)
-        bus = await self._stack.enter_async_context(ModbusBus(bus_name, bus_cfg, port))
-        self.modbus_buses[bus_name] = bus
+        await self._modbus_devices(ModbusBus(bus_name, bus_cfg, SerialLink(port, bus_cfg)), on_bus, address_of)
+
+    async def _open_modbus_tcp(self, name: str, connection: ModbusTcpConfig) -> None:
+        """A Modbus TCP connection and the units it reaches; in mock mode pymodbus's TCP server answers for them,
+        on loopback behind a simulated host (gatewayd.devices.modbus_tcp_sim)."""
+        from gatewayd.devices.modbus import ModbusBus
+        from gatewayd.devices.modbus_link import TcpLink
+
+        on_it = {n: d for n, d in self._loaded.config.devices.items() if d.bus == name}
+        host, port = connection.host, connection.port
+        if connection.simulated(self._loaded.config.gateway.mode):
+            from gatewayd.devices.modbus_tcp_sim import ModbusTcpSimulator
+
+            units = simulated_units(self._loaded, on_it, unit_id_of, self.sim_dir)
+            sim = ModbusTcpSimulator(name, units, framer=connection.framer)
+            self.tcp_simulators[name] = await self._stack.enter_async_context(sim)
+            host, port = sim.host, sim.port
+        link = TcpLink(host, port, connection.framer, connection.connect_timeout_s)
+        await self._modbus_devices(ModbusBus(name, connection, link), on_it, unit_id_of)
+
+    async def _modbus_devices(
+        self, bus: ModbusBus, on_bus: Mapping[str, DeviceConfig], unit_of: Callable[[DeviceConfig], int]
+    ) -> None:
+        from gatewayd.devices.modbus import ModbusDevice
+
+        bus = await self._stack.enter_async_context(bus)
+        self.modbus_buses[bus.name] = bus
         for name, dev in on_bus.items():
-            assert dev.address is not None
-            device = ModbusDevice(name, profiles[dev.profile], bus, dev.address, self.sink)
+            device = ModbusDevice(name, self._loaded.profiles[dev.profile], bus, unit_of(dev), self.sink)
             self.devices[name] = await self._stack.enter_async_context(device)
 
     async def __aexit__(
@@ -224,3 +240,40 @@ def pty_framing(cfg: SerialBusConfig) -> SerialBusConfig:
     """A simulated bus opens its pseudo-terminal as 8N1: a pty carries bytes, not characters, so parity and data
     bits mean nothing on it, and Linux refuses to set them on one (EINVAL)."""
     return cfg.model_copy(update={"bytesize": 8, "parity": "N", "stopbits": 1})
+
+
+def simulated_units(
+    loaded: LoadedConfig, on_bus: Mapping[str, DeviceConfig], unit_of: Callable[[DeviceConfig], int], sim_dir: Path
+) -> dict[int, ModbusUnit]:
+    """Mock mode: a simulated unit for each Modbus device on a bus or connection, with the faults its
+    ``simulator`` settings ask for and its execution log in ``sim_dir``."""
+    from gatewayd.devices.modbus_sim import ModbusUnit, make_model
+
+    units = {}
+    for name, dev in on_bus.items():
+        profile = loaded.profiles[dev.profile]
+        assert profile.simulator is not None  # checked by the config loader
+        sim = dev.simulator
+        unit = unit_of(dev)
+        units[unit] = ModbusUnit(
+            name,
+            unit,
+            make_model(profile.simulator, unit, sim.seed),
+            sim_dir / f"{name}.jsonl",
+            latency_s=sim.latency_s,
+            mute=sim.mute,
+            busy_replies=sim.busy_replies,
+            faults=Faults(garbage=sim.garbage, partial=sim.partial, drop=sim.drop, corrupt=sim.corrupt, seed=sim.seed),
+            profile=profile,
+        )
+    return units
+
+
+def address_of(dev: DeviceConfig) -> int:
+    assert dev.address is not None  # checked by the config loader
+    return dev.address
+
+
+def unit_id_of(dev: DeviceConfig) -> int:
+    assert dev.unit_id is not None  # checked by the config loader
+    return dev.unit_id

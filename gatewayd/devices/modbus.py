@@ -1,22 +1,28 @@
-"""Modbus RTU devices on a serial bus, through pymodbus's ``AsyncModbusSerialClient`` in the daemon's one loop.
+"""Modbus devices on a line, through pymodbus's async clients in the daemon's one loop: an RS-485 bus speaking
+Modbus RTU, or a TCP connection speaking Modbus TCP (or RTU frames over TCP, to a serial server). What differs
+between them, the port and its framing, is the bus's link (:mod:`gatewayd.devices.modbus_link`); everything else is
+this module's, the same for both.
 
 :class:`ModbusBus` is the line: one transaction at a time, each within ``response_timeout_s``, ``turnaround_s``
-apart, at most ``transactions_per_s`` (a token bucket from the resilience kit). It opens the port, and when the
-port disappears (a USB adapter unplugged) reopens it on the daemon's one retry policy, exactly as
-:class:`~gatewayd.devices.serial_bus.SerialBus` does: quietly, with capped full jitter, for as long as it takes;
-availability goes down once and up once per outage, and a request in flight fails at once as unavailable.
-pymodbus's own retries and reconnects are turned off (``retries=0``, ``reconnect_delay=0``): they would fight ours.
+apart, at most ``transactions_per_s`` (a token bucket from the resilience kit). It opens the port or connection,
+and when it goes away (a USB adapter unplugged, a host that closed the connection or refuses it) opens it again on
+the daemon's one retry policy, exactly as :class:`~gatewayd.devices.serial_bus.SerialBus` does: quietly, with
+capped full jitter, for as long as it takes; availability goes down once and up once per outage, and a request in
+flight fails at once as unavailable. pymodbus's own retries and reconnects are turned off (``retries=0``,
+``reconnect_delay=0``): they would fight ours.
 
 pymodbus's RTU decoder drops everything it holds when a candidate frame fails its CRC, so noise before a reply
-costs the reply. The bus hands it only the reply it waits for, found by :func:`~gatewayd.devices.modbus_codec.
-find_reply` through pymodbus's ``trace_packet`` hook. After a reply that never came (or never decoded) the line
-is left quiet for one more response timeout before the next request, as libmodbus's error recovery does: RTU
-replies carry no transaction id, and a late answer to the last request must not be taken for the next one's.
+costs the reply; its TCP decoder waits for ever behind a header it cannot read. The bus hands it only the reply it
+waits for, found by the link (:func:`~gatewayd.devices.modbus_codec.find_reply`, :func:`~gatewayd.devices.
+modbus_codec.find_mbap_reply`) through pymodbus's ``trace_packet`` hook. After an RTU reply that never came (or
+never decoded) the line is left quiet for one more response timeout before the next request, as libmodbus's error
+recovery does: RTU replies carry no transaction id, and a late answer to the last request must not be taken for the
+next one's. Modbus TCP replies carry the request's transaction id, so a late one is simply passed over.
 
 Errors, translated at this boundary: exception 6 (device busy) is :class:`DeviceBusy`; 11 (a gateway's target did
 not answer) is :class:`DeviceTimeout`; every other exception code is :class:`DeviceRejected`, with the code in its
-details; no reply, a bad CRC, noise or a reply that cannot answer the request (another count, another echo) is
-:class:`DeviceTimeout`; a port that is gone is :class:`DeviceUnavailable`.
+details; no reply, a bad CRC or header, noise or a reply that cannot answer the request (another count, another
+echo) is :class:`DeviceTimeout`; a port or connection that is gone is :class:`DeviceUnavailable`.
 
 :class:`ModbusDevice` is one unit on the bus, mapped by its profile (``hardware/MODBUS.md``): actions write a coil
 or holding register or read telemetry points, and a poller records every point each ``poll_interval_s``. Modbus has
@@ -27,25 +33,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
-from pymodbus.client import AsyncModbusSerialClient
+from pymodbus.client import ModbusBaseClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusIOException
-from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from gatewayd.config.models import SerialBusConfig
 from gatewayd.config.profiles import BIT_TABLES, ModbusAction, Profile
 from gatewayd.devices.base import Availability
 from gatewayd.devices.line import Line
-from gatewayd.devices.modbus_codec import READ_FUNCTION, ReadBlock, Value, encode_registers, find_reply, plan_reads
+from gatewayd.devices.modbus_codec import READ_FUNCTION, ReadBlock, Value, encode_registers, plan_reads
 from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
-from gatewayd.devices.serial_bus import reopen_policy, transaction_bucket
+from gatewayd.devices.modbus_link import ModbusLink
+from gatewayd.devices.serial_bus import LineSettings, reopen_policy, transaction_bucket
 from gatewayd.errors import (
     DeviceBusy,
     DeviceRejected,
@@ -81,13 +85,24 @@ def _exception_name(code: int) -> str:
         return "unknown"
 
 
-class ModbusBus:
-    """One RS-485 (or RS-232) line speaking Modbus RTU, as master."""
+class ModbusSettings(LineSettings, Protocol):
+    """What a Modbus bus needs of its settings: a serial bus's ([serial.<name>]) or a TCP connection's
+    ([modbus_tcp.<name>]) have it all."""
 
-    def __init__(self, name: str, cfg: SerialBusConfig, port: str, *, clock: Clock = REAL_CLOCK):
+    @property
+    def response_timeout_s(self) -> float: ...
+    @property
+    def turnaround_s(self) -> float: ...
+
+
+class ModbusBus:
+    """One line speaking Modbus, as master (client): an RS-485 bus, or a TCP connection."""
+
+    def __init__(self, name: str, cfg: ModbusSettings, link: ModbusLink, *, clock: Clock = REAL_CLOCK):
         self.name = name
         self.cfg = cfg
-        self.port = port
+        self.link = link
+        self.port = link.where
         self.availability = Availability(f"bus:{name}", since=0)
         self.transactions = 0  # requests that got a reply (an exception reply included)
         self.timeouts = 0
@@ -96,8 +111,8 @@ class ModbusBus:
         # One transaction at a time, commands before polls and the most urgent first, none sent after its
         # command's deadline (gatewayd.devices.line).
         self._line = Line(f"bus {name}", clock, transaction_bucket(name, cfg, clock))
-        self._client: AsyncModbusSerialClient | None = None
-        self._lost = asyncio.Event()  # the open port went away (a fresh one per open)
+        self._client: ModbusBaseClient | None = None
+        self._lost = asyncio.Event()  # the open port or connection went away (a fresh one per open)
         self._request: bytes | None = None  # the request whose reply is being waited for, as sent
         self._inflight: asyncio.Timeout | None = None
         self._tasks = TaskOwner(name)
@@ -130,45 +145,29 @@ class ModbusBus:
 
     async def _open(self) -> None:
         lost = asyncio.Event()
-        client = AsyncModbusSerialClient(
-            self.port,
-            framer=FramerType.RTU,
-            baudrate=self.cfg.baudrate,
-            bytesize=self.cfg.bytesize,
-            parity=self.cfg.parity,
-            stopbits=self.cfg.stopbits,
-            name=f"gatewayd[{self.name}]",
-            reconnect_delay=0,  # no reconnect task of pymodbus's own: the link reopens the port
+        client = self.link.client(
+            f"gatewayd[{self.name}]",
             # pymodbus's own reply timeout never fires first: the bus's, which the link can cut short, decides.
-            timeout=2 * self.cfg.response_timeout_s + 1,
-            retries=0,  # the dispatcher retries, with backoff and within the command's deadline
-            trace_packet=self._filter_reply,
-            trace_connect=lambda up: None if up else self._port_lost(lost),
+            2 * self.cfg.response_timeout_s + 1,
+            self._filter_reply,
+            lambda up: None if up else self._port_lost(lost),
         )
         cancelling = _cancelling()
-        connected = await client.connect()
+        why_not = await self.link.connect(client)
         if _cancelling() > cancelling:  # see _cancelling
             client.close()
             raise asyncio.CancelledError
-        if not connected:
+        if why_not is not None:
             client.close()
-            reason = _why_not_open(self.port)
-            self.availability.down(reason)  # logged on the first failure of an outage only
-            raise OSError(reason)
+            self.availability.down(why_not)  # logged on the first failure of an outage only
+            raise OSError(why_not)
         self._client, self._lost = client, lost
         self.opens += 1
-        log.info(
-            "modbus_opened",
-            bus=self.name,
-            port=self.port,
-            baudrate=self.cfg.baudrate,
-            framing=f"{self.cfg.bytesize}{self.cfg.parity}{self.cfg.stopbits}",
-            opens=self.opens,
-        )
+        log.info("modbus_opened", bus=self.name, **self.link.describe(), opens=self.opens)
         self.availability.up()
 
     def _port_lost(self, lost: asyncio.Event) -> None:
-        """pymodbus saw the port fail (a read or write error): wake the link, and end a transaction in flight now
+        """pymodbus saw the port fail or the connection close: wake the link, and end a transaction in flight now
         rather than at its timeout."""
         lost.set()
         if self._inflight is not None and lost is self._lost:
@@ -189,7 +188,7 @@ class ModbusBus:
             await self._lost.wait()
             opened = False
             self._close_client()
-            self.availability.down(f"{self.port}: port closed or gone")
+            self.availability.down(f"{self.port}: closed or gone")
 
     def _close_client(self) -> None:
         client, self._client = self._client, None
@@ -209,11 +208,11 @@ class ModbusBus:
         request = self._request
         if request is None:
             return b""  # nothing asked: a late reply or noise, dropped when the next request goes out
-        found = find_reply(data, request)
+        found = self.link.find_reply(data, request)
         return b"" if found is None else data[found[0] : found[1]]
 
     async def _transact(
-        self, unit: int, function: int, what: str, call: Callable[[AsyncModbusSerialClient], Awaitable[ModbusPDU]]
+        self, unit: int, function: int, what: str, call: Callable[[ModbusBaseClient], Awaitable[ModbusPDU]]
     ) -> ModbusPDU:
         """One request and its reply, or a typed error. Exception replies are returned, not raised."""
         details = {"bus": self.name, "unit": unit, "function": function}
@@ -235,7 +234,7 @@ class ModbusBus:
                 answered = True
             except TimeoutError:
                 if lost.is_set():
-                    raise DeviceUnavailable(f"bus {self.name}: the port went away", details=details) from None
+                    raise DeviceUnavailable(f"bus {self.name}: {self.port} went away", details=details) from None
                 self.timeouts += 1
                 raise DeviceTimeout(
                     f"no reply from unit {unit} on {self.name} to {what} within {self.cfg.response_timeout_s:g} s",
@@ -248,7 +247,9 @@ class ModbusBus:
                 raise DeviceUnavailable(f"bus {self.name}: {err}", details=details) from err
             finally:
                 self._request = self._inflight = None
-                quiet = self.cfg.turnaround_s if answered else max(self.cfg.turnaround_s, self.cfg.response_timeout_s)
+                quiet = self.cfg.turnaround_s
+                if not answered and not self.link.transaction_ids:  # a late reply must not pass for the next one's
+                    quiet = max(quiet, self.cfg.response_timeout_s)
                 self._line.free_at = self._clock.monotonic() + quiet
             self.transactions += 1
         if reply.isError():
@@ -265,7 +266,7 @@ class ModbusBus:
     async def read(self, unit: int, table: str, address: int, count: int) -> list[int] | list[bool]:
         """``count`` bits (coil, discrete) or registers (holding, input) from ``address``. The reply's byte count
         was matched to the request before pymodbus decoded it (:meth:`_filter_reply`)."""
-        calls: dict[str, Callable[[AsyncModbusSerialClient], Awaitable[ModbusPDU]]] = {
+        calls: dict[str, Callable[[ModbusBaseClient], Awaitable[ModbusPDU]]] = {
             "coil": lambda c: c.read_coils(address, count=count, device_id=unit),
             "discrete": lambda c: c.read_discrete_inputs(address, count=count, device_id=unit),
             "holding": lambda c: c.read_holding_registers(address, count=count, device_id=unit),
@@ -305,19 +306,9 @@ def _cancelling() -> int:
     return 0 if task is None else task.cancelling()
 
 
-def _why_not_open(port: str) -> str:
-    """pymodbus reports a failed open as False, without the error; name the usual causes."""
-    try:
-        os.stat(port)  # follows a by-id link: a dangling one is "no such file"
-    except OSError as err:
-        return f"cannot open {port}: {err.strerror}"
-    if not os.access(port, os.R_OK | os.W_OK):
-        return f"cannot open {port}: permission denied"
-    return f"cannot open {port} (in use by another process, or not a serial port)"
-
-
 class ModbusDevice:
-    """One unit (slave address 1-247) on a Modbus bus, mapped by a ``modbus_rtu`` profile."""
+    """One unit on a Modbus bus (an RS-485 address, 1-247, or a unit id on a TCP connection, 0-255), mapped by a
+    ``modbus_rtu`` profile: the profile maps registers, whatever carries the requests."""
 
     def __init__(
         self,
@@ -452,7 +443,7 @@ class ModbusDevice:
         return {
             "kind": "modbus",
             "bus": self.bus.name,
-            "port": self.bus.port,
+            **self.bus.link.describe(),
             "address": self.unit,
             "state": dict(self.values) if self.values else self.last_result,
             "points": telemetry,  # each telemetry point with its unit (the latest reading is "telemetry")

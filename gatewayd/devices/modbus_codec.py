@@ -7,6 +7,8 @@
   names (a device may refuse a register it does not have, and the whole request with it).
 - RTU framing: the length of a frame from its first bytes, and :func:`find_reply`, which finds the reply a master
   is waiting for among whatever else the line delivered (noise, the stub of a reply cut short).
+- Modbus TCP framing (the MBAP header): :func:`find_mbap_reply`, the same hunt for a reply that carries the
+  request's transaction id, and :func:`mbap_length`, a frame's length from its header.
 """
 
 from __future__ import annotations
@@ -215,6 +217,23 @@ def reply_prefix(request: bytes | bytearray) -> bytes:
     return head
 
 
+def take_rtu_request(buffer: bytearray) -> bytes | None:
+    """The first whole request with a good CRC at the front of ``buffer``, removed from it; None (and the buffer
+    kept) while more bytes are needed. Noise before it, and frames whose CRC is wrong, are dropped a byte at a time
+    until a frame start lines up, as a unit on the line ignores what it cannot read."""
+    while buffer:
+        length = frame_length(buffer, request=True)
+        if length is None or (length and len(buffer) < length):
+            return None  # more to come
+        if not length or not crc_ok(buffer[:length]):
+            del buffer[:1]  # noise, or we are out of step: find the next frame start
+            continue
+        frame = bytes(buffer[:length])
+        del buffer[:length]
+        return frame
+    return None
+
+
 def find_reply(data: bytes | bytearray, request: bytes | bytearray) -> tuple[int, int] | None:
     """Where the reply to ``request`` (or its exception reply) lies in ``data``, as ``(start, end)``; None until a
     complete one with a good CRC has arrived.
@@ -236,4 +255,49 @@ def find_reply(data: bytes | bytearray, request: bytes | bytearray) -> tuple[int
             continue  # incomplete: maybe the reply, maybe noise that looks like its start; look further
         if crc_ok(data[start : start + length]):
             return start, start + length
+    return None
+
+
+# --- Modbus TCP frames (MBAP) -------------------------------------------------------------------------------------
+
+MBAP_HEADER = 7  # transaction id (2), protocol id (2, always 0), length (2: unit id and PDU), unit id (1)
+MBAP_MAX_LENGTH = 254  # unit id and the longest PDU (Modbus messaging on TCP/IP implementation guide, 3.1.3)
+
+
+def mbap_length(frame: bytes | bytearray) -> int | None:
+    """The length of the MBAP frame that starts ``frame``: None while its header is incomplete, 0 when the header
+    cannot start one (a protocol id other than 0, a length no frame has)."""
+    if len(frame) < 6:
+        return None
+    length = int.from_bytes(frame[4:6], "big")
+    if frame[2:4] != b"\x00\x00" or not 2 <= length <= MBAP_MAX_LENGTH:
+        return 0
+    return 6 + length
+
+
+def find_mbap_reply(data: bytes | bytearray, request: bytes | bytearray) -> tuple[int, int] | None:
+    """Where the reply to the MBAP ``request`` (or its exception reply) lies in ``data``, as ``(start, end)``; None
+    until a complete one has arrived.
+
+    A reply starts with the request's transaction id and protocol id, then a length that must agree with what the
+    request fixes: the unit and function (or the function with the exception flag), the byte count of a read, the
+    echo of a write, exactly as :func:`reply_prefix` says for RTU. TCP delivers bytes intact, but a device or a
+    gateway may still send noise, a reply cut short or a header that is wrong; none of these passes for the reply,
+    and a late reply to an earlier request carries another transaction id. Without a CRC, a garbled register value
+    in an otherwise well-formed reply cannot be told from a good one."""
+    body = request[6:]  # unit id and PDU: an RTU request without its CRC
+    prefix = reply_prefix(body)
+    refused = bytes([body[0], body[1] | EXCEPTION_FLAG])
+    for start in range(len(data) - MBAP_HEADER):
+        if data[start : start + 4] != request[:4]:
+            continue
+        pdu = data[start + 6 :]
+        if pdu[: len(prefix)] != prefix and pdu[:2] != refused:
+            continue
+        length = frame_length(pdu, request=False)  # an RTU frame's length counts its two CRC bytes
+        if not length or int.from_bytes(data[start + 4 : start + 6], "big") != length - 2:
+            continue
+        end = start + 6 + length - 2
+        if end <= len(data):
+            return start, end
     return None

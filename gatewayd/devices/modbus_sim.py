@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import math
 import os
 import random
+import struct
 import time
 import tty
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -46,7 +46,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from gatewayd.config.profiles import BIT_TABLES, Profile
 from gatewayd.devices.linelog import LineLog
-from gatewayd.devices.modbus_codec import crc_ok, encode_registers, frame_length
+from gatewayd.devices.modbus_codec import encode_registers, frame_length, take_rtu_request
 from gatewayd.devices.modbus_codec import to_raw as modbus_to_raw
 from gatewayd.devices.simulator import NO_FAULTS, Faults, PtySimulator
 
@@ -118,11 +118,89 @@ class TableModel:
         return None
 
 
-class Sdm120Model:
+def put_floats(block: Block, registers: Mapping[int, str], values: Mapping[str, float]) -> None:
+    """Each named value into its two registers, as an IEEE 754 float32, high word first."""
+    for register, name in registers.items():
+        high, low = ModbusClientMixin.convert_to_registers(values[name], _FLOAT32)
+        block.set(register, high)
+        block.set(register + 1, low)
+
+
+def float_written(values: Sequence[int | bool]) -> float | None:
+    """The float32 two written registers hold (high word first), or None if they are not two."""
+    if len(values) != 2:
+        return None
+    (value,) = struct.unpack(">f", struct.pack(">HH", int(values[0]), int(values[1])))
+    return float(value)
+
+
+def float_layout(*registers: Iterable[int]) -> dict[int, int | bool]:
+    """Two registers, zero at power-up, for each float32 at these addresses."""
+    return {a + i: 0 for addresses in registers for a in addresses for i in (0, 1)}
+
+
+class Circuit:
+    """One phase of a building's supply: mains voltage wandering around 230 V, a load switching between what
+    appliances draw, its power factor; energy integrated over real time."""
+
+    LOADS_W = (60.0, 400.0, 1200.0, 2000.0, 2800.0)
+
+    def __init__(self, rng: random.Random):
+        self._rng = rng
+        self.voltage = 230.0
+        self.load_w = 400.0
+        self.power_factor = 0.95
+
+    def step(self, elapsed_s: float) -> None:
+        rng = self._rng
+        self.voltage = min(245.0, max(215.0, self.voltage + rng.gauss(0, 0.4)))
+        if rng.random() < min(1.0, elapsed_s / 30):  # an appliance switches every half minute or so
+            self.load_w = rng.choice(self.LOADS_W) * rng.uniform(0.9, 1.1)
+            self.power_factor = rng.uniform(0.85, 0.99)
+
+    @property
+    def apparent(self) -> float:
+        return self.load_w / self.power_factor
+
+    @property
+    def current(self) -> float:
+        return self.apparent / self.voltage
+
+    @property
+    def reactive(self) -> float:
+        return math.sqrt(max(0.0, self.apparent**2 - self.load_w**2))
+
+
+class EastronMeter:
+    """What Eastron's meters share: measurements in float32 input registers, from a model of the circuit that
+    :meth:`step` advances. Like the meter, which measures twice a second, the registers change at most every
+    ``REFRESH_S``: the requests of one poll, a few milliseconds apart, see one measurement."""
+
+    REGISTERS: dict[int, str]  # input register -> the measurement it holds
+    REFRESH_S = 0.5
+
+    def __init__(self) -> None:
+        self._measured_at: float | None = None
+
+    def step(self, elapsed_s: float) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        if block.table != "input":
+            return
+        now = time.monotonic()
+        if self._measured_at is not None and now - self._measured_at < self.REFRESH_S:
+            return
+        values = self.step(0.0 if self._measured_at is None else now - self._measured_at)
+        self._measured_at = now
+        put_floats(block, self.REGISTERS, values)
+
+
+class Sdm120Model(EastronMeter):
     """Eastron SDM120-Modbus single-phase energy meter: float32 input registers (high word first), read with
-    function 4. A household circuit: mains voltage wandering around 230 V, a load switching between a few hundred
-    watts and a few kilowatts, and the import energy counter integrating the power over real time. Its set-up
-    parameters are float32 holding registers that, as on the meter, only function 16 writes (kept, not acted on)."""
+    function 4. A household circuit (:class:`Circuit`), and the import energy counter integrating its power over
+    real time. Its set-up parameters are float32 holding registers that, as on the meter, only function 16 writes
+    (kept, not acted on)."""
 
     # Input register -> the measurement it holds (SDM120 Modbus protocol, 3X registers).
     REGISTERS = {
@@ -143,59 +221,156 @@ class Sdm120Model:
 
     def __init__(self, unit: int = 1, rng: random.Random | None = None):
         self._rng = rng or random.Random(unit)
-        self.voltage = 230.0
+        self.circuit = Circuit(self._rng)
         self.frequency = 50.0
-        self.load_w = 400.0
-        self.power_factor = 0.95
         self.import_kwh = 1234.5
-        self._last = time.monotonic()
+        super().__init__()
 
     def layout(self) -> Layout:
-        inputs: dict[int, int | bool] = {}
-        for address in self.REGISTERS:
-            inputs.update({address: 0, address + 1: 0})
-        holding: dict[int, int | bool] = {}
-        for address in self.PARAMETERS:
-            holding.update({address: 0, address + 1: 0})
-        return {"input": inputs, "holding": holding}
+        return {"input": float_layout(self.REGISTERS), "holding": float_layout(self.PARAMETERS)}
 
     def step(self, elapsed_s: float) -> dict[str, float]:
         """Advance the circuit by ``elapsed_s`` and return every measurement."""
-        rng = self._rng
-        self.voltage = min(245.0, max(215.0, self.voltage + rng.gauss(0, 0.4)))
-        self.frequency = min(50.1, max(49.9, self.frequency + rng.gauss(0, 0.005)))
-        if rng.random() < min(1.0, elapsed_s / 30):  # an appliance switches every half minute or so
-            self.load_w = rng.choice((60.0, 400.0, 1200.0, 2000.0, 2800.0)) * rng.uniform(0.9, 1.1)
-            self.power_factor = rng.uniform(0.85, 0.99)
-        self.import_kwh += self.load_w * elapsed_s / 3_600_000
-        apparent = self.load_w / self.power_factor
+        circuit = self.circuit
+        circuit.step(elapsed_s)
+        self.frequency = min(50.1, max(49.9, self.frequency + self._rng.gauss(0, 0.005)))
+        self.import_kwh += circuit.load_w * elapsed_s / 3_600_000
         return {
-            "voltage": self.voltage,
-            "current": apparent / self.voltage,
-            "active_power": self.load_w,
-            "apparent_power": apparent,
-            "reactive_power": math.sqrt(max(0.0, apparent**2 - self.load_w**2)),
-            "power_factor": self.power_factor,
-            "phase_angle": math.degrees(math.acos(self.power_factor)),
+            "voltage": circuit.voltage,
+            "current": circuit.current,
+            "active_power": circuit.load_w,
+            "apparent_power": circuit.apparent,
+            "reactive_power": circuit.reactive,
+            "power_factor": circuit.power_factor,
+            "phase_angle": math.degrees(math.acos(circuit.power_factor)),
             "frequency": self.frequency,
             "import_energy": self.import_kwh,
             "export_energy": 0.0,
             "total_energy": self.import_kwh,
         }
 
-    def on_read(self, block: Block, address: int, count: int) -> None:
-        if block.table != "input":
-            return
-        now = time.monotonic()
-        values = self.step(now - self._last)
-        self._last = now
-        for register, name in self.REGISTERS.items():
-            high, low = ModbusClientMixin.convert_to_registers(values[name], _FLOAT32)
-            block.set(register, high)
-            block.set(register + 1, low)
-
     def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
         return None if function == 16 else int(ExcCodes.ILLEGAL_FUNCTION)
+
+
+class Sdm630Model(EastronMeter):
+    """Eastron SDM630-Modbus V2 three-phase energy meter (SDM630 Modbus protocol): three household circuits, one
+    per phase; float32 input registers read with function 4; the demand (power averaged over the demand period)
+    and its maximum; set-up parameters as float32 holding registers that only function 16 writes, the demand
+    period among 0, 5, 8, 10, 15, 20, 30 and 60 minutes (else exception 3); and 0xF010, whose 0 resets the maximum
+    demand (a 16-bit word, function 16 too)."""
+
+    PHASES = ("l1", "l2", "l3")
+    REGISTERS = {
+        **{0x0000 + 2 * i: f"voltage_{p}" for i, p in enumerate(PHASES)},
+        **{0x0006 + 2 * i: f"current_{p}" for i, p in enumerate(PHASES)},
+        **{0x000C + 2 * i: f"power_{p}" for i, p in enumerate(PHASES)},
+        **{0x0012 + 2 * i: f"apparent_power_{p}" for i, p in enumerate(PHASES)},
+        **{0x0018 + 2 * i: f"reactive_power_{p}" for i, p in enumerate(PHASES)},
+        **{0x001E + 2 * i: f"power_factor_{p}" for i, p in enumerate(PHASES)},
+        0x002A: "voltage_average",
+        0x002E: "current_average",
+        0x0030: "current_sum",
+        0x0034: "total_power",
+        0x0038: "total_apparent_power",
+        0x003C: "total_reactive_power",
+        0x003E: "total_power_factor",
+        0x0046: "frequency",
+        0x0048: "import_energy",
+        0x004A: "export_energy",
+        0x0054: "power_demand",
+        0x0056: "max_power_demand",
+        0x00C8: "voltage_l1_l2",
+        0x00CA: "voltage_l2_l3",
+        0x00CC: "voltage_l3_l1",
+        0x00E0: "neutral_current",
+        0x0156: "total_energy",
+    }
+    DEMAND_PERIOD = 0x0002
+    PARAMETERS = {
+        DEMAND_PERIOD: "demand_period",
+        0x000A: "system_type",
+        0x0012: "parity_stop",
+        0x0014: "address",
+        0x001C: "baud_rate",
+    }
+    RESET = 0xF010
+    DEMAND_PERIODS = (0, 5, 8, 10, 15, 20, 30, 60)
+
+    def __init__(self, unit: int = 1, rng: random.Random | None = None):
+        self._rng = rng or random.Random(unit)
+        self.phases = [Circuit(self._rng) for _ in self.PHASES]
+        self.frequency = 50.0
+        self.import_kwh = 48_213.6
+        self.demand_period_min = 60
+        self.demand_w = self.max_demand_w = sum(c.load_w for c in self.phases)
+        super().__init__()
+
+    def layout(self) -> Layout:
+        holding = float_layout(self.PARAMETERS)
+        holding |= {self.DEMAND_PERIOD: 0x4270, self.DEMAND_PERIOD + 1: 0, self.RESET: 0}  # 60.0 minutes
+        return {"input": float_layout(self.REGISTERS), "holding": holding}
+
+    def step(self, elapsed_s: float) -> dict[str, float]:
+        for circuit in self.phases:
+            circuit.step(elapsed_s)
+        self.frequency = min(50.1, max(49.9, self.frequency + self._rng.gauss(0, 0.005)))
+        total_w = sum(c.load_w for c in self.phases)
+        self.import_kwh += total_w * elapsed_s / 3_600_000
+        # The demand: the power averaged over the demand period (a sliding window, here an exponential one).
+        period_s = self.demand_period_min * 60 or elapsed_s or 1.0
+        self.demand_w += (total_w - self.demand_w) * min(1.0, elapsed_s / period_s)
+        self.max_demand_w = max(self.max_demand_w, self.demand_w)
+        total_va = sum(c.apparent for c in self.phases)
+        v = [c.voltage for c in self.phases]
+        a = [c.current for c in self.phases]
+        values = {
+            "voltage_average": sum(v) / 3,
+            "current_average": sum(a) / 3,
+            "current_sum": sum(a),
+            "total_power": total_w,
+            "total_apparent_power": total_va,
+            "total_reactive_power": sum(c.reactive for c in self.phases),
+            "total_power_factor": total_w / total_va,
+            "frequency": self.frequency,
+            "import_energy": self.import_kwh,
+            "export_energy": 0.0,
+            "power_demand": self.demand_w,
+            "max_power_demand": self.max_demand_w,
+            "total_energy": self.import_kwh,
+            # Phases 120 degrees apart: the line-to-line voltage of two phases, and what returns on the neutral.
+            "neutral_current": abs(complex(a[0]) + a[1] * _PHASOR[1] + a[2] * _PHASOR[2]),
+        }
+        for i, (p, circuit) in enumerate(zip(self.PHASES, self.phases, strict=True)):
+            values |= {
+                f"voltage_{p}": circuit.voltage,
+                f"current_{p}": circuit.current,
+                f"power_{p}": circuit.load_w,
+                f"apparent_power_{p}": circuit.apparent,
+                f"reactive_power_{p}": circuit.reactive,
+                f"power_factor_{p}": circuit.power_factor,
+                f"voltage_{p}_{self.PHASES[(i + 1) % 3]}": abs(
+                    v[i] * _PHASOR[i] - v[(i + 1) % 3] * _PHASOR[(i + 1) % 3]
+                ),
+            }
+        return values
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        if function != 16:
+            return int(ExcCodes.ILLEGAL_FUNCTION)
+        if address == self.DEMAND_PERIOD:
+            minutes = float_written(values)
+            if minutes not in self.DEMAND_PERIODS:
+                return int(ExcCodes.ILLEGAL_VALUE)
+            self.demand_period_min = int(minutes)
+        elif address == self.RESET:
+            if list(values) != [0]:
+                return int(ExcCodes.ILLEGAL_VALUE)
+            self.max_demand_w = self.demand_w
+        return None
+
+
+_PHASOR = [complex(math.cos(a), math.sin(a)) for a in (0.0, -2 * math.pi / 3, 2 * math.pi / 3)]
 
 
 class Relay8Model:
@@ -226,9 +401,194 @@ class Relay8Model:
         return None
 
 
-MODELS: dict[str, type[Sdm120Model] | type[Relay8Model]] = {
+class FroniusSymoModel:
+    """A Fronius Symo 8.2-3-M three-phase solar inverter as its Datamanager presents it over Modbus TCP with the
+    SunSpec float map (Fronius, "Fronius Datamanager Modbus TCP & RTU"): common model 1 at 40000, inverter model
+    113 at 40069, immediate controls model 123 at 40237 (addresses on the wire), all holding registers.
+
+    The sun moves the DC power about (clouds come and go); the AC power is what the DC gives, less the losses,
+    down to the power limit while it is enforced (state 5, throttled), nothing while disconnected from the grid
+    (state 8, standby) or in the dark (2, sleeping). The lifetime energy counter integrates the AC power. With two
+    MPPTs the DC current and voltage, and the temperatures, read NaN ("not implemented"), as on the inverter. The
+    controls take function 6 or 16 and refuse a value out of range with exception 3; the measurements are read-only
+    (exception 2). A limit written with a timeout (WMaxLimPct_RvrtTms) is lifted when it runs out."""
+
+    RATED_W = 8200.0
+    EFFICIENCY = 0.97
+    NAN = (0x7FC0, 0x0000)
+    INVERTER = 40069  # ID 113, L 60, then the float32 values
+    FLOATS = {
+        40071: "ac_current",
+        40073: "current_l1",
+        40075: "current_l2",
+        40077: "current_l3",
+        40079: "voltage_l1_l2",
+        40081: "voltage_l2_l3",
+        40083: "voltage_l3_l1",
+        40085: "voltage_l1",
+        40087: "voltage_l2",
+        40089: "voltage_l3",
+        40091: "ac_power",
+        40093: "frequency",
+        40095: "apparent_power",
+        40097: "reactive_power",
+        40099: "power_factor",
+        40101: "energy",
+        40107: "dc_power",
+    }
+    NOT_IMPLEMENTED = (40103, 40105, 40109, 40111, 40113, 40115)  # DC current and voltage, four temperatures
+    STATE = 40117
+    CONTROLS = 40237  # ID 123, L 24
+    CONN, WMAXLIMPCT, WINTMS, RVRTTMS, RMPTMS, ENA = 40241, 40242, 40243, 40244, 40245, 40246
+    LIMITS = {CONN: 1, WMAXLIMPCT: 10000, WINTMS: 300, RVRTTMS: 28800, RMPTMS: 65534, ENA: 1, 40239: 300, 40240: 28800}
+
+    def __init__(self, unit: int = 1, rng: random.Random | None = None):
+        self.unit = unit
+        self._rng = rng or random.Random(unit)
+        self.sun_w = 5200.0  # what the panels could give now
+        self.grid = Circuit(self._rng)
+        self.frequency = 50.0
+        self.energy_wh = 12_345_678.0
+        self._last = time.monotonic()
+        self._limit_set_at = self._last
+
+    def layout(self) -> Layout:
+        common: dict[int, int | bool] = {40000: 0x5375, 40001: 0x6E53, 40002: 1, 40003: 65}  # "SunS", model 1
+        for start, size, text in ((40004, 16, "Fronius"), (40020, 16, "Symo 8.2-3-M"), (40036, 8, "3.28.1-3")):
+            common |= _text(start, size, text)
+        common |= _text(40044, 8, "1.20.1-1") | _text(40052, 16, "34119102") | {40068: self.unit}
+        inverter = {self.INVERTER: 113, self.INVERTER + 1: 60} | dict.fromkeys(range(40071, 40131), 0)
+        for register in self.NOT_IMPLEMENTED:
+            inverter |= {register: self.NAN[0], register + 1: self.NAN[1]}
+        controls = {self.CONTROLS: 123, self.CONTROLS + 1: 24} | dict.fromkeys(range(40239, 40263), 0)
+        controls |= {self.CONN: 1, self.WMAXLIMPCT: 10000, 40260: 0xFFFE, 40261: 0xFFFD}  # scale factors -2, -3
+        return {"holding": {**common, **inverter, **controls}}
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        if not self.INVERTER <= address < self.CONTROLS + 26:
+            return
+        now = time.monotonic()
+        elapsed, self._last = now - self._last, now
+        timeout = block.get(self.RVRTTMS)
+        if block.get(self.ENA) and timeout and now - self._limit_set_at >= int(timeout):
+            block.set(self.ENA, 0)  # the limit ran out: lifted, as the inverter does
+        rng = self._rng
+        if rng.random() < min(1.0, elapsed / 20):  # a cloud comes or goes
+            self.sun_w = rng.choice((0.15, 0.4, 0.7, 0.95)) * self.RATED_W
+        self.sun_w = min(self.RATED_W * 1.05, max(0.0, self.sun_w + rng.gauss(0, 40)))
+        self.grid.step(elapsed)
+        self.frequency = min(50.1, max(49.9, self.frequency + rng.gauss(0, 0.005)))
+        ac_w, state = self.sun_w * self.EFFICIENCY, 4
+        limit_w = int(block.get(self.WMAXLIMPCT)) / 10000 * self.RATED_W
+        if not block.get(self.CONN):
+            ac_w, state = 0.0, 8
+        elif block.get(self.ENA) and ac_w > limit_w:
+            ac_w, state = limit_w, 5
+        elif ac_w < 20:
+            ac_w, state = 0.0, 2
+        self.energy_wh += ac_w * elapsed / 3600
+        put_floats(block, self.FLOATS, self._measurements(ac_w, state))
+        block.set(self.STATE, state)
+
+    def _measurements(self, ac_w: float, state: int) -> dict[str, float]:
+        v = self.grid.voltage
+        phase_a = ac_w / 3 / v
+        return {
+            "ac_current": 3 * phase_a,
+            **{f"current_l{n}": phase_a for n in (1, 2, 3)},
+            **{name: v * math.sqrt(3) for name in ("voltage_l1_l2", "voltage_l2_l3", "voltage_l3_l1")},
+            **{f"voltage_l{n}": v for n in (1, 2, 3)},
+            "ac_power": ac_w,
+            "frequency": self.frequency,
+            "apparent_power": ac_w,
+            "reactive_power": 0.0,
+            "power_factor": 1.0,
+            "energy": self.energy_wh,
+            "dc_power": ac_w / self.EFFICIENCY if state in (4, 5) else 0.0,
+        }
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        for register, value in enumerate(values, start=address):
+            if register not in self.LIMITS:
+                return int(ExcCodes.ILLEGAL_ADDRESS)  # the measurements and the models' headers are read-only
+            if not 0 <= int(value) <= self.LIMITS[register]:
+                return int(ExcCodes.ILLEGAL_VALUE)
+        if address <= self.ENA < address + len(values) or address <= self.WMAXLIMPCT < address + len(values):
+            self._limit_set_at = time.monotonic()
+        return None
+
+
+def _text(start: int, size: int, text: str) -> dict[int, int | bool]:
+    """A SunSpec string: two ASCII characters a register, padded with NULs."""
+    data = text.encode("ascii").ljust(2 * size, b"\0")
+    return {start + i: int.from_bytes(data[2 * i : 2 * i + 2], "big") for i in range(size)}
+
+
+class Adam6017Model:
+    """Advantech ADAM-6017 remote I/O (ADAM-6000 Series User Manual, its Modbus mapping table): analog inputs 0-7
+    as holding registers 0-7 (0-65535 across each channel's range), their input types at 200-207, digital outputs 0
+    and 1 as coils 16 and 17. Channels 0-3 are 4-20 mA loops (a level, a pressure, a flow wandering about; channel 3
+    has nothing connected and reads 0, the bottom of its range), 4-7 0-10 V signals. The inputs are read-only
+    (exception 2); an input type takes one of the manual's range codes only (exception 3)."""
+
+    FOUR_TO_20_MA, ZERO_TO_10_V = 0x0180, 0x0148
+    RANGE_CODES = (
+        0x0103,
+        0x0104,
+        0x0105,
+        0x0106,
+        0x0140,
+        0x0142,
+        0x0143,
+        0x0145,
+        0x0147,
+        0x0148,
+        0x0180,
+        0x0181,
+        0x0182,
+    )
+    DO = (16, 17)
+
+    def __init__(self, unit: int = 1, rng: random.Random | None = None):
+        self._rng = rng or random.Random(unit)
+        # Where each signal sits, as a fraction of its range; nothing on channel 3.
+        self.signal = [0.5, 0.25, 0.6, None, 0.3, 0.7, 0.1, 0.9]
+
+    def layout(self) -> Layout:
+        types = [self.FOUR_TO_20_MA] * 4 + [self.ZERO_TO_10_V] * 4
+        return {
+            "holding": {**dict.fromkeys(range(8), 0), **{200 + ch: code for ch, code in enumerate(types)}},
+            "coil": dict.fromkeys(self.DO, False),
+        }
+
+    def on_read(self, block: Block, address: int, count: int) -> None:
+        if block.table != "holding" or address >= 8:
+            return
+        for channel, level in enumerate(self.signal):
+            if level is None:
+                block.set(channel, 0)
+                continue
+            level = min(1.0, max(0.0, level + self._rng.gauss(0, 0.01)))
+            self.signal[channel] = level
+            block.set(channel, round(level * 65535))
+
+    def on_write(self, function: int, block: Block, address: int, values: Sequence[int | bool]) -> int | None:
+        if block.table == "coil":
+            return None
+        if address < 200:
+            return int(ExcCodes.ILLEGAL_ADDRESS)
+        if any(int(v) not in self.RANGE_CODES for v in values):
+            return int(ExcCodes.ILLEGAL_VALUE)
+        return None
+
+
+ModelFactory = Callable[[int, random.Random], UnitModel]
+MODELS: dict[str, ModelFactory] = {
     "eastron_sdm120": Sdm120Model,
+    "eastron_sdm630": Sdm630Model,
     "waveshare_relay8": Relay8Model,
+    "fronius_symo": FroniusSymoModel,
+    "advantech_adam6017": Adam6017Model,
 }
 
 
@@ -269,8 +629,8 @@ class ModbusUnit:
     ):
         if faults.telemetry_hz:
             raise ValueError("a Modbus unit speaks only when asked: telemetry_hz does not apply")
-        if not 1 <= unit <= 247:
-            raise ValueError("a Modbus unit address is 1 to 247")
+        if not 0 <= unit <= 255:  # RS-485 addresses are 1-247 (the bus's simulator checks); TCP unit ids 0-255
+            raise ValueError("a Modbus unit id is 0 to 255")
         self.name = name
         self.unit = unit
         self.model = model
@@ -391,9 +751,17 @@ class ModbusUnit:
                     return name
         return None
 
-    def on_wire(self, reply: bytes) -> bytes:
+    async def deliver(self, reply: bytes, *, mbap: bool = False) -> bytes:
+        """After this unit's latency, the bytes that reach the line for ``reply`` (:meth:`on_wire`)."""
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return self.on_wire(reply, mbap=mbap)
+
+    def on_wire(self, reply: bytes, *, mbap: bool = False) -> bytes:
         """The bytes that reach the line for ``reply``, after this unit's faults (maybe none at all). The unit has
-        acted before its reply is lost, cut or corrupted, as a real one whose answer was garbled on the way."""
+        acted before its reply is lost, cut or corrupted, as a real one whose answer was garbled on the way.
+        Corruption hits what a master can check: an RTU frame's CRC, or a Modbus TCP frame's header (``mbap``:
+        transaction id, protocol id, length, unit and function; TCP frames carry no CRC of their own)."""
         faults, rng = self.faults, self.rng
         if faults.drop and rng.random() < faults.drop:
             self.faulted["drop"] += 1
@@ -402,7 +770,7 @@ class ModbusUnit:
         data = reply
         if faults.corrupt and rng.random() < faults.corrupt:
             self.faulted["corrupt"] += 1
-            at = len(data) - 1 - rng.randrange(2)
+            at = rng.randrange(8) if mbap else len(data) - 1 - rng.randrange(2)
             data = data[:at] + bytes([data[at] ^ (1 << rng.randrange(8))]) + data[at + 1 :]
         if faults.partial and rng.random() < faults.partial:
             self.faulted["partial"] += 1
@@ -439,6 +807,8 @@ class ModbusSimulator(PtySimulator):
         for address, unit in units.items():
             if address != unit.unit:
                 raise ValueError(f"unit {unit.name} has address {unit.unit}, listed under {address}")
+            if not 1 <= address <= 247:
+                raise ValueError(f"unit {unit.name}: an RS-485 address is 1 to 247")
         self.units = dict(units)
         self.requests = 0  # whole requests framed from the gateway's side
         self.server_timeout_s = server_timeout_s
@@ -508,24 +878,8 @@ class ModbusSimulator(PtySimulator):
 
     def _on_readable(self) -> None:
         """Bytes from the gateway: frame them into requests (a unit ignores a frame whose CRC is wrong)."""
-        try:
-            data = os.read(self._master, 4096)
-        except BlockingIOError:
-            return
-        except OSError as err:
-            if err.errno == errno.EIO:  # no slave open at the moment
-                return
-            raise
-        self._rx += data
-        while self._rx:
-            length = frame_length(self._rx, request=True)
-            if length is None or (length and len(self._rx) < length):
-                return  # more to come
-            if not length or not crc_ok(self._rx[:length]):
-                del self._rx[:1]  # noise, or we are out of step: find the next frame start
-                continue
-            frame = bytes(self._rx[:length])
-            del self._rx[:length]
+        self._rx += self._read_master()
+        while (frame := take_rtu_request(self._rx)) is not None:
             self.requests += 1
             with contextlib.suppress(asyncio.QueueFull):  # a real unit drops what it cannot buffer too
                 self._pending.put_nowait(frame)
@@ -564,6 +918,4 @@ class ModbusSimulator(PtySimulator):
             except TimeoutError:
                 log.warning("modbus_simulator_server_silent", bus=self.bus, unit=unit.unit)
                 continue
-            if unit.latency_s:
-                await asyncio.sleep(unit.latency_s)
-            self._write(unit.on_wire(reply))
+            self._write(await unit.deliver(reply))

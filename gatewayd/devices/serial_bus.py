@@ -28,7 +28,7 @@ import contextlib
 import itertools
 from collections import Counter
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import serial_asyncio_fast
 import structlog
@@ -68,9 +68,24 @@ def port_verdict(err: BaseException) -> Verdict:
     return classify(err)
 
 
-def reopen_policy(bus: str, cfg: SerialBusConfig, clock: Clock) -> RetryPolicy:
-    """How a bus of either protocol reopens a port that went away: capped, fully jittered, for as long as it
-    takes, and quiet (availability logs the outage once; a long unplug must not write two lines a second)."""
+class LineSettings(Protocol):
+    """What a serial bus's and a Modbus TCP connection's settings share: how often the line may be used, and how
+    a link that went away is opened again."""
+
+    @property
+    def transactions_per_s(self) -> float | None: ...
+    @property
+    def transactions_burst(self) -> int: ...
+    @property
+    def reconnect_base_s(self) -> float: ...
+    @property
+    def reconnect_cap_s(self) -> float: ...
+
+
+def reopen_policy(bus: str, cfg: LineSettings, clock: Clock) -> RetryPolicy:
+    """How a bus of either protocol, or a Modbus TCP connection, reopens a port that went away: capped, fully
+    jittered, for as long as it takes, and quiet (availability logs the outage once; a long unplug must not write
+    two lines a second)."""
     return RetryPolicy(
         max_attempts=_REOPEN_ATTEMPTS,
         base_s=cfg.reconnect_base_s,
@@ -83,7 +98,7 @@ def reopen_policy(bus: str, cfg: SerialBusConfig, clock: Clock) -> RetryPolicy:
     )
 
 
-def transaction_bucket(bus: str, cfg: SerialBusConfig, clock: Clock) -> TokenBucket | None:
+def transaction_bucket(bus: str, cfg: LineSettings, clock: Clock) -> TokenBucket | None:
     """The bus's limit on requests put on the line (``transactions_per_s``), or None. Every request takes a token
     once it has its turn on the line, before it is sent: none bypasses it (the line does not know priorities),
     but a critical command has its turn first, so it takes the next token."""

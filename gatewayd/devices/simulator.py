@@ -471,15 +471,20 @@ class PtySimulator:
         while not self._requests.empty():
             self._requests.get_nowait()
 
-    def _on_readable(self) -> None:
+    def _read_master(self) -> bytes:
+        """What the gateway wrote and is waiting at the pty's master side: b'' when nothing is, or when no slave
+        is open at the moment (the gateway's port is closed: EIO)."""
         try:
-            data = os.read(self._master, 4096)
+            return os.read(self._master, 4096)
         except BlockingIOError:
-            return
+            return b""
         except OSError as err:
-            if err.errno == errno.EIO:  # no slave open at the moment
-                return
+            if err.errno == errno.EIO:
+                return b""
             raise
+
+    def _on_readable(self) -> None:
+        data = self._read_master()
         for frame in self._decoder.feed(data):
             if frame.kind is Kind.REQUEST and frame.address in self.devices:
                 with contextlib.suppress(asyncio.QueueFull):  # a real MCU drops what it cannot buffer too

@@ -21,6 +21,7 @@ from typing import Any
 from gatewayd.interpret.metrics import CACHE_LOOKUPS, CACHE_SAVED
 from gatewayd.interpret.registry import PROMPT_VERSION
 from gatewayd.store import Store
+from gatewayd.store import interpret as sql
 
 
 def cache_key(text: str, registry: str, provider: str, model: str) -> str:
@@ -72,15 +73,7 @@ class PromptCache:
         keys = {cache_key(text, registry, p, m): rank for rank, (p, m) in enumerate(candidates)}
         now = self._wall()
 
-        def job(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-            marks = ",".join("?" for _ in keys)
-            return conn.execute(
-                f"SELECT key, provider, model, command, cost, created_at FROM interpret_cache "
-                f"WHERE key IN ({marks}) AND created_at <= ? AND expires_at > ?",
-                (*keys, now, now),
-            ).fetchall()
-
-        rows = await self._store.read(job)
+        rows = await self._store.read(lambda c: sql.cache_rows(c, list(keys), now))
         for row in sorted(rows, key=lambda r: keys[r["key"]]):
             try:
                 command = json.loads(row["command"])
@@ -119,47 +112,30 @@ class PromptCache:
 
     def put(self, conn: sqlite3.Connection, entry: Entry) -> None:
         """Inside a store job: insert or replace, then keep at most ``max_entries`` (the oldest go first)."""
-        conn.execute(
-            "INSERT OR REPLACE INTO interpret_cache (key, registry, provider, model, text, command, cost, created_at, "
-            "expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
-            (
-                entry.key,
-                entry.registry,
-                entry.provider,
-                entry.model,
-                entry.text,
-                json.dumps(entry.command, sort_keys=True),
-                entry.cost,
-                entry.created_at,
-                entry.expires_at,
-            ),
+        values = (
+            entry.key,
+            entry.registry,
+            entry.provider,
+            entry.model,
+            entry.text,
+            json.dumps(entry.command, sort_keys=True),
+            entry.cost,
+            entry.created_at,
+            entry.expires_at,
         )
-        excess = conn.execute("SELECT count(*) FROM interpret_cache").fetchone()[0] - self.max_entries
-        if excess > 0:
-            conn.execute(
-                "DELETE FROM interpret_cache WHERE key IN "
-                "(SELECT key FROM interpret_cache ORDER BY created_at LIMIT ?)",
-                (excess,),
-            )
+        sql.cache_put(conn, values, self.max_entries)
 
     async def drop(self, key: str) -> None:
-        await self._store.write(lambda c: c.execute("DELETE FROM interpret_cache WHERE key = ?", (key,)))
+        await self._store.write(lambda c: sql.cache_drop(c, key))
 
     async def purge(self, registry: str) -> int:
         """Delete rows of any other registry digest and expired rows; returns how many went."""
         now = self._wall()
 
-        def job(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "DELETE FROM interpret_cache WHERE registry != ? OR expires_at <= ? OR created_at > ?",
-                (registry, now, now),
-            )
-            return int(cur.rowcount)
-
-        return await self._store.write(job)
+        return await self._store.write(lambda c: sql.cache_purge(c, registry, now))
 
     async def size(self) -> int:
-        return int(await self._store.read(lambda c: c.execute("SELECT count(*) FROM interpret_cache").fetchone()[0]))
+        return await self._store.read(sql.cache_count)
 
     def stats(self) -> dict[str, Any]:
         lookups = self.hits + self.misses

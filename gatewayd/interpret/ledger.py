@@ -21,6 +21,7 @@ from gatewayd.errors import StoreUnavailable
 from gatewayd.interpret.metrics import SPEND, SPEND_TODAY, TOKENS
 from gatewayd.interpret.providers import Usage
 from gatewayd.store import Store
+from gatewayd.store import interpret as sql
 
 log = structlog.get_logger("gatewayd.interpret")
 
@@ -59,21 +60,15 @@ class SpendLedger:
         day = utc_day(self._wall())
         horizon = utc_day(self._wall() - KEEP_DAYS * 86_400)
 
-        def totals_of(conn: sqlite3.Connection) -> list[tuple[str, float]]:
-            rows = conn.execute(
-                "SELECT provider, sum(cost) FROM interpret_spend WHERE day = ? GROUP BY provider", (day,)
-            )
-            return [(str(r[0]), float(r[1])) for r in rows]
-
         def job(conn: sqlite3.Connection) -> list[tuple[str, float]]:
-            conn.execute("DELETE FROM interpret_spend WHERE day < ?", (horizon,))
-            return totals_of(conn)
+            sql.prune_spend(conn, horizon)
+            return sql.spend_by_provider(conn, day)
 
         try:
             totals = await self._store.write(job)
         except StoreUnavailable as err:  # a full disk must not stop the start: old rows go at the next one
             log.warning("interpret_spend_not_pruned", error=err.message)
-            totals = await self._store.read(totals_of)
+            totals = await self._store.read(lambda c: sql.spend_by_provider(c, day))
         self._day, self._today = day, dict(totals)
         SPEND_TODAY.set(self.today())
 
@@ -112,28 +107,13 @@ class SpendLedger:
 
     @staticmethod
     def insert(conn: sqlite3.Connection, rows: list[SpendRow]) -> None:
-        conn.executemany(
-            "INSERT INTO interpret_spend (at, day, provider, model, tokens_in, tokens_out, cost, estimated) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            [(r.at, r.day, r.provider, r.model, r.tokens_in, r.tokens_out, r.cost, int(r.estimated)) for r in rows],
-        )
+        values = [(r.at, r.day, r.provider, r.model, r.tokens_in, r.tokens_out, r.cost, int(r.estimated)) for r in rows]
+        sql.insert_spend(conn, values)
 
     async def totals(self, day: str | None = None) -> dict[str, dict[str, Any]]:
         """Per provider for one day (default today): calls, tokens and cost, as committed to the store."""
-        day = day or utc_day(self._wall())
-
-        def job(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-            rows = conn.execute(
-                "SELECT provider, count(*), sum(tokens_in), sum(tokens_out), sum(cost) FROM interpret_spend "
-                "WHERE day = ? GROUP BY provider",
-                (day,),
-            )
-            return {
-                str(r[0]): {"calls": int(r[1]), "tokens_in": int(r[2]), "tokens_out": int(r[3]), "cost": float(r[4])}
-                for r in rows
-            }
-
-        return await self._store.read(job)
+        when = day or utc_day(self._wall())
+        return await self._store.read(lambda c: sql.spend_totals(c, when))
 
     def stats(self) -> dict[str, Any]:
         today = self.today()

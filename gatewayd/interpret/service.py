@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -284,6 +285,14 @@ class InterpretService:
             wake.clear()
 
     # --- operator fault scenarios -------------------------------------------------------------------------------
+
+    def fault_scenarios(self) -> dict[str, Callable[[float], Awaitable[dict[str, Any]]]]:
+        """The operator's scenarios this service brings: ``gatewayd test provider_timeout`` and its kin."""
+        return {
+            "provider_timeout": functools.partial(self.fault_scenario, "timeout"),
+            "provider_429": functools.partial(self.fault_scenario, "429"),
+            "provider_down": functools.partial(self.fault_scenario, "down"),
+        }
 
     async def fault_scenario(self, fault: Literal["timeout", "429", "down"], duration_s: float) -> dict[str, Any]:
         """Every active provider fails this way for ``duration_s``, while requests keep coming (one every 0.5 s:

@@ -5,19 +5,25 @@ bench/soak.py, watches that count: a number that keeps growing under steady load
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from gatewayd.app.supervisor import Supervisor
+    from gatewayd.commands.dispatcher import Dispatcher
+    from gatewayd.devices.manager import DeviceManager
 
 
 class GatewayCollector(Collector):
-    def __init__(self, sup: Supervisor, loop: asyncio.AbstractEventLoop | None = None):
-        self._sup = sup
+    def __init__(
+        self,
+        devices: Callable[[], DeviceManager | None],
+        dispatcher: Callable[[], Dispatcher | None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
+        self._devices, self._dispatcher = devices, dispatcher
         # The daemon's loop, taken now: a scrape may also come from a thread without a running loop (tests).
         self._loop = loop or asyncio.get_running_loop()
 
@@ -31,8 +37,8 @@ class GatewayCollector(Collector):
             labels=["device"],
         )
         executing = GaugeMetricFamily("gatewayd_executing", "1 while a command runs on the device.", labels=["device"])
-        devices = self._sup.devices
-        dispatcher = self._sup.dispatcher
+        devices = self._devices()
+        dispatcher = self._dispatcher()
         if devices is not None:
             for name, device in devices.devices.items():
                 available.add_metric([name], 1.0 if device.availability.available else 0.0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,6 +31,7 @@ import structlog
 from gatewayd.errors import StoreUnavailable
 from gatewayd.observability.metrics import RESILIENCE_STATE_SAVES, RESILIENCE_STATE_SKIPPED, counter
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
+from gatewayd.store import resilience as sql
 
 if TYPE_CHECKING:
     from gatewayd.store import Store
@@ -100,17 +100,8 @@ class ResilienceState:
         """Write every registered tool's state in one store job; returns the number of rows written."""
         rows = self.rows()
 
-        def job(conn: sqlite3.Connection) -> int:
-            conn.executemany(
-                "INSERT INTO resilience_state (key, kind, state, saved_at, boot_id) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET kind = excluded.kind, state = excluded.state, "
-                "saved_at = excluded.saved_at, boot_id = excluded.boot_id",
-                rows,
-            )
-            return len(rows)
-
         try:
-            written = await store.write(job)
+            written = await store.write(lambda c: sql.save(c, rows))
         except Exception:
             counter(RESILIENCE_STATE_SAVES, "failed").inc()
             raise
@@ -120,13 +111,8 @@ class ResilienceState:
     async def load(self, store: Store) -> int:
         """Restore every registered tool that has a sound row; returns how many were restored."""
 
-        def job(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            # Raw values: converting here would let one bad row (saved_at stored as text) fail the whole load.
-            cursor = conn.execute("SELECT key, kind, state, saved_at, boot_id FROM resilience_state")
-            return [tuple(r) for r in cursor]
-
         restored = 0
-        for raw_key, raw_kind, text, saved_at, boot_id in await store.read(job):
+        for raw_key, raw_kind, text, saved_at, boot_id in await store.read(sql.load):
             key, kind = str(raw_key), str(raw_kind)
             tool = self._tools.get(key)
             if tool is None:

@@ -153,6 +153,7 @@ class Recorder:
         free_bytes: Callable[[], int | None] | None = None,
         space: DiskSpace | None = None,
         forward: bool = True,
+        profiles: Callable[[], Mapping[str, Profile]] = dict,
         monotonic: Callable[[], float] = time.monotonic,
     ):
         self._space = space
@@ -175,7 +176,7 @@ class Recorder:
             self._free_bytes = lambda: space.free
         else:
             self._free_bytes = lambda: shutil.disk_usage(self._data_dir).free
-        self._profiles: Callable[[], Mapping[str, Profile]] = dict
+        self._profiles = profiles  # device name -> profile, as the device manager has them now (SIGHUP reloads)
         self.write_behind_s = outbox.write_behind_s
         self.batch: BatchMode = telemetry.batch  # how the uplink groups readings into messages
         self.batch_max = telemetry.batch_max
@@ -204,10 +205,6 @@ class Recorder:
         self._counted = {kind: counter(TELEMETRY_RECORDS, kind) for kind in ("telemetry", "event")}
         self._live_counter = counter(TELEMETRY_PATH, "live")
         self._stored_counter = counter(TELEMETRY_PATH, "stored")
-
-    def attach(self, profiles: Callable[[], Mapping[str, Profile]]) -> None:
-        """The device registry, once the devices exist (they are built with this recorder as their sink)."""
-        self._profiles = profiles
 
     async def __aenter__(self) -> Recorder:
         CLOCK_SYNCED.set(int(self.stamper.synced))

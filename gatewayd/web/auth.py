@@ -30,7 +30,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 import structlog
@@ -49,20 +49,19 @@ from gatewayd.observability import logging as gwlog
 from gatewayd.observability.metrics import RATE_LIMIT_DECISIONS, counter
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, Clock, Decision, KeyedLimiter, RateLimited
 from gatewayd.web.crosssite import SAFE_METHODS
+from gatewayd.web.identity import ANONYMOUS, CSRF_FIELD, OPEN, ROLES, Principal, Role
+
+__all__ = ["ANONYMOUS", "CSRF_FIELD", "OPEN", "ROLES", "Principal", "Role"]  # re-exported: the API of gatewayd.web.auth
 
 log = structlog.get_logger("gatewayd.web.auth")
 
 # Handlers find who is asking as request["principal"] (and the cookie session as request["session"]): plain
 # string keys, the contract with the rest of gatewayd.web (aiohttp ignores its own advice to use RequestKey).
 
-Role = Literal["viewer", "operator", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")
-_RANK = {role: rank for rank, role in enumerate(ROLES)}
 
 SESSION_COOKIE = "gatewayd_session"
 LOGIN_COOKIE = "gatewayd_login"  # the login form's own CSRF token (double submit): there is no session yet
 CSRF_HEADER = "X-CSRF-Token"
-CSRF_FIELD = "csrf_token"
 
 # scrypt's cost for new hashes: 16 MiB and some tens of milliseconds on a laptop, well under a second on a Pi.
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 14, 8, 1
@@ -132,30 +131,6 @@ def verify_token(token: str, stored: str) -> bool:
 
 
 # --- who is asking -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who made a request: a token's name and role. ``via`` says how it was established (bearer, session,
-    anonymous, or open when access control is off)."""
-
-    name: str
-    role: Role
-    via: Literal["bearer", "session", "anonymous", "open"] = "bearer"
-
-    def can(self, role: Role) -> bool:
-        return _RANK[self.role] >= _RANK[role]
-
-    @property
-    def authenticated(self) -> bool:
-        return self.via in ("bearer", "session")
-
-    def to_api(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "via": self.via}
-
-
-ANONYMOUS = Principal("anonymous", "viewer", "anonymous")
-OPEN = Principal("anonymous", "admin", "open")  # [http.auth] enabled = false: no access control (loopback only)
 
 
 def principal_of(request: web.Request) -> Principal:

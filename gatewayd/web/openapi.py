@@ -194,6 +194,13 @@ def document() -> dict[str, Any]:
                 "responses": _responses(200, 404),
             }
         },
+        "/api/v1/commands/{id}/cancel": {
+            "post": {
+                "summary": "Cancel a command still waiting in its queue (409 once it may have reached the device)",
+                "parameters": [_path_param("id", "the command's id")],
+                "responses": _responses(200, 404, 409),
+            }
+        },
         "/api/v1/devices": {"get": {"summary": "Devices with state and actions", "responses": _responses(200)}},
         "/api/v1/devices/{name}": {
             "get": {

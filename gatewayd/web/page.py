@@ -13,7 +13,7 @@ from typing import Any
 
 from gatewayd.commands.model import State
 from gatewayd.store.space import size_text
-from gatewayd.web.auth import CSRF_FIELD, Principal
+from gatewayd.web.identity import CSRF_FIELD, Principal
 
 FAULT_SCENARIOS = (
     "provider_timeout",

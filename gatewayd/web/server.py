@@ -207,6 +207,14 @@ async def get_command(request: web.Request) -> web.Response:
     return web.json_response(rec.to_api())
 
 
+async def cancel_command(request: web.Request) -> web.Response:
+    """Cancel a command still waiting in its queue: 200 with the cancelled record, 409 once it may be on the wire
+    or is finished (with its state), 404 for an unknown id."""
+    who = auth.user_of(request) or request.remote or "http"
+    rec = await _ctx(request).service.cancel(request.match_info["id"], by=who)
+    return web.json_response(rec.to_api())
+
+
 async def list_schedule(request: web.Request) -> web.Response:
     """What the gateway will send by itself: ``?all=1`` adds the fired and cancelled ones (newest first)."""
     scheduler = _ctx(request).scheduler
@@ -403,6 +411,7 @@ def build_app(
     app.router.add_post("/api/v1/commands", post_command)
     app.router.add_get("/api/v1/commands", list_commands)
     app.router.add_get("/api/v1/commands/{id}", get_command)
+    app.router.add_post("/api/v1/commands/{id}/cancel", cancel_command)
     app.router.add_get("/api/v1/devices", list_devices)
     app.router.add_get("/api/v1/devices/{name}", get_device)
     app.router.add_get("/api/v1/devices/{name}/telemetry", device_telemetry)
