@@ -130,6 +130,25 @@ BENCHES: tuple[Bench, ...] = (
         ),
     ),
     Bench(
+        "telemetry",
+        "Telemetry: Modbus RTU to MQTT, write-behind, outage and overload",
+        "telemetry.py",
+        ("--runs", "2"),
+        ("--runs", "1", "--seconds", "10", "--warmup", "3", "--outage", "10"),
+        "Issue 19's job: 10 Modbus RTU units x 10 holding registers polled every 100 ms over a pty (pymodbus's RTU "
+        "server in a process of its own), forwarded QoS 1 to a local Mosquitto. Broker up: datapoints delivered "
+        "a second, the daemon's CPU seconds per 1,000 of them, RSS, and bytes it wrote to disk per datapoint "
+        "(/proc/PID/io). A 30 s broker outage: datapoints lost and duplicated, seconds from the broker's return "
+        "to the first live sample and to the backlog drained. Then a 20 ms poll (nominal 5,000 datapoints/s).",
+        (
+            ("telemetry: delivered (dp/s), broker up", "dp_per_s", "{:.0f}"),
+            ("telemetry: CPU-s per 1,000 dp / bytes written per dp", "cpu_s_per_1000_dp|bytes_per_dp", "{:.3g}"),
+            ("telemetry: after a 30 s outage, first live / drained (s)", "first_live_s|drained_s", "{:.2f}"),
+            ("telemetry: outage dp lost / duplicated", "lost_dp|duplicated_dp", "{:.0f}"),
+            ("telemetry: 20 ms poll, delivered (dp/s)", "fast_dp_per_s", "{:.0f}"),
+        ),
+    ),
+    Bench(
         "interpret",
         "Natural-language interpretation",
         "interpret.py",

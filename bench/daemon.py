@@ -101,8 +101,10 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         stop_timeout_s: float = STOP_TIMEOUT_S,
         root: Path = ROOT,
+        config: Path | None = None,
     ):
         self.root = root  # the source tree the daemon runs from: this one, or an earlier commit's (a baseline)
+        self.config = config or root / "config.toml"  # the tree's bundled config unless a benchmark brings its own
         self.data_dir = workdir / "data"
         self.log_path = workdir / "daemon.log"
         self.port = free_port()
@@ -147,7 +149,7 @@ class Daemon:
                 "gatewayd",
                 "run",
                 "--config",
-                str(self.root / "config.toml"),
+                str(self.config),
                 cwd=self.root,
                 env=self.environment(),
                 stdin=subprocess.DEVNULL,

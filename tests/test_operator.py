@@ -86,6 +86,8 @@ def test_broker_down_drops_the_link_keeps_the_backlog_and_drains_it_after(tmp_pa
                 "GATEWAYD_MQTT__PORT": str(broker.port),
                 "GATEWAYD_MQTT__RECONNECT_BASE_S": "0.05",
                 "GATEWAYD_MQTT__RECONNECT_CAP_S": "0.3",
+                # Readings are written once unacknowledged this long: well inside the 1.5 s outage.
+                "GATEWAYD_OUTBOX__WRITE_BEHIND_S": "0.3",
             }
         )
         d.start()

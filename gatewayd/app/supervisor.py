@@ -425,6 +425,8 @@ class Supervisor:
             "store": {
                 "path": str(cfg.db_path),
                 "commits": store.commits if store else 0,
+                "durable_commits": store.durable_commits if store else 0,
+                "lazy_commits": store.lazy_commits if store else 0,
                 "stalled_s": round(store.stalled_for, 3) if store else 0.0,
                 "lost": lost.to_api() if lost else None,
             },
@@ -439,7 +441,7 @@ class Supervisor:
         if recorder is None or recorder.stats is None:
             return None
         out = recorder.stats.to_api(recorder.stamper.now())
-        del out["by_kind"]  # counted by a scan: only on request (GET /api/v1/outbox)
         out["pending"] = recorder.pending
         out["dropped_pending"] = recorder.dropped_pending
+        out["telemetry"] = recorder.status()  # write-behind: held in memory, live or stored, the backlog
         return out

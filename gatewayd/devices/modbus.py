@@ -330,6 +330,7 @@ class ModbusDevice:
         self.polls = 0
         self.poll_failures = 0  # consecutive
         self.last_poll_error: str | None = None
+        self._plans: dict[tuple[str, ...], tuple[Profile, tuple[ReadBlock, ...]]] = {}
         self._clock = clock
         self._tasks = TaskOwner(name)
 
@@ -386,11 +387,20 @@ class ModbusDevice:
         return {"table": "holding", "address": m.address, "value": value, "raw": raw}
 
     async def read_points(self, names: list[str]) -> dict[str, Value]:
-        """The engineering values of the named telemetry points, read in as few requests as they allow. Planned
-        from the profile each time: a reload (SIGHUP) may have remapped them."""
-        wanted = set(names)
+        """The engineering values of the named telemetry points, read in as few requests as they allow. The plan is
+        made again when the profile changes (a reload, SIGHUP, may have remapped them), not at every poll."""
+        key = tuple(names)
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] is self.profile:
+            plan = cached[1]
+        else:
+            wanted = set(names)
+            plan = plan_reads({n: p for n, p in self.profile.telemetry.items() if n in wanted})
+            if len(self._plans) >= 16:  # a few shapes: the poll's, and the read actions'
+                self._plans.clear()
+            self._plans[key] = (self.profile, plan)
         values: dict[str, Value] = {}
-        for block in plan_reads({n: p for n, p in self.profile.telemetry.items() if n in wanted}):
+        for block in plan:
             values.update(await self._read_block(block))
         self.values.update(values)
         return {name: values[name] for name in names}

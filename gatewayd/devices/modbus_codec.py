@@ -84,6 +84,8 @@ def _decimal(x: float) -> Decimal:
 
 def to_engineering(raw: int | float, scale: float, offset: float, kind: Literal["int", "float"]) -> int | float:
     """``raw * scale + offset``, in decimal arithmetic."""
+    if scale == 1 and offset == 0:  # most points, every poll: the decimal arithmetic would give raw itself
+        return int(raw) if kind == "int" else float(raw)
     value = _decimal(raw) * _decimal(scale) + _decimal(offset)
     return int(value) if kind == "int" else float(value)
 

@@ -162,7 +162,27 @@ TELEMETRY_DROPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+TELEMETRY_PATH = Counter(
+    "gatewayd_telemetry_forwarded",
+    "Telemetry records by the way they took to the broker: live (from memory, acknowledged within "
+    "[outbox] write_behind_s, never written to disk) or stored (written to the outbox: the uplink was down or "
+    "slow, or telemetry is durable).",
+    ["path"],
+    registry=REGISTRY,
+)
+TELEMETRY_HELD = Gauge(
+    "gatewayd_telemetry_held",
+    "Telemetry records in memory, not yet acknowledged by the broker nor written to the outbox (what a power "
+    "loss would cost, at most [outbox] write_behind_s of readings).",
+    registry=REGISTRY,
+)
 OUTBOX_ROWS = Gauge("gatewayd_outbox_rows", "Records waiting in the outbox.", registry=REGISTRY)
+OUTBOX_BACKLOG = Gauge(
+    "gatewayd_outbox_backlog",
+    "1 from the moment telemetry had to be written to the outbox (the uplink down or not keeping pace) until "
+    "the outbox is empty again; 0 while everything goes out live.",
+    registry=REGISTRY,
+)
 OUTBOX_BYTES = Gauge("gatewayd_outbox_bytes", "Payload bytes waiting in the outbox.", registry=REGISTRY)
 OUTBOX_OLDEST_AGE = Gauge(
     "gatewayd_outbox_oldest_age_seconds",
@@ -206,6 +226,12 @@ STORE_LOST = Gauge(
 # --- MQTT uplink -----------------------------------------------------------------------------------------------
 
 UPLINK_CONNECTED = Gauge("gatewayd_uplink_connected", "1 while connected to the MQTT broker.", registry=REGISTRY)
+UPLINK_DRAIN_WINDOW = Gauge(
+    "gatewayd_uplink_drain_window",
+    "Outbox messages the drain may have awaiting their PUBACK at once: grown while acknowledgements come back "
+    "promptly, cut when they slow down.",
+    registry=REGISTRY,
+)
 UPLINK_PUBLISHED = Counter(
     "gatewayd_uplink_published",
     "Outbox records the broker acknowledged (and that were then deleted), by kind.",

@@ -178,6 +178,10 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 conn.execute("ROLLBACK")
             raise StoreError(f"migration {name} failed on {path}: {err}") from err
         log.info("store_migrated", version=version, migration=name)
+    if current == 0 and conn.execute("PRAGMA freelist_count").fetchone()[0]:
+        # A new database went through every migration: the tables a later one replaced (0006's outbox) left their
+        # pages free. Compacted now, while it is empty, so a new file holds no free pages.
+        conn.execute("VACUUM")
 
 
 class Store:
@@ -195,6 +199,9 @@ class Store:
         # Observability: how the group commit behaves, and whether the writer is stuck.
         self.commits = 0
         self.jobs_committed = 0
+        self.durable_commits = 0  # batches committed as [store] synchronous says (FULL: an fsync each)
+        self.lazy_commits = 0  # batches of non-durable jobs only, committed with synchronous = NORMAL (no fsync)
+        self._sync_level = synchronous.upper()
         self.last_commit_s = 0.0
         self._busy_since: float | None = None
         # An operator's slow-disk test: each batch waits this long before it commits, as a failing SD card does.
@@ -255,11 +262,17 @@ class Store:
         since = self._busy_since
         return 0.0 if since is None else time.monotonic() - since
 
-    async def write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``job`` in the writer thread; return its result once the transaction holding it is committed."""
-        return await self.submit(job)
+    async def write(self, job: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``job`` in the writer thread; return its result once the transaction holding it is committed.
 
-    def submit(self, job: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        ``durable=False`` is for a job whose loss on power failure costs nothing but repeated work, such as
+        deleting outbox rows the broker acknowledged (lost, they are sent again): a batch of only such jobs is
+        committed with ``synchronous = NORMAL``, no fsync; the next durable commit or checkpoint syncs it along with
+        everything before it (the WAL is written in order). A batch with any durable job is committed as
+        ``[store] synchronous`` says. Within the process (kill -9) both are equally safe."""
+        return await self.submit(job, durable=durable)
+
+    def submit(self, job: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> asyncio.Future[T]:
         """Queue ``job`` for the writer thread now; the future is done once its transaction is committed (or it
         failed). Jobs commit in the order they were queued: a job submitted and not awaited is committed no later
         than any job queued after it. Raises at once when the store is closed or lost."""
@@ -270,7 +283,7 @@ class Store:
             raise lost.error()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((job, fut, loop))
+        self._jobs.put((job, fut, loop, durable))
         return fut
 
     async def probe(self) -> None:
@@ -361,8 +374,9 @@ class Store:
         if self.write_delay_s:
             time.sleep(self.write_delay_s)  # the writer thread, never the event loop
         try:
+            self._sync_for(conn, any(durable for _job, _fut, _loop, durable in batch))
             conn.execute("BEGIN IMMEDIATE")
-            for job, _fut, _loop in batch:
+            for job, _fut, _loop, _durable in batch:
                 conn.execute("SAVEPOINT job")
                 try:
                     outcomes.append((True, job(conn)))
@@ -400,6 +414,10 @@ class Store:
                 self._tell(batch, [(False, failure)] * len(batch))
                 return
             self.commits += 1
+            if self._sync_level == "NORMAL" and self._synchronous.upper() != "NORMAL":
+                self.lazy_commits += 1
+            else:
+                self.durable_commits += 1
             self.jobs_committed += len(batch)
             self.last_commit_s = time.monotonic() - started
             full = next((v for ok, v in outcomes if not ok and isinstance(v, StorageFull)), None)
@@ -409,10 +427,17 @@ class Store:
                 self._succeeded()
         self._tell(batch, outcomes)
 
+    def _sync_for(self, conn: sqlite3.Connection, durable: bool) -> None:
+        """``PRAGMA synchronous`` for the next commit: as configured for a durable batch, NORMAL for the rest."""
+        level = self._synchronous.upper() if durable else "NORMAL"
+        if level != self._sync_level:
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._sync_level = level
+
     def _tell(self, batch: list[Any], outcomes: list[tuple[bool, Any]]) -> None:
         # Not stalled any more before anyone hears of it: a caller woken by its result must not see a stall.
         self._busy_since = None
-        for (_job, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
+        for (_job, fut, loop, _durable), (ok, value) in zip(batch, outcomes, strict=True):
             try:
                 loop.call_soon_threadsafe(_settle, fut, ok, value)
             except RuntimeError:

@@ -1,17 +1,21 @@
 """SQL for the outbox. Each function takes a connection and runs inside a store job.
 
 Send order is (priority, id): command results and critical events first, then other events, then telemetry;
-within one priority, the order of arrival, so the records of one device and one kind keep their order. The
-timestamp is kept out of the stored payload and added when a row is sent, so rows can be re-stamped when the
+within one priority, the order of arrival, so the records of one device and one kind keep their order. The table is
+clustered on that key (migration 0006), so sending, deleting what was acknowledged and dropping the oldest telemetry
+walk it in order, and a batch dirties only the pages it fills or empties. The counters (rows and bytes per kind and in
+all, telemetry dropped, the next id) are kept here, one update per batch, not per row.
+
+The timestamp is kept out of the stored payload and added when a row is sent, so rows can be re-stamped when the
 wall clock becomes trustworthy (:func:`restamp`).
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from gatewayd import strictjson
@@ -21,10 +25,27 @@ if TYPE_CHECKING:
     from gatewayd.commands.model import CommandRecord
 
 Kind = Literal["result", "event", "telemetry"]
+KINDS: tuple[Kind, ...] = ("result", "event", "telemetry")
 
 PRIORITY_URGENT = 0  # command results, critical events
 PRIORITY_EVENT = 1
 PRIORITY_TELEMETRY = 2
+PRIORITIES = (PRIORITY_URGENT, PRIORITY_EVENT, PRIORITY_TELEMETRY)
+
+Key = tuple[int, int]  # (priority, id): a row's place in the send order, and its primary key
+
+_CHUNK = 500  # ids in one IN (...) list, well under SQLite's limit on host parameters
+
+
+def _stamped(payload: str, seq: int | None, ts: float, synced: bool) -> bytes:
+    """The stored object with ``seq`` (if any), ``ts`` and ``clock_synced`` appended. Spliced as text: a payload is a
+    compact JSON object from :func:`strictjson.dumps`, so this is byte for byte what parsing it and dumping it again
+    would give, without the parse (the uplink does this for every message)."""
+    head = payload[:-1]  # the object without its closing brace
+    sep = "" if head == "{" else ","
+    seq_part = "" if seq is None else f'"seq":{seq},'
+    synced_part = "true" if synced else "false"
+    return f'{head}{sep}{seq_part}"ts":"{iso(ts)}","clock_synced":{synced_part}}}'.encode()
 
 
 @dataclass(frozen=True)
@@ -40,12 +61,9 @@ class NewRow:
     clock_synced: bool
 
     def message(self) -> bytes:
-        """The bytes published for a record sent at once, never stored (the disk has no room for it): as
-        :meth:`OutboxRow.message`, without the outbox's ``seq``."""
-        body: dict[str, Any] = json.loads(self.payload)
-        body["ts"] = iso(self.ts)
-        body["clock_synced"] = self.clock_synced
-        return json.dumps(body, separators=(",", ":")).encode()
+        """The bytes published for a record sent without being stored (live telemetry, or when the disk has no room
+        for it): as :meth:`OutboxRow.message`, without the outbox's ``seq``."""
+        return _stamped(self.payload, None, self.ts, self.clock_synced)
 
 
 @dataclass(frozen=True)
@@ -57,14 +75,15 @@ class OutboxRow:
     payload: str
     ts: float
     clock_synced: bool
+    priority: int = PRIORITY_TELEMETRY
+
+    @property
+    def key(self) -> Key:
+        return (self.priority, self.id)
 
     def message(self) -> bytes:
         """The bytes published: the stored object plus its sequence number and timestamp."""
-        body: dict[str, Any] = json.loads(self.payload)
-        body["seq"] = self.id
-        body["ts"] = iso(self.ts)
-        body["clock_synced"] = self.clock_synced
-        return json.dumps(body, separators=(",", ":")).encode()
+        return _stamped(self.payload, self.id, self.ts, self.clock_synced)
 
 
 def result_row(rec: CommandRecord, *, mono: float, boot_id: str, synced: bool) -> NewRow:
@@ -75,16 +94,44 @@ def result_row(rec: CommandRecord, *, mono: float, boot_id: str, synced: bool) -
     )
 
 
-def insert(conn: sqlite3.Connection, rows: Iterable[NewRow]) -> int:
-    cur = conn.executemany(
-        "INSERT INTO outbox (kind, priority, device, topic, payload, bytes, ts, mono, boot_id, clock_synced) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (
-            (r.kind, r.priority, r.device, r.topic, r.payload, len(r.payload), r.ts, r.mono, r.boot_id, r.clock_synced)
-            for r in rows
-        ),
+def _account(conn: sqlite3.Connection, changes: Counter[str]) -> None:
+    """Add ``changes`` (name -> delta) to the counters: one statement per name, whatever the number of rows."""
+    conn.executemany(
+        "INSERT INTO outbox_counters (name, value) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        [(name, delta) for name, delta in changes.items() if delta],
     )
-    return cur.rowcount
+
+
+def _changes(kinds_and_bytes: Iterable[tuple[str, int]], sign: int) -> Counter[str]:
+    changes: Counter[str] = Counter()
+    for kind, size in kinds_and_bytes:
+        changes["rows"] += sign
+        changes["bytes"] += sign * size
+        changes[f"rows:{kind}"] += sign
+        changes[f"bytes:{kind}"] += sign * size
+    return changes
+
+
+def insert(conn: sqlite3.Connection, rows: Sequence[NewRow]) -> list[int]:
+    """Add rows in the order given; their ids, in that order (consecutive: one counter update for the batch)."""
+    if not rows:
+        return []
+    first = int(conn.execute("SELECT value FROM outbox_counters WHERE name = 'next_id'").fetchone()[0])
+    ids = list(range(first, first + len(rows)))
+    conn.executemany(
+        "INSERT INTO outbox (priority, id, kind, device, topic, payload, bytes, ts, mono, boot_id, clock_synced) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            (r.priority, i, r.kind, r.device, r.topic, r.payload, len(r.payload), r.ts, r.mono, r.boot_id,
+             r.clock_synced)
+            for i, r in zip(ids, rows, strict=True)
+        ),
+    )  # fmt: skip
+    changes = _changes(((r.kind, len(r.payload)) for r in rows), +1)
+    changes["next_id"] = len(rows)
+    _account(conn, changes)
+    return ids
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
@@ -92,56 +139,78 @@ def counters(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def bump(conn: sqlite3.Connection, name: str, by: int) -> None:
-    conn.execute(
-        "INSERT INTO outbox_counters (name, value) VALUES (?, ?) "
-        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-        (name, by),
-    )
+    _account(conn, Counter({name: by}))
 
 
 def drop_oldest_telemetry(conn: sqlite3.Connection, over_by: int) -> tuple[int, int]:
     """Delete the oldest telemetry until ``over_by`` bytes are freed (or no telemetry is left). Results and
-    events are never deleted here. Returns (rows, bytes) dropped; the drop count is kept in the counters."""
+    events are never deleted here. Returns (rows, bytes) dropped; the drop count is kept in the counters.
+    The oldest telemetry is the start of its key range: each round deletes a prefix of it, in one statement."""
     rows = freed = 0
     while freed < over_by:
-        chunk = conn.execute("SELECT id, bytes FROM outbox WHERE kind = 'telemetry' ORDER BY id LIMIT 256").fetchall()
+        chunk = conn.execute(
+            "SELECT id, bytes FROM outbox WHERE priority = ? ORDER BY id LIMIT 256", (PRIORITY_TELEMETRY,)
+        ).fetchall()
         if not chunk:
             break
-        ids = []
+        last = taken = 0
         for row_id, size in chunk:
-            ids.append(row_id)
+            last, taken = row_id, taken + 1
             freed += size
             if freed >= over_by:
                 break
-        conn.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)
-        rows += len(ids)
+        conn.execute("DELETE FROM outbox WHERE priority = ? AND id <= ?", (PRIORITY_TELEMETRY, last))
+        rows += taken
     if rows:
-        bump(conn, "telemetry_dropped", rows)
+        _account(
+            conn,
+            Counter(
+                {
+                    "rows": -rows,
+                    "bytes": -freed,
+                    "rows:telemetry": -rows,
+                    "bytes:telemetry": -freed,
+                    "telemetry_dropped": rows,
+                }
+            ),
+        )
     return rows, freed
 
 
-def fetch(conn: sqlite3.Connection, limit: int, *, after: tuple[int, int] | None = None) -> list[OutboxRow]:
-    """The next rows to send, in send order; ``after`` = (priority, id) of the last row already taken."""
-    if after is None:
-        cur = conn.execute(
-            "SELECT id, kind, device, topic, payload, ts, clock_synced FROM outbox ORDER BY priority, id LIMIT ?",
-            (limit,),
-        )
-    else:
-        cur = conn.execute(
-            "SELECT id, kind, device, topic, payload, ts, clock_synced FROM outbox "
-            "WHERE (priority, id) > (?, ?) ORDER BY priority, id LIMIT ?",
-            (*after, limit),
-        )
-    return [OutboxRow(i, k, d, t, p, ts, bool(s)) for i, k, d, t, p, ts, s in cur]
+_COLUMNS = "id, kind, device, topic, payload, ts, clock_synced, priority"
 
 
-def delete(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
-    deleted = 0
-    for start in range(0, len(ids), 500):
-        part = ids[start : start + 500]
-        deleted += conn.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(part))})", part).rowcount
-    return deleted
+def fetch(conn: sqlite3.Connection, limit: int, *, skip: Collection[Key] = ()) -> list[OutboxRow]:
+    """The next ``limit`` rows to send, in send order, leaving out those in ``skip`` (in flight, or acknowledged
+    and not deleted yet). From the start of the order each time: a result committed a moment ago goes ahead of
+    the telemetry that waited."""
+    cur = conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY priority, id LIMIT ?", (limit + len(skip),))
+    out = []
+    for i, k, d, t, p, ts, s, prio in cur:
+        if (prio, i) in skip:
+            continue
+        out.append(OutboxRow(i, k, d, t, p, ts, bool(s), prio))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def delete(conn: sqlite3.Connection, keys: Iterable[Key]) -> int:
+    """Delete rows by key (what the broker acknowledged); the number deleted."""
+    by_priority: dict[int, list[int]] = {}
+    for priority, row_id in keys:
+        by_priority.setdefault(priority, []).append(row_id)
+    gone: list[tuple[str, int]] = []
+    for priority, ids in by_priority.items():
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start : start + _CHUNK]
+            gone += conn.execute(
+                f"DELETE FROM outbox WHERE priority = ? AND id IN ({','.join('?' * len(part))}) RETURNING kind, bytes",
+                (priority, *part),
+            ).fetchall()
+    if gone:
+        _account(conn, _changes(gone, -1))
+    return len(gone)
 
 
 def restamp(conn: sqlite3.Connection, boot_id: str, offset: float) -> int:
@@ -160,6 +229,7 @@ class OutboxStats:
     telemetry_dropped: int
     oldest_ts: float | None
     by_kind: dict[str, int]
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
 
     def to_api(self, now: float) -> dict[str, Any]:
         return {
@@ -168,18 +238,25 @@ class OutboxStats:
             "telemetry_dropped": self.telemetry_dropped,
             "oldest_age_s": None if self.oldest_ts is None else round(max(0.0, now - self.oldest_ts), 3),
             "by_kind": self.by_kind,
+            "bytes_by_kind": self.bytes_by_kind,
         }
 
 
 def stats(conn: sqlite3.Connection, *, by_kind: bool = True) -> OutboxStats:
-    """Depth, bytes and the oldest record from the counters (cheap); the count per kind scans the outbox."""
+    """Depth, bytes (in all and per kind) and the oldest record, from the counters and one look at the head of each
+    priority: no scan, whatever the outbox holds. ``by_kind`` is kept for callers that asked for the counts by kind
+    when they cost a scan; they are free now and always given."""
     c = counters(conn)
-    oldest = conn.execute("SELECT ts FROM outbox ORDER BY id LIMIT 1").fetchone()
-    kinds = {k: n for k, n in conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind")} if by_kind else {}
+    oldest: tuple[int, float] | None = None
+    for priority in PRIORITIES:
+        head = conn.execute("SELECT id, ts FROM outbox WHERE priority = ? ORDER BY id LIMIT 1", (priority,)).fetchone()
+        if head is not None and (oldest is None or head[0] < oldest[0]):
+            oldest = (head[0], head[1])
     return OutboxStats(
         rows=c.get("rows", 0),
         bytes=c.get("bytes", 0),
         telemetry_dropped=c.get("telemetry_dropped", 0),
-        oldest_ts=None if oldest is None else oldest[0],
-        by_kind=kinds,
+        oldest_ts=None if oldest is None else oldest[1],
+        by_kind={k: c[f"rows:{k}"] for k in KINDS if c.get(f"rows:{k}", 0)},
+        bytes_by_kind={k: c[f"bytes:{k}"] for k in KINDS if c.get(f"bytes:{k}", 0)},
     )

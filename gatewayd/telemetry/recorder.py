@@ -1,26 +1,41 @@
-"""The daemon's telemetry sink: records from devices, shaped, dated and written to the outbox in batches.
+"""The daemon's telemetry sink: records from devices, shaped, dated, and on their way to the broker.
 
 ``put`` never blocks and never raises: a device's receive path (a serial frame, a GPIO edge on gpiozero's
-thread, a Modbus poll) hands a record over and goes on. Records wait in memory and are written every
-``outbox.flush_interval_s`` in one transaction (one fsync for hundreds of readings spares the SD card), or at
-once when many are waiting. Between two flushes at most ``outbox.max_pending`` telemetry records are held; past
-that the oldest are dropped and counted. Events are kept (up to a hard bound well above it).
+thread, a Modbus poll) hands a record over and goes on.
 
-After each write the outbox's byte budget is enforced: when it holds more than ``outbox.max_bytes``, or the data
-directory's filesystem has less than ``outbox.min_free_bytes`` free, the oldest telemetry is deleted (and
-counted, across restarts). Command results and events are never deleted to make room. While the storage is full
-(below ``store.min_free_bytes``, :mod:`gatewayd.store.space`) new telemetry is not written at all: the reserve
-is for the commands already accepted. Events still are.
+Telemetry is written behind (DESIGN.md, durability contract). A reading is held in memory and handed to the uplink
+(:meth:`Recorder.take_live`), which publishes it and says whether the broker acknowledged it
+(:meth:`Recorder.settle_live`); acknowledged, it is done without ever touching the disk. A reading still not
+acknowledged ``outbox.write_behind_s`` after it was observed (the link down, or the broker not keeping pace) is
+written to the outbox then, in one transaction with every other reading held and not in flight, and from then on it
+is backlog, sent by the uplink's drain. So while the link is down the outbox is written about once per
+``write_behind_s``, in large batches, and a power loss costs at most the readings of the last ``write_behind_s``
+(plus the commit under way). With ``write_behind_s = 0`` telemetry is durable: each reading is committed as it
+comes, like an event, and sent from the outbox. Events are always committed at once (the group commit of the
+moment): an event is never written behind. At most ``outbox.max_pending`` readings are held; past that the oldest
+are dropped and counted.
+
+After each write the outbox's byte budgets are enforced: when it holds more than ``outbox.max_bytes``, or its
+telemetry more than ``outbox.telemetry_max_bytes``, or the data directory's filesystem has less than
+``outbox.min_free_bytes`` free, the oldest telemetry is deleted (and counted, across restarts). Command results and
+events are never deleted to make room. While the storage is full (below ``store.min_free_bytes``,
+:mod:`gatewayd.store.space`) telemetry is not written at all: the reserve is for the commands already accepted.
+Events still are.
+
+The backlog is visible: ``gatewayd_outbox_backlog``, the status page, and one log line when telemetry first had
+to be written (``telemetry_backlog_started``) and one when the outbox is empty again (``telemetry_backlog_caught_up``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import shutil
 import sqlite3
+import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,10 +49,13 @@ from gatewayd.config.profiles import Profile, TelemetryPoint
 from gatewayd.errors import GatewayError
 from gatewayd.observability.metrics import (
     CLOCK_SYNCED,
+    OUTBOX_BACKLOG,
     OUTBOX_BYTES,
     OUTBOX_OLDEST_AGE,
     OUTBOX_ROWS,
     TELEMETRY_DROPPED,
+    TELEMETRY_HELD,
+    TELEMETRY_PATH,
     TELEMETRY_RECORDS,
     counter,
 )
@@ -45,6 +63,7 @@ from gatewayd.store import Store
 from gatewayd.store import outbox as sql
 from gatewayd.store.space import DiskSpace
 from gatewayd.tasks import TaskOwner
+from gatewayd.telemetry.batching import BatchMode
 from gatewayd.telemetry.sink import Record
 from gatewayd.telemetry.timestamps import Stamper, sync_probe
 
@@ -53,8 +72,40 @@ log = structlog.get_logger("gatewayd.telemetry")
 # Events are never dropped for telemetry's sake; this bound only stops a store that cannot write for hours
 # from growing memory without end.
 _EVENT_HARD_LIMIT_FACTOR = 4
-# A flush is started early once this many records wait (the interval is for quiet times).
-_FLUSH_EARLY = 500
+
+
+class Hold(enum.Enum):
+    WAITING = "waiting"  # in memory, not handed to the uplink (or handed back: the link went)
+    SENDING = "sending"  # published, its PUBACK awaited
+    DONE = "done"  # the broker acknowledged it: never written (or, written meanwhile, its row to be deleted)
+    STORED = "stored"  # written to the outbox: backlog from now on, the drain's to send
+    DROPPED = "dropped"  # pushed out of memory by newer readings (max_pending)
+
+
+@dataclass(eq=False, slots=True)
+class Held:
+    """One reading held in memory (write-behind)."""
+
+    row: sql.NewRow
+    due: float  # monotonic: written to the outbox at this moment unless acknowledged before
+    state: Hold = Hold.WAITING
+    storing: bool = False  # in a write being committed
+    key: sql.Key | None = None  # its outbox row, once written
+
+    @property
+    def resolved(self) -> bool:
+        return self.state in (Hold.DONE, Hold.STORED, Hold.DROPPED) and not self.storing
+
+
+@dataclass
+class Backlog:
+    """Since when telemetry has had to go through the outbox, and how much of it has."""
+
+    since_mono: float
+    since_ts: float
+    reason: str
+    stored: int = 0
+    peak_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +154,7 @@ class Recorder:
         space: DiskSpace | None = None,
         forward: bool = True,
         profiles: Callable[[], Mapping[str, Profile]] = dict,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self._space = space
         # False without an uplink ([mqtt] enabled = false): records still feed the page (recent readings, last
@@ -113,6 +165,7 @@ class Recorder:
         self._tcfg = telemetry
         self._data_dir = data_dir
         self._boot_id = boot_id
+        self._mono = monotonic
         self.stamper = stamper or Stamper(sync_probe(telemetry.clock_sync))
         # The free space: DiskSpace's last measurement (taken in a thread every [store] space_check_s) when there
         # is one, rather than a statvfs on the event loop at every flush; None while unknown.
@@ -124,23 +177,40 @@ class Recorder:
         else:
             self._free_bytes = lambda: shutil.disk_usage(self._data_dir).free
         self._profiles = profiles  # device name -> profile, as the device manager has them now (SIGHUP reloads)
-        self._telemetry: deque[sql.NewRow] = deque()
+        self.write_behind_s = outbox.write_behind_s
+        self.batch: BatchMode = telemetry.batch  # how the uplink groups readings into messages
+        self.batch_max = telemetry.batch_max
+        self.batch_wait_s = telemetry.batch_wait_s
+        self._held: deque[Held] = deque()  # telemetry written behind, in order of arrival, until resolved
+        self._unsent: deque[Held] = deque()  # of those, the ones waiting for the uplink to take them
+        self._durable: deque[sql.NewRow] = deque()  # telemetry when it is durable (write_behind_s = 0)
         self._events: deque[sql.NewRow] = deque()
+        self.sending_stored: dict[sql.Key, Held] = {}  # written while in flight: the drain leaves them alone
+        self._acked_stored: list[sql.Key] = []  # written, then acknowledged: rows for the uplink to delete
+        self.live_ready = asyncio.Event()  # readings wait for the uplink
         self._wake = asyncio.Event()
         self._tasks = TaskOwner("telemetry")
         self._failing: str | None = None  # why the last write failed, while it keeps failing
         self._budget_dropping = 0  # telemetry rows dropped for the budget since the drops began (0: none now)
+        self._link_up = False
+        self.backlog: Backlog | None = None
         self.recent: dict[str, deque[Reading]] = {}
         self.last_event: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[], None]] = []  # told after rows were committed (the uplink drains)
         self.stats: sql.OutboxStats | None = None
         self.dropped_pending = 0
         self.invalid = 0
+        self.live = 0  # readings acknowledged without being written
+        self.stored = 0  # readings written to the outbox (written behind, or durable)
         self._counted = {kind: counter(TELEMETRY_RECORDS, kind) for kind in ("telemetry", "event")}
+        self._live_counter = counter(TELEMETRY_PATH, "live")
+        self._stored_counter = counter(TELEMETRY_PATH, "stored")
 
     async def __aenter__(self) -> Recorder:
         CLOCK_SYNCED.set(int(self.stamper.synced))
-        self.stats = await self.store.read(lambda conn: sql.stats(conn, by_kind=False))  # no scan at start-up
+        self.stats = await self.store.read(sql.stats)  # from the counters: no scan
+        if self.stats.rows:  # an outage's backlog from before the restart
+            self.backlog = Backlog(self._mono(), self.stamper.now(), "left from before the restart")
         self._publish_stats()
         await self._tasks.open()
         self._tasks.spawn("flush", self._run())
@@ -151,7 +221,7 @@ class Recorder:
     ) -> None:
         await self._tasks.close()
         try:
-            await self.flush()  # what arrived since the last flush is not lost on a clean stop
+            await self.flush()  # what is held is not lost on a clean stop
         except GatewayError as err:
             log.error("telemetry_final_flush_failed", error=str(err), records=self.pending)
 
@@ -168,25 +238,52 @@ class Recorder:
         self._counted[record.kind].inc()
         if not self.forward:
             return
-        if row.kind == "telemetry":
-            if len(self._telemetry) >= self._cfg.max_pending:
-                self._telemetry.popleft()
-                self.dropped_pending += 1
-                counter(TELEMETRY_DROPPED, "pending").inc()
-            self._telemetry.append(row)
-        else:
+        if row.kind != "telemetry":
             if len(self._events) >= self._cfg.max_pending * _EVENT_HARD_LIMIT_FACTOR:
                 self._events.popleft()
                 self.dropped_pending += 1
                 counter(TELEMETRY_DROPPED, "pending_event").inc()
                 log.error("telemetry_event_dropped", device=record.device, reason="store not writing")
             self._events.append(row)
-        if self.pending >= _FLUSH_EARLY:
+            self._wake.set()  # an event is committed at once: never written behind
+            return
+        if not self.write_behind_s:
+            if len(self._durable) >= self._cfg.max_pending:
+                self._durable.popleft()
+                self._dropped_pending(1)
+            self._durable.append(row)
             self._wake.set()
+            return
+        self._make_room()
+        held = Held(row, min(row.mono, self._mono()) + self.write_behind_s)
+        self._held.append(held)
+        self._unsent.append(held)
+        self.live_ready.set()
+        if len(self._held) == 1 and self.write_behind_s < self._cfg.flush_interval_s:
+            self._wake.set()  # the writer may sleep past this reading's due: it looks again every flush_interval_s
+
+    def _make_room(self) -> None:
+        held = self._held
+        while held and held[0].resolved:
+            held.popleft()
+        if len(held) < self._cfg.max_pending:
+            return
+        oldest = held.popleft()
+        if not oldest.storing:
+            oldest.state = Hold.DROPPED
+            if self._unsent and self._unsent[0] is oldest:
+                self._unsent.popleft()
+            self._dropped_pending(1)
+
+    def _dropped_pending(self, n: int) -> None:
+        self.dropped_pending += n
+        counter(TELEMETRY_DROPPED, "pending").inc(n)
 
     @property
     def pending(self) -> int:
-        return len(self._telemetry) + len(self._events)
+        """Records in memory, not yet acknowledged nor committed."""
+        held = sum(1 for h in self._held if not h.resolved)
+        return held + len(self._durable) + len(self._events)
 
     def message_now(self, record: Record) -> tuple[str, bytes]:
         """(topic below the prefix, bytes) of a record to publish at once, not through the outbox: for when the
@@ -218,28 +315,95 @@ class Recorder:
         kind: sql.Kind = "telemetry" if r.kind == "telemetry" else "event"
         return sql.NewRow(kind, priority, r.device, topic, payload, ts, r.mono, self._boot_id, self.stamper.synced)
 
+    # --- live telemetry, for the uplink ----------------------------------------------------------------------
+
+    def link(self, up: bool) -> None:
+        """The uplink's session began (True) or ended (False): only said in the backlog's log line."""
+        self._link_up = up
+
+    def take_live(self, limit: int) -> list[Held]:
+        """Up to ``limit`` readings to publish now, oldest first; each is the caller's until it settles them."""
+        out: list[Held] = []
+        unsent = self._unsent
+        while unsent and len(out) < limit:
+            held = unsent.popleft()
+            if held.state is not Hold.WAITING or held.storing:
+                continue  # written, dropped, or being written meanwhile
+            held.state = Hold.SENDING
+            out.append(held)
+        if not unsent:
+            self.live_ready.clear()
+        return out
+
+    def settle_live(self, taken: Iterable[Held], acked: bool) -> None:
+        """The broker acknowledged ``taken`` (``acked``), or their publication failed (the link went): failed ones
+        are held again, and sent live again or written when due, whichever comes first."""
+        requeue = False
+        for held in taken:
+            if held.key is not None:
+                self.sending_stored.pop(held.key, None)
+            if acked:
+                if held.state is Hold.DROPPED and held.key is None:
+                    continue
+                if held.key is not None:
+                    self._acked_stored.append(held.key)  # its row is no longer needed
+                else:
+                    self.live += 1
+                    self._live_counter.inc()
+                held.state = Hold.DONE
+            elif held.state is Hold.SENDING:
+                if held.key is not None:
+                    held.state = Hold.STORED  # its row is there: the drain sends it
+                else:
+                    held.state = Hold.WAITING
+                    requeue = requeue or not held.storing
+        if requeue:
+            self._unsent = deque(h for h in self._held if h.state is Hold.WAITING and not h.storing)
+            if self._unsent:
+                self.live_ready.set()
+        held_deque = self._held
+        while held_deque and held_deque[0].resolved:
+            held_deque.popleft()
+
+    def take_acked_stored(self) -> list[sql.Key]:
+        """Rows written while their reading was in flight, then acknowledged: the uplink deletes them."""
+        keys, self._acked_stored = self._acked_stored, []
+        return keys
+
     # --- writing ---------------------------------------------------------------------------------------------
 
+    def _next_due(self) -> float:
+        """Seconds until something must be written: now for events and durable telemetry, else when the oldest
+        reading held falls due, and at most flush_interval_s (clock checks)."""
+        if self._events or self._durable:
+            return 0.0
+        for held in self._held:
+            if not held.resolved and not held.storing:
+                return max(0.0, min(self._cfg.flush_interval_s, held.due - self._mono()))
+        return self._cfg.flush_interval_s
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_check = loop.time() + self._tcfg.sync_check_s
+        next_check = self._mono() + self._tcfg.sync_check_s
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._cfg.flush_interval_s)
-            except TimeoutError:
-                pass
+            timeout = self._next_due()
+            if timeout > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
             self._wake.clear()
             became_synced = False
-            if loop.time() >= next_check:
-                next_check = loop.time() + self._tcfg.sync_check_s
+            if self._mono() >= next_check:
+                next_check = self._mono() + self._tcfg.sync_check_s
                 became_synced = self.stamper.check()
                 CLOCK_SYNCED.set(int(self.stamper.synced))
             try:
-                await self.flush()
+                await self._write(everything=False)
                 if became_synced:
                     await self.restamp()
             except GatewayError:
-                continue  # flush() logged it; the records wait for the next round
+                await asyncio.sleep(min(1.0, self._cfg.flush_interval_s))  # flush() logged it; the records wait
+            TELEMETRY_HELD.set(len(self._held))
 
     async def restamp(self) -> int:
         offset, boot_id = self.stamper.offset, self._boot_id
@@ -261,31 +425,60 @@ class Recorder:
         return budget
 
     async def flush(self) -> None:
-        """Write what waits in one transaction, then enforce the budget. On failure the records stay queued."""
-        if not self._telemetry and not self._events:
+        """Write everything waiting in one transaction (every reading held and not acknowledged too), then enforce
+        the budgets. On failure the records stay where they were."""
+        await self._write(everything=True)
+
+    def _behind(self, everything: bool) -> list[Held]:
+        """The readings to write now: when the oldest is due (or ``everything``), every one not acknowledged,
+        except those in flight that are not due yet (they may well be acknowledged in a moment)."""
+        now = self._mono()
+        candidates = [h for h in self._held if not h.resolved and not h.storing]
+        if not candidates or not (everything or candidates[0].due <= now):
+            return []
+        return [h for h in candidates if everything or h.state is Hold.WAITING or h.due <= now]
+
+    async def _write(self, *, everything: bool) -> None:
+        behind = self._behind(everything)
+        if not (self._events or self._durable or behind):
             return
-        if self._telemetry and self._space is not None and self._space.full:
-            self.dropped_pending += len(self._telemetry)
-            counter(TELEMETRY_DROPPED, "storage_full").inc(len(self._telemetry))
-            self._telemetry.clear()
+        if (behind or self._durable) and self._space is not None and self._space.full:
+            n = len(behind) + len(self._durable)
+            self.dropped_pending += n
+            counter(TELEMETRY_DROPPED, "storage_full").inc(n)
+            for held in behind:
+                if held.state is Hold.WAITING:
+                    held.state = Hold.DROPPED  # in flight ones stay the uplink's: sent, or dropped when they fail
+            self._durable.clear()
+            behind = []
             if not self._events:
                 return
-        rows = [*self._events, *self._telemetry]
+        events, durable = list(self._events), list(self._durable)
         self._events.clear()
-        self._telemetry.clear()
+        self._durable.clear()
+        for held in behind:
+            held.storing = True
+        rows = [*events, *durable, *(h.row for h in behind)]
         current = self.stats.bytes if self.stats is not None else 0
         budget = self.budget(current + sum(len(r.payload) for r in rows))
+        telemetry_budget = self._cfg.telemetry_max_bytes
 
-        def job(conn: sqlite3.Connection) -> tuple[sql.OutboxStats, int]:
-            sql.insert(conn, rows)
-            over = sql.counters(conn).get("bytes", 0) - budget
+        def job(conn: sqlite3.Connection) -> tuple[list[sql.Key], sql.OutboxStats, int]:
+            ids = sql.insert(conn, rows)
+            c = sql.counters(conn)
+            over = c.get("bytes", 0) - budget
+            if telemetry_budget is not None:
+                over = max(over, c.get("bytes:telemetry", 0) - telemetry_budget)
             dropped = sql.drop_oldest_telemetry(conn, over)[0] if over > 0 else 0
-            return sql.stats(conn, by_kind=False), dropped
+            keys = [(r.priority, i) for r, i in zip(rows, ids, strict=True)]
+            return keys, sql.stats(conn), dropped
 
         try:
-            self.stats, dropped = await self.store.write(job)
+            keys, self.stats, dropped = await self.store.write(job)
         except GatewayError as err:
-            self._requeue(rows)
+            for held in behind:
+                held.storing = False
+            self._requeue(events, durable, behind)
             if self._failing is None:
                 log.error("telemetry_write_failed", error=str(err), records=len(rows))
             self._failing = str(err)
@@ -293,6 +486,7 @@ class Recorder:
         if self._failing is not None:
             log.info("telemetry_write_recovered", records=len(rows))
             self._failing = None
+        self._stored(durable, behind, keys[len(events) :])
         if dropped:
             counter(TELEMETRY_DROPPED, "budget").inc(dropped)
             if not self._budget_dropping:  # logged when it begins and when it ends, not at every flush
@@ -305,15 +499,50 @@ class Recorder:
         for listener in list(self.listeners):
             listener()
 
-    def _requeue(self, rows: list[sql.NewRow]) -> None:
-        self._events.extendleft(reversed([r for r in rows if r.kind != "telemetry"]))
-        telemetry = [r for r in rows if r.kind == "telemetry"]
-        room = max(0, self._cfg.max_pending - len(self._telemetry))
-        lost = max(0, len(telemetry) - room)
+    def _stored(self, durable: list[sql.NewRow], behind: list[Held], keys: list[sql.Key]) -> None:
+        """Readings committed: each held one is backlog now, or (acknowledged meanwhile) a row to delete."""
+        for held, key in zip(behind, keys[len(durable) :], strict=True):
+            held.storing = False
+            held.key = key
+            if held.state is Hold.DONE:
+                self._acked_stored.append(key)
+            elif held.state is Hold.SENDING:
+                self.sending_stored[key] = held
+            else:
+                held.state = Hold.STORED
+        n = len(durable) + len(behind)
+        if n:
+            self.stored += n
+            self._stored_counter.inc(n)
+        if behind:
+            self._unsent = deque(h for h in self._unsent if h.state is Hold.WAITING and not h.storing)
+            if not self._unsent:
+                self.live_ready.clear()
+            if self.backlog is None:
+                in_flight = any(h.state is Hold.SENDING for h in behind)
+                reason = "not acknowledged in time" if in_flight or self._link_up else "uplink down"
+                self.backlog = Backlog(self._mono(), self.stamper.now(), reason)
+                log.warning(
+                    "telemetry_backlog_started",
+                    reason=reason,
+                    readings=len(behind),
+                    write_behind_s=self.write_behind_s,
+                )
+            self.backlog.stored += len(behind)
+        while self._held and self._held[0].resolved:
+            self._held.popleft()
+
+    def _requeue(self, events: list[sql.NewRow], durable: list[sql.NewRow], behind: list[Held]) -> None:
+        self._events.extendleft(reversed(events))
+        room = max(0, self._cfg.max_pending - len(self._durable))
+        lost = max(0, len(durable) - room)
         if lost:
-            self.dropped_pending += lost
-            counter(TELEMETRY_DROPPED, "pending").inc(lost)
-        self._telemetry.extendleft(reversed(telemetry[lost:]))
+            self._dropped_pending(lost)
+        self._durable.extendleft(reversed(durable[lost:]))
+        if behind:  # held again, in order; sent live if the link takes them before the next attempt
+            self._unsent = deque(h for h in self._held if h.state is Hold.WAITING and not h.storing)
+            if self._unsent:
+                self.live_ready.set()
 
     def update_stats(self, stats: sql.OutboxStats) -> None:
         """The uplink deleted what the broker acknowledged: the depth, bytes and oldest age change."""
@@ -327,3 +556,34 @@ class Recorder:
         OUTBOX_ROWS.set(stats.rows)
         OUTBOX_BYTES.set(stats.bytes)
         OUTBOX_OLDEST_AGE.set(0 if stats.oldest_ts is None else max(0.0, self.stamper.now() - stats.oldest_ts))
+        backlog = self.backlog
+        if backlog is not None:
+            backlog.peak_rows = max(backlog.peak_rows, stats.rows)
+            if stats.rows == 0:
+                log.info(
+                    "telemetry_backlog_caught_up",
+                    seconds=round(self._mono() - backlog.since_mono, 3),
+                    readings_stored=backlog.stored,
+                    peak_rows=backlog.peak_rows,
+                )
+                self.backlog = None
+        OUTBOX_BACKLOG.set(0 if self.backlog is None else 1)
+
+    def status(self) -> dict[str, Any]:
+        """For the page and /api/v1/stats: how telemetry is going out, and the backlog if there is one."""
+        backlog = self.backlog
+        return {
+            "write_behind_s": self.write_behind_s,
+            "held": self.pending,
+            "live": self.live,
+            "stored": self.stored,
+            "backlog": None
+            if backlog is None
+            else {
+                "since_ts": backlog.since_ts,
+                "age_s": round(self._mono() - backlog.since_mono, 3),
+                "reason": backlog.reason,
+                "readings_stored": backlog.stored,
+                "peak_rows": backlog.peak_rows,
+            },
+        }

@@ -252,6 +252,7 @@ def _outbox(f: Facts) -> Tile:
         return Tile("outbox", "Outbox", "—", "info", "Opened with the store.")
     rows = ob.get("rows") or 0
     text = "empty" if not rows else f"{rows} to send · oldest {duration(ob.get('oldest_age_s'))}"
+    backlog = (ob.get("telemetry") or {}).get("backlog")
     if ob.get("telemetry_dropped"):
         return Tile(
             "outbox",
@@ -261,9 +262,18 @@ def _outbox(f: Facts) -> Tile:
             "The outbox reached its size limit while the uplink was down: the oldest readings were dropped. "
             "Command results and events are never dropped.",
         )
+    if backlog:
+        return Tile(
+            "outbox",
+            "Outbox",
+            f"{text} · backlog for {duration(backlog.get('age_s'))}",
+            "info",
+            "Readings are kept on disk while the broker is away or slow; live readings go first when it answers "
+            "and the backlog drains beside them.",
+        )
     if rows and not (f.status.get("uplink") or {}).get("connected"):
         return Tile("outbox", "Outbox", text, "info", "Kept on disk until a broker answers, then sent oldest first.")
-    return Tile("outbox", "Outbox", text)
+    return Tile("outbox", "Outbox", f"{text} · live" if (ob.get("telemetry") or {}).get("live") else text)
 
 
 def _storage(f: Facts) -> Tile:

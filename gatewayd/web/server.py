@@ -271,7 +271,9 @@ async def outbox(request: web.Request) -> web.Response:
     if recorder is None:
         raise StoreUnavailable("the outbox is not open")
     stats = await recorder.store.read(outbox_sql.stats)
-    return web.json_response({**stats.to_api(recorder.stamper.now()), "pending": recorder.pending})
+    return web.json_response(
+        {**stats.to_api(recorder.stamper.now()), "pending": recorder.pending, "telemetry": recorder.status()}
+    )
 
 
 async def list_devices(request: web.Request) -> web.Response:
