@@ -116,6 +116,15 @@ def test_the_verdict_is_the_worst_part(
     assert tiles(summary)[key]["label"] in summary["verdict"]["detail"]
 
 
+def test_the_outbox_says_whether_readings_go_out_live_or_a_backlog_is_carried_and_since_when() -> None:
+    live = healthy_status(outbox={"rows": 0, "telemetry": {"live": 420, "backlog": None}})
+    assert tiles(assess(live))["outbox"]["text"] == "empty · live"
+    carried = {"rows": 300, "oldest_age_s": 95.0, "telemetry": {"live": 0, "backlog": {"age_s": 95.0}}}
+    tile = tiles(assess(healthy_status(outbox=carried)))["outbox"]
+    assert tile["level"] == "info" and tile["text"].endswith("backlog for 1 min 35 s"), tile
+    assert "live readings go first" in tile["why"]
+
+
 def test_an_uplink_that_is_not_configured_is_a_note() -> None:
     assert tiles(assess(healthy_status(uplink={"enabled": False})))["uplink"]["level"] == "info"
 
