@@ -313,13 +313,21 @@ def rtu_sections(link: Path, units: int) -> str:
     return out
 
 
-def _write(work: Path, sections: str, broker_port: int, registers: int, poll_s: float, http_port: int | None) -> Path:
+def _write(
+    work: Path,
+    sections: str,
+    broker_port: int,
+    registers: int,
+    poll_s: float,
+    http_port: int | None,
+    gateway_id: str = GATEWAY_ID,
+) -> Path:
     (work / "profiles").mkdir(parents=True, exist_ok=True)
     (work / "profiles" / "bench_registers.toml").write_text(profile_toml(poll_s, registers), encoding="utf-8")
     http = "" if http_port is None else f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
     config = work / "config.toml"
     config.write_text(
-        f'[gateway]\nid = "{GATEWAY_ID}"\nmode = "mock"\nprofiles_dir = "{work / "profiles"}"\n'
+        f'[gateway]\nid = "{gateway_id}"\nmode = "mock"\nprofiles_dir = "{work / "profiles"}"\n'
         f'data_dir = "{work / "data"}"\n\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\n\n{http}'
         f"{sections}[interpret]\nenabled = false\n",
@@ -339,10 +347,12 @@ def write_tcp_job(
     framer: str = "socket",
     layout: str = "per-device",
     http_port: int | None = None,
+    gateway_id: str = GATEWAY_ID,
 ) -> Path:
     """bench/telemetry.py's ``write_job`` over Modbus TCP: the same profile and gateway, the units at
     127.0.0.1:``port`` (a :class:`TcpPeer`) in place of the serial bus. Returns the config's path."""
-    return _write(work, tcp_sections(port, units, framer, layout), broker_port, registers, poll_s, http_port)
+    sections = tcp_sections(port, units, framer, layout)
+    return _write(work, sections, broker_port, registers, poll_s, http_port, gateway_id)
 
 
 def write_rtu_job(

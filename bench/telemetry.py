@@ -49,6 +49,7 @@ import aiohttp
 import paho.mqtt.client as mqtt
 import report  # bench/report.py: the script's own directory is on sys.path
 from daemon import ROOT, Daemon, proc_cpu_s, proc_status_mib, scan_log
+from modbus_tcp import TcpPeer, profile_toml, write_tcp_job  # the same job's profile, and its TCP side
 
 sys.path.insert(0, str(ROOT))
 
@@ -69,23 +70,6 @@ MAX_RSS_GROWTH_MIB = 3.0
 
 
 # --- the job -------------------------------------------------------------------------------------------------------
-
-
-def profile_toml(poll_s: float, registers: int) -> str:
-    points = "".join(
-        f'[telemetry.r{i}]\ntype = "int"\nmodbus = {{ table = "holding", address = {i}, type = "uint16" }}\n\n'
-        for i in range(registers)
-    )
-    return (
-        'kind = "modbus_rtu"\n'
-        f'description = "{registers} holding registers (bench)"\n'
-        f"poll_interval_s = {poll_s}\n\n"
-        "[actions.read]\n"
-        'description = "Read every register now"\n'
-        "actuates = false\n"
-        'modbus = { read = "telemetry" }\n\n'
-        f"{points}"
-    )
 
 
 def config_toml(work: Path, link: Path, broker_port: int, units: int) -> str:
@@ -324,12 +308,19 @@ async def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
     broker.start()
     root = args.root or ROOT
     try:
-        async with Peer(work, args.units, args.registers) as peer, aiohttp.ClientSession() as session:
+        peer_of = TcpPeer if args.transport == "tcp" else Peer
+        async with peer_of(work, args.units, args.registers) as peer, aiohttp.ClientSession() as session:
+
+            def job(where: Path, poll_s: float) -> Path:
+                if args.transport == "tcp":
+                    return write_tcp_job(
+                        where, peer.port, broker.port, args.units, args.registers, poll_s, gateway_id=GATEWAY_ID
+                    )
+                return write_job(where, peer.link, broker.port, args.units, args.registers, poll_s)
+
             with Subscriber(broker.port, f"bench-telemetry-{run}") as sub:
                 # 1. Broker up, 100 ms polls.
-                config = write_job(
-                    work / "slow", peer.link, broker.port, args.units, args.registers, args.poll_ms / 1000
-                )
+                config = job(work / "slow", args.poll_ms / 1000)
                 async with Daemon(work / "slow", root=root, config=config) as d:
                     await d.wait_ready(session, READY_TIMEOUT_S)
                     await asyncio.sleep(args.warmup)
@@ -352,9 +343,7 @@ async def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
                     await d.stop()
                     events = scan_log(d.log_path).events
                 # 3. Overload: 20 ms polls.
-                config = write_job(
-                    work / "fast", peer.link, broker.port, args.units, args.registers, args.fast_ms / 1000
-                )
+                config = job(work / "fast", args.fast_ms / 1000)
                 async with Daemon(work / "fast", root=root, config=config) as d:
                     await d.wait_ready(session, READY_TIMEOUT_S)
                     await asyncio.sleep(args.warmup)
@@ -503,6 +492,12 @@ MiB of growth over the window)."""
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--transport",
+        choices=("rtu", "tcp"),
+        default="rtu",
+        help="the devices on one Modbus RTU bus behind a pty (the issue's job), or each over Modbus TCP on loopback",
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window (broker up, fast poll)")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--outage", type=float, default=30.0, help="seconds the broker is away")
@@ -516,12 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.seconds <= 0 or args.warmup < 0 or args.outage <= 0:
         parser.error("runs, seconds and outage must be positive")
     tree = f" (daemon from {args.root})" if args.root else ""
+    how = (
+        ("Modbus TCP", "each over its own loopback connection (pymodbus TCP server)")
+        if args.transport == "tcp"
+        else ("Modbus RTU", "over a pty (pymodbus RTU server)")
+    )
     load = (
-        f"{args.units} Modbus RTU units x {args.registers} holding registers, polled every {args.poll_ms:g} ms over a "
-        f"pty (pymodbus RTU server), QoS 1 to a local Mosquitto; {args.warmup:g} s warm-up, {args.seconds:g} s "
+        f"{args.units} {how[0]} units x {args.registers} holding registers, polled every {args.poll_ms:g} ms "
+        f"{how[1]}, QoS 1 to a local Mosquitto; {args.warmup:g} s warm-up, {args.seconds:g} s "
         f"windows, a {args.outage:g} s outage, then every {args.fast_ms:g} ms; {args.runs} run(s){tree}"
     )
-    print("\n".join(report.header("gatewayd telemetry benchmark (Modbus RTU to MQTT)", report.machine_info(), load)))
+    title = f"gatewayd telemetry benchmark ({how[0]} to MQTT)"
+    print("\n".join(report.header(title, report.machine_info(), load)))
     results = []
     work = Path(tempfile.mkdtemp(prefix="gatewayd-bench-telemetry-"))
     try:
