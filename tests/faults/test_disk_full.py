@@ -186,6 +186,13 @@ def test_disk_full_refuses_new_work_keeps_what_was_accepted_and_recovers(
         assert shutil.disk_usage(small_fs).free < 4096
         wait_until(lambda: storage(d)["database_full"] is not None, timeout=10, what="SQLITE_FULL seen")
         assert "database or disk is full" in storage(d)["database_full"]
+        # Readings held in memory past the write-behind window must go to the disk while the broker is away, and
+        # there is no room: they are dropped and counted, and nothing else stops.
+        wait_until(
+            lambda: 'gatewayd_telemetry_dropped_total{reason="storage_full"}' in http("GET", f"{d.url}/metrics")[1],
+            timeout=10,
+            what="telemetry dropped for the full disk",
+        )
         # The broker is back: the waiting results are sent, but the outbox cannot delete them (a delete is a
         # write too). They are not sent again meanwhile, and the session stays up.
         broker.start()

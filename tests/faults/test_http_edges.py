@@ -93,6 +93,8 @@ def test_200_slowloris_sockets_are_cut_at_the_header_timeout_and_their_descripto
     )
     d.start()
     assert d.post({"device": "pump1", "action": "read"}, wait=5)[0] == 200  # everything lazily opened is open
+    # The POST's own connection may still be open in the daemon when this is read (closing it is the daemon's
+    # next step): the sockets held below are counted from one less.
     baseline = open_fds(d)
     clients: list[Hostile] = []
     try:
@@ -105,7 +107,7 @@ def test_200_slowloris_sockets_are_cut_at_the_header_timeout_and_their_descripto
                 else:  # a byte of headers every half second: never done, each byte on time
                     clients.append(connect(d, trickle=TRICKLE))
             n = len(clients)
-            wait_until(lambda n=n: open_fds(d) >= baseline + n, 5, f"the daemon to hold {n} sockets")
+            wait_until(lambda n=n: open_fds(d) >= baseline - 1 + n, 5, f"the daemon to hold {n} sockets")
         connected = time.monotonic()
         during = open_fds(d)
 
