@@ -110,16 +110,22 @@ async def test_under_concurrent_writes_nothing_is_acknowledged_that_is_not_in_th
         unlinked = False
 
         async def writer(base: int) -> None:
-            for i in range(60):
+            # Until a few writes were sent after the deletion (bounded): on a loaded machine a fixed count of writes
+            # could all be done before the deleting thread ran.
+            after = 0
+            for i in range(5000):
                 n = base + i
                 if unlinked:
                     after_unlink.add(n)
+                    after += 1
                 try:
                     await store.write(_insert(n))
                 except StoreLost:
                     refused.add(n)
                 else:
                     acknowledged.add(n)
+                if after >= 5:
+                    return
 
         async def deleter() -> None:
             nonlocal unlinked
@@ -127,7 +133,7 @@ async def test_under_concurrent_writes_nothing_is_acknowledged_that_is_not_in_th
             await asyncio.to_thread(path.unlink)
             unlinked = True
 
-        await asyncio.gather(deleter(), *(writer(1000 * w) for w in range(8)))
+        await asyncio.gather(deleter(), *(writer(100_000 * w) for w in range(8)))
         assert acknowledged and refused and after_unlink
         assert not after_unlink & acknowledged
     assert acknowledged <= _rows(kept)
