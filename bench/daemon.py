@@ -67,6 +67,14 @@ def proc_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def proc_write_bytes(pid: int | str = "self") -> int:
+    """Bytes a process has caused to be written to storage (``write_bytes`` of ``/proc/<pid>/io``)."""
+    for line in Path(f"/proc/{pid}/io").read_text(encoding="ascii").splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes in /proc/{pid}/io")
+
+
 def proc_cpu_s(pid: int) -> float:
     """User plus system CPU time of a process, in seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")

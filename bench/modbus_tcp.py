@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 import report  # bench/report.py: the script's own directory is on sys.path
-from daemon import BenchError, free_port, proc_cpu_s, proc_status_mib, proc_threads, scan_log
+from daemon import BenchError, free_port, proc_cpu_s, proc_status_mib, proc_threads, proc_write_bytes, scan_log
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -412,14 +412,7 @@ class Reading:
     @classmethod
     def of(cls, pid: int, counter: Counter, http_port: int) -> Reading:
         polled, failing = polls(http_port)
-        return cls(time.monotonic(), proc_cpu_s(pid), write_bytes(pid), counter.count(), polled, failing)
-
-
-def write_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text(encoding="ascii").splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    raise BenchError(f"/proc/{pid}/io has no write_bytes")
+        return cls(time.monotonic(), proc_cpu_s(pid), proc_write_bytes(pid), counter.count(), polled, failing)
 
 
 def get(port: int, path: str) -> Any:

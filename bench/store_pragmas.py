@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import structlog
+from daemon import proc_write_bytes  # bench/daemon.py: the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,13 +34,6 @@ from gatewayd.store import outbox  # noqa: E402
 from gatewayd.store.db import _migrate  # noqa: E402
 
 DATAPOINTS_PER_READING = 10
-
-
-def written() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    raise RuntimeError("no write_bytes in /proc/self/io")
 
 
 def reading(unit: int, n: int) -> str:
@@ -57,7 +51,7 @@ def one(directory: Path, page_size: int, autocheckpoint: int, delete_sync: str, 
     conn.execute(f"PRAGMA wal_autocheckpoint = {autocheckpoint}")
     _migrate(conn, path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    before = written()
+    before = proc_write_bytes()
     mono, n = time.monotonic(), 0
     for _ in range(batches):
         rows = []
@@ -84,7 +78,7 @@ def one(directory: Path, page_size: int, autocheckpoint: int, delete_sync: str, 
     conn.execute("UPDATE outbox_counters SET value = value WHERE name = 'rows'")
     conn.execute("COMMIT")
     conn.close()  # the last connection: checkpointed into the database
-    return (written() - before) / (n * DATAPOINTS_PER_READING)
+    return (proc_write_bytes() - before) / (n * DATAPOINTS_PER_READING)
 
 
 def main() -> int:

@@ -48,7 +48,7 @@ from typing import Any
 import aiohttp
 import paho.mqtt.client as mqtt
 import report  # bench/report.py: the script's own directory is on sys.path
-from daemon import ROOT, Daemon, proc_cpu_s, proc_status_mib, scan_log
+from daemon import ROOT, Daemon, proc_cpu_s, proc_status_mib, proc_write_bytes, scan_log
 from modbus_tcp import TcpPeer, profile_toml, write_tcp_job  # the same job's profile, and its TCP side
 
 sys.path.insert(0, str(ROOT))
@@ -218,13 +218,6 @@ class Subscriber:
 # --- the daemon as /proc sees it -------------------------------------------------------------------------------------
 
 
-def write_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text(encoding="ascii").splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    raise RuntimeError("no write_bytes in /proc/<pid>/io")
-
-
 @dataclass(frozen=True)
 class Reading:
     wall: float
@@ -234,7 +227,7 @@ class Reading:
 
 
 def reading(pid: int) -> Reading:
-    return Reading(time.time(), proc_cpu_s(pid), write_bytes(pid), proc_status_mib(pid, "VmRSS"))
+    return Reading(time.time(), proc_cpu_s(pid), proc_write_bytes(pid), proc_status_mib(pid, "VmRSS"))
 
 
 async def get(session: aiohttp.ClientSession, d: Daemon, path: str) -> Any:

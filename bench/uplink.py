@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import report  # bench/report.py: the script's own directory is on sys.path
+from daemon import proc_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,10 +111,7 @@ class Daemon:
 
     def write_bytes(self) -> int:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines():
-            if line.startswith("write_bytes:"):
-                return int(line.split()[1])
-        raise RuntimeError("no write_bytes in /proc/<pid>/io")
+        return proc_write_bytes(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
