@@ -61,8 +61,18 @@ class StoreLoss:
         """A few words for the sd_notify STATUS line."""
         return f"{self.reason.replace('_', ' ')}: {self.path}"
 
-    def error(self) -> StoreLost:
-        return StoreLost(self.message, details=self.to_api())
+    def error(self, *, maybe_stored: bool = False) -> StoreLost:
+        """The error every refused write gets. ``maybe_stored``: the loss was found right after a COMMIT that
+        SQLite said succeeded, so the write may or may not have reached the disk: the caller is told it is not
+        acknowledged, and how to find out once the disk is repaired."""
+        if not maybe_stored:
+            return StoreLost(self.message, details=self.to_api())
+        return StoreLost(
+            f"{self.message}. This write was being committed when it happened and may have been stored: after the "
+            "repair, look the command up by its id before sending it again, or send it again with the same id "
+            "(a known id is answered from the store and never runs twice)",
+            details={**self.to_api(), "stored": "unknown"},
+        )
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -202,5 +212,17 @@ def io_errors(path: Path, seconds: float, batches: int, evidence: str) -> StoreL
         f"every write to {path} has failed for {seconds:.0f} s ({batches} attempts: I/O errors, or pages that read "
         f"back damaged); the disk or SD card is failing and {_REFUSED}. Check dmesg, replace the card, then restart "
         "the gateway (systemctl restart gatewayd)",
+        evidence,
+    )
+
+
+def sync_failed(path: Path, suffix: str, evidence: str) -> StoreLoss:
+    name = Path(f"{path}{suffix}")
+    return StoreLoss(
+        "io_error",
+        name,
+        f"the disk failed to store a commit to {name} (its sync failed): what the kernel had not written may be "
+        f"gone, and the disk or SD card is failing; {_REFUSED}. Check dmesg, replace the card, then restart the "
+        "gateway (systemctl restart gatewayd)",
         evidence,
     )
