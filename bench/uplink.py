@@ -7,6 +7,9 @@ For each run, with a fresh data directory and broker (both on loopback, started 
   off; the figure is records per second from the daemon's READY until a subscriber has received all of them.
 - latency: ``--commands`` commands are published on ``cmd`` at ``--rate`` per second (open loop) and the time
   from each publish to its ``result/{id}`` at the subscriber is measured: p50 and p99.
+- command disk: the daemon's bytes written to disk during the latency part (from the first publish until every
+  result is out and the outbox empty again), per command and per message it published then: what the durable
+  classes (the command's record and its state changes, its result and events) cost the SD card.
 - disk: the daemon's bytes written to disk (``/proc/<pid>/io`` write_bytes: the WAL, the database, fsyncs'
   metadata) while it takes telemetry at ``--telemetry-hz`` and forwards it for ``--seconds``, divided by the
   records forwarded: the SD-card cost of one message.
@@ -52,6 +55,8 @@ class RunResult:
     drain_per_s: float
     p50_ms: float
     p99_ms: float
+    cmd_bytes_per_command: float
+    cmd_bytes_per_msg: float
     disk_bytes_per_msg: float
     disk_msgs: int
 
@@ -176,6 +181,7 @@ def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
             pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub{run}")
             pub.connect("127.0.0.1", broker.port)
             pub.loop_start()
+            cmd_bytes, cmd_pub = d.write_bytes(), d.get("/api/v1/stats")["uplink"]["published"]
             for i in range(args.commands):
                 command_id = f"lat-{run}-{i}"
                 body = {"id": command_id, "device": "pump1", "action": "set_speed", "params": {"percent": i % 101}}
@@ -188,6 +194,11 @@ def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
             if len(received) < args.commands:
                 raise RuntimeError(f"only {len(received)} of {args.commands} results arrived")
             latencies = sorted((received[i] - sent[i]) * 1000 for i in sent)
+            deadline = time.monotonic() + 30
+            while d.get("/api/v1/stats")["outbox"]["rows"] and time.monotonic() < deadline:
+                time.sleep(0.1)  # the rows of acknowledged results deleted: part of what a command costs
+            cmd_bytes = d.write_bytes() - cmd_bytes
+            cmd_pub = d.get("/api/v1/stats")["uplink"]["published"] - cmd_pub
             # 3. Disk: telemetry in, forwarded, deleted; bytes the daemon wrote per record.
             d.post({"device": "sensor1", "action": "set_interval", "params": {"seconds": 1 / args.telemetry_hz}})
             time.sleep(1.0)
@@ -201,6 +212,8 @@ def one_run(run: int, args: argparse.Namespace, work: Path) -> RunResult:
             drain_per_s=args.backlog / drain_s,
             p50_ms=statistics.median(latencies),
             p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            cmd_bytes_per_command=cmd_bytes / args.commands,
+            cmd_bytes_per_msg=cmd_bytes / max(1, cmd_pub),
             disk_bytes_per_msg=(after_bytes - before_bytes) / max(1, msgs),
             disk_msgs=msgs,
         )
@@ -212,7 +225,9 @@ ROWS: list[report.Row] = [
     ("backlog drain (records/s, rate limit off)", "drain_per_s", "{:.0f}"),
     ("MQTT command -> result p50 (ms)", "p50_ms", "{:.1f}"),
     ("MQTT command -> result p99 (ms)", "p99_ms", "{:.1f}"),
-    ("disk bytes written per message", "disk_bytes_per_msg", "{:.0f}"),
+    ("commands: disk bytes per command", "cmd_bytes_per_command", "{:.0f}"),
+    ("commands: disk bytes per result/event message", "cmd_bytes_per_msg", "{:.0f}"),
+    ("telemetry: disk bytes written per message", "disk_bytes_per_msg", "{:.0f}"),
     ("messages in the disk window", "disk_msgs", "{:.0f}"),
 ]
 
