@@ -36,7 +36,7 @@ def unit_device(unit: int, registers: int) -> SimDevice:
     async def on_access(function: int, start: int, address: int, count: int, cells: list[int], written: object) -> None:
         if function == _READ_HOLDING and written is None and address <= 0 < address + count:
             cells[-start] = (cells[-start] + 1) & 0xFFFF  # the live list pymodbus answers from: this read carries it
-        return None
+        return
 
     holding = [SimData(0, values=values, datatype=DataType.REGISTERS)]
     placeholder_bits = [SimData(0, values=[False] * 16, datatype=DataType.BITS)]

@@ -171,7 +171,7 @@ def _epoch(iso: str) -> float:
 def samples_of(arrived: float, payload: bytes) -> list[Sample]:
     """One message's samples: one record ({device, values, ts}) or a batch ({device?, samples: [...]})."""
     body = json.loads(payload)
-    entries = body["samples"] if "samples" in body else [body]
+    entries = body.get("samples", [body])
     out = []
     for entry in entries:
         values = entry["values"]

@@ -118,7 +118,7 @@ class Daemon:
 
     def start(self, wait: bool = True, timeout: float = 5.0) -> float:
         self.starts += 1
-        log = open(self.log_path, "ab")  # handed to the child, closed right after Popen
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed right after Popen
         log.write(f"--- start {self.starts}\n".encode())
         log.flush()
         started = time.monotonic()

@@ -93,9 +93,9 @@ def test_the_soak_refuses_settings_that_leave_too_few_samples() -> None:
 def test_footprint_compares_with_the_unit_we_ship() -> None:
     unit = (BENCH.parent / "systemd" / "gatewayd.service").read_text(encoding="utf-8")
     setting = {m[0]: m[1] for m in re.findall(r"^(WatchdogSec|MemoryMax|TasksMax)=(\d+)", unit, re.MULTILINE)}
-    assert footprint.WATCHDOG_S == int(setting["WatchdogSec"])  # plain seconds and M in the unit today
-    assert footprint.MEMORY_MAX_MIB == int(setting["MemoryMax"])
-    assert footprint.TASKS_MAX == int(setting["TasksMax"])
+    assert int(setting["WatchdogSec"]) == footprint.WATCHDOG_S  # plain seconds and M in the unit today
+    assert int(setting["MemoryMax"]) == footprint.MEMORY_MAX_MIB
+    assert int(setting["TasksMax"]) == footprint.TASKS_MAX
     assert footprint.systemd_seconds("2min") == 120 and footprint.systemd_seconds("500ms") == 0.5
     assert footprint.systemd_bytes("1G") == 1024
     with pytest.raises(footprint.BenchError):

@@ -409,7 +409,9 @@ async def test_noise_before_every_reply_costs_nothing(tmp_path: Path) -> None:
 async def test_byte_at_a_time_with_noise(tmp_path: Path) -> None:
     unit = _plant(tmp_path, faults=Faults(garbage=0.5, garbage_max=16, seed=4))
     received: list[int] = []
-    async with ModbusSimulator("rtu", {1: unit}, byte_at_a_time=True) as sim:
+    # A pause after each byte (far below the 0.5 s reply timeout) so that the reads really are small ones on a
+    # loaded machine too: with none, a slow reader found whole replies waiting and the test tested nothing.
+    async with ModbusSimulator("rtu", {1: unit}, byte_at_a_time=True, byte_pause_s=0.002) as sim:
         cfg = _cfg(response_timeout_s=0.5)
         bus = ModbusBus("rtu", cfg, SerialLink(sim.port, cfg))
         hunt = bus._filter_reply

@@ -64,7 +64,7 @@ class Browser:
         return page
 
     def assert_only(self, origin: str) -> None:
-        outside = [u for u in self.requests if not (u.startswith(origin + "/") or u.startswith("data:"))]
+        outside = [u for u in self.requests if not u.startswith((origin + "/", "data:"))]
         assert self.requests and outside == [], f"requests that left the daemon: {outside}"
         assert self.errors == [], f"script errors: {self.errors}"
 

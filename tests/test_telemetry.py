@@ -339,23 +339,22 @@ pin = 4
             profiles=lambda: manager.profiles(),
         )
         manager = DeviceManager(loaded, sink=recorder)
-        async with recorder:
-            async with manager as devices:
-                devices.simulators["bus0"].devices[2].model.report_hz = 40.0
-                button = devices.devices["door"]
-                pin = button._controller.factory.pin(4)  # type: ignore[attr-defined]
-                pin.drive_low()  # pressed (pull-up wiring)
+        async with recorder, manager as devices:
+            devices.simulators["bus0"].devices[2].model.report_hz = 40.0
+            button = devices.devices["door"]
+            pin = button._controller.factory.pin(4)  # type: ignore[attr-defined]
+            pin.drive_low()  # pressed (pull-up wiring)
+            await asyncio.sleep(0.1)
+            pin.drive_high()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-                pin.drive_high()
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                    rows = _rows(cfg.db_path)
-                    if (
-                        len([r for r in rows if r["device"] == "sensor1"]) >= 5
-                        and len([r for r in rows if r["device"] == "door"]) >= 4
-                    ):
-                        break
+                rows = _rows(cfg.db_path)
+                if (
+                    len([r for r in rows if r["device"] == "sensor1"]) >= 5
+                    and len([r for r in rows if r["device"] == "door"]) >= 4
+                ):
+                    break
     rows = _rows(cfg.db_path)
     door_events = [json.loads(r["payload"]) for r in rows if r["device"] == "door" and r["kind"] == "event"]
     assert [e["event"] for e in door_events] == ["pressed", "released"]

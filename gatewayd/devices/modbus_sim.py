@@ -385,7 +385,7 @@ class Relay8Model:
         self.unit = unit
 
     def layout(self) -> Layout:
-        coils: dict[int, int | bool] = {channel: False for channel in range(8)}
+        coils: dict[int, int | bool] = dict.fromkeys(range(8), False)
         coils[self.ALL] = False
         return {"coil": coils, "holding": {0x4000: self.unit, 0x8000: self.VERSION}}
 

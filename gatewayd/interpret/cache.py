@@ -25,7 +25,7 @@ from gatewayd.store import interpret as sql
 
 
 def cache_key(text: str, registry: str, provider: str, model: str) -> str:
-    material = "\x1f".join((PROMPT_VERSION, registry, provider, model, text))
+    material = f"{PROMPT_VERSION}\x1f{registry}\x1f{provider}\x1f{model}\x1f{text}"
     return hashlib.sha256(material.encode()).hexdigest()
 
 

@@ -97,7 +97,7 @@ _UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENETUNREACH, errno.EH
 def is_local_url(url: str) -> bool:
     """Loopback, private and link-local addresses, ``localhost`` and ``*.local`` stay on this network."""
     host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost" or host.endswith(".local") or host.endswith(".localhost"):
+    if host == "localhost" or host.endswith((".local", ".localhost")):
         return True
     try:
         address = ipaddress.ip_address(host)

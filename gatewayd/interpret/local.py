@@ -497,7 +497,7 @@ class LocalRules:
         self._name_len = max((len(k) for k in names), default=1)
         self._phrases = phrases
         self._phrase_len = max((len(k) for k in phrases), default=1)
-        vocabulary: dict[str, str] = {w: c for w, c in lx.CONCEPTS.items()}
+        vocabulary: dict[str, str] = dict(lx.CONCEPTS)
         for lang_words in lx.LANGUAGE_ONLY.values():
             vocabulary.update(lang_words)
         for key in names:

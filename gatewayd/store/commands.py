@@ -175,7 +175,7 @@ def open_ever_dispatched(conn: sqlite3.Connection) -> set[str]:
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
-    return {state: n for state, n in conn.execute("SELECT state, count(*) FROM commands GROUP BY state")}
+    return dict(conn.execute("SELECT state, count(*) FROM commands GROUP BY state").fetchall())
 
 
 def prune(conn: sqlite3.Connection, *, older_than: float, keep_max: int, batch: int) -> int:

@@ -135,7 +135,7 @@ def insert(conn: sqlite3.Connection, rows: Sequence[NewRow]) -> list[int]:
 
 
 def counters(conn: sqlite3.Connection) -> dict[str, int]:
-    return {name: value for name, value in conn.execute("SELECT name, value FROM outbox_counters")}
+    return dict(conn.execute("SELECT name, value FROM outbox_counters").fetchall())
 
 
 def bump(conn: sqlite3.Connection, name: str, by: int) -> None:

@@ -379,7 +379,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 def safe_next(target: str | None) -> str:
     """Where to go after logging in: a path on this server only (no open redirect)."""
-    if not target or not target.startswith("/") or target.startswith("//") or target.startswith("/\\"):
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
         return "/"
     return target
 

@@ -170,7 +170,7 @@ def test_non_finite_payloads_are_answered_acknowledged_and_never_redelivered(
         marker = {"id": "marker", "device": "pump1", "action": "read", "priority": "critical"}  # room for it
         publish(broker, f"{GW}/cmd", json.dumps(marker))
         sub.wait_for(lambda _m: "marker" in results_by_id(sub), timeout=15)
-        assert {i: len(rejections(sub)[i]) for i in ids} == {i: 1 for i in ids}
+        assert {i: len(rejections(sub)[i]) for i in ids} == dict.fromkeys(ids, 1)
         assert d.stop() == 0
     assert not set(ids) & {e["id"] for e in d.sim_log("pump1")}
 
