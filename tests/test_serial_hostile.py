@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,10 +21,10 @@ import pytest
 import structlog
 
 from gatewayd.config.models import SerialBusConfig
-from gatewayd.devices.framing import MAX_FRAME, Decoder, Frame
+from gatewayd.devices.framing import MAX_FRAME, Decoder, Frame, Kind
 from gatewayd.devices.serial_bus import SerialBus
 from gatewayd.devices.simulator import Faults, PtySimulator, SimulatedDevice, main
-from gatewayd.errors import DeviceTimeout
+from gatewayd.errors import DeviceRejected, DeviceTimeout
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.telemetry import MemorySink
 
@@ -269,3 +270,45 @@ async def test_an_alarm_gets_through_while_the_same_device_floods_readings(tmp_p
     events = [(r.event, r.data["above_c"]) for r in sink if r.kind == "event"]
     assert events == [("temperature_alarm", -40.0), ("temperature_alarm", -30.0)], events
     assert dropped > 10 * burst  # the readings were throttled all along
+
+
+async def test_a_reply_naming_another_command_is_never_taken_as_its_answer(tmp_path: Path) -> None:
+    """A device (or a late reply whose sequence number has come round again) answers with the right address and
+    sequence number but another command's id: that is not this command's success. The request waits for its own
+    reply, or times out; a NAK stays a refusal whatever its id (PROTOCOL.md)."""
+    master, slave = os.openpty()
+    answers: list[list[Frame]] = []  # what the fake device writes back for each request, in order
+    decoder = Decoder()
+    loop = asyncio.get_running_loop()
+
+    def on_request() -> None:
+        for request in decoder.feed(os.read(master, 4096)):
+            for reply in answers.pop(0) if answers else []:
+                os.write(master, dataclasses.replace(reply, address=request.address, seq=request.seq).to_bytes())
+
+    loop.add_reader(master, on_request)
+
+    def bad() -> float:
+        labels = {"bus": "mismatch", "reason": "mismatched_reply"}
+        return REGISTRY.get_sample_value("gatewayd_serial_bad_frames_total", labels) or 0.0
+
+    before = bad()
+    try:
+        async with SerialBus("mismatch", _cfg(response_timeout_s=0.3), os.ttyname(slave)) as bus:
+            stale = Frame(1, 0, Kind.REPLY, {"id": "earlier", "result": {"speed": 99}})
+            mine = Frame(1, 0, Kind.REPLY, {"id": "c1", "result": {"speed": 1}})
+            answers.append([stale, mine])  # the stale one first, then its own
+            reply = await bus.transact(1, {"id": "c1", "action": "set_speed", "params": {"percent": 1}})
+            assert reply == {"id": "c1", "result": {"speed": 1}}
+            answers.append([stale])  # only someone else's: never a success
+            with pytest.raises(DeviceTimeout):
+                await bus.transact(1, {"id": "c2", "action": "set_speed", "params": {"percent": 2}})
+            refusal = Frame(1, 0, Kind.NAK, {"id": None, "code": "bad_request", "message": "cannot read it"})
+            answers.append([refusal])
+            with pytest.raises(DeviceRejected):
+                await bus.transact(1, {"id": "c3", "action": "set_speed", "params": {"percent": 3}})
+        assert bad() - before == 2
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        os.close(slave)

@@ -160,6 +160,13 @@ class SimProcess:
 
     def stop(self, sig: int) -> None:
         assert self.proc is not None
+        if sig != signal.SIGTERM:
+            # A killed simulator would leave its link behind, pointing at a pty number the kernel hands to the next
+            # pty anyone opens (another test's simulator, on a shared machine or with tests in parallel): between
+            # the kill and the link's removal the daemon could reopen the link and talk to that one (seen: a
+            # command run by another test's pump). udev removes a /dev/serial/by-id link as the adapter goes; the
+            # link goes first here, so there is no such moment.
+            self.link.unlink(missing_ok=True)
         self.proc.send_signal(sig)
         rc = self.proc.wait(5)
         assert self.proc.stdout is not None
@@ -167,11 +174,6 @@ class SimProcess:
         if sig == signal.SIGTERM:
             assert rc == 0, f"simulator exit {rc} on SIGTERM"
             assert not self.link.is_symlink(), "a clean stop removes the link"
-        else:
-            # A killed simulator leaves its link behind, pointing at a pty number the kernel hands to the next pty
-            # anyone opens (another test's simulator on a shared machine): the daemon would reopen the link and
-            # talk to that one. udev removes a /dev/serial/by-id link as the adapter goes; so does this, for it.
-            self.link.unlink(missing_ok=True)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -145,7 +145,8 @@ class SerialBus:
         self._throttled: dict[tuple[int, str], int] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._seq = itertools.cycle(range(256))
-        self._pending: dict[tuple[int, int], asyncio.Future[Frame]] = {}
+        # (address, seq) -> the reply's future and the command id the reply must echo
+        self._pending: dict[tuple[int, int], tuple[asyncio.Future[Frame], Any]] = {}
         self._tasks = TaskOwner(f"{name}")
         self._reopen = reopen_policy(name, cfg, clock)
 
@@ -239,9 +240,23 @@ class SerialBus:
 
     def _on_frame(self, frame: Frame) -> None:
         if frame.kind in (Kind.REPLY, Kind.NAK):
-            fut = self._pending.pop((frame.address, frame.seq), None)
-            if fut is not None and not fut.done():
-                fut.set_result(frame)
+            key = (frame.address, frame.seq)
+            waiting = self._pending.get(key)
+            if waiting is not None and frame.kind is Kind.REPLY and frame.payload.get("id") != waiting[1]:
+                # Address and sequence number match, the command does not: a late reply to an earlier request
+                # whose number has come round again, or another device answering at this address. It is never
+                # taken as this command's answer (a success the device never gave); the request waits on for
+                # its own reply, or times out. (A NAK is a refusal whatever its id, as PROTOCOL.md says: refusing
+                # is always safe.)
+                self._bad_frame(
+                    "mismatched_reply",
+                    f"reply from address {frame.address} seq {frame.seq} names command {frame.payload.get('id')!r}, "
+                    f"the request was {waiting[1]!r}",
+                )
+                return
+            self._pending.pop(key, None)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_result(frame)
             else:
                 log.debug("serial_unmatched_reply", bus=self.name, address=frame.address, seq=frame.seq)
         elif self._admit(frame.address, "event" if frame.kind is Kind.EVENT else "telemetry"):
@@ -311,7 +326,7 @@ class SerialBus:
 
     def _fail_pending(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        for fut, _id in pending.values():
             if not fut.done():
                 fut.set_exception(err)
 
@@ -329,7 +344,7 @@ class SerialBus:
             loop = asyncio.get_running_loop()
             started = loop.time()
             fut: asyncio.Future[Frame] = loop.create_future()
-            self._pending[(address, seq)] = fut
+            self._pending[(address, seq)] = (fut, payload.get("id"))
             try:
                 wire = Frame(address, seq, Kind.REQUEST, payload).to_bytes()
                 self._line.sent(call)  # the last look at the deadline: from here on, the device may act

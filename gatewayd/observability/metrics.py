@@ -141,7 +141,8 @@ SERIAL_INBOUND_DROPPED = Counter(
 SERIAL_BAD_FRAMES = Counter(
     "gatewayd_serial_bad_frames",
     "Lines a serial bus received that were not a valid frame, by reason (gatewayd.devices.framing.REASONS: "
-    "no_start, no_checksum, bad_checksum, malformed, not_object, too_long).",
+    "no_start, no_checksum, bad_checksum, malformed, not_object, too_long; mismatched_reply: an R naming another "
+    "command).",
     ["bus", "reason"],
     registry=REGISTRY,
 )
