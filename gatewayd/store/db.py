@@ -60,6 +60,10 @@ _SECURE = object()  # wakes the writer to make the store safe to kill, once it i
 # failing disk, not a hiccup: the store is lost (io_error). A single failure is retried like any other.
 IO_LOST_AFTER_S = 5.0
 IO_LOST_AFTER_BATCHES = 3
+# The WAL is made this many frames long at open (_preallocate_wal): SQLite's auto-checkpoint at 1,000 pages, and
+# room for the commit that crosses it.
+WAL_PREALLOCATE_FRAMES = 1_200
+WAL_HEADER, WAL_FRAME_HEADER = 32, 24
 SYNC_LOSS_LOOKS = 10  # after a failed sync, look this many times, 10 ms apart, for the filesystem turned read-only
 
 
@@ -492,6 +496,41 @@ class Store:
             fd = os.open(f"{self.path}{suffix}", os.O_RDONLY | os.O_CLOEXEC)
             self._sync_fds[suffix] = fd
             self._synced_size[suffix] = os.fstat(fd).st_size
+        self._preallocate_wal()
+
+    def _preallocate_wal(self) -> None:
+        """Make the WAL its working size now, zeros after what it holds, written and synced once.
+
+        A commit that makes the WAL longer is the one ext4 can lose after acknowledging it: the new length and the
+        new blocks' "written" state are journal entries of their own, which a disk error right after can throw
+        away ("failed to convert unwritten extents to written extents -- potential data loss" in dmesg; see
+        _confirm). A WAL already that long is overwritten in place, which SQLite's fdatasync covers. SQLite ignores
+        the zeros (a frame is valid only with the header's salt and a running checksum), and after a checkpoint
+        it starts again from the WAL's beginning. This is PostgreSQL's practice too (its WAL segments are
+        zero-filled before use). Costs WAL_PREALLOCATE_FRAMES frames of writes at each start; skipped, with a
+        warning, when the disk has no room (commits then make it grow, each confirmed by a full fsync)."""
+        wal = Path(f"{self.path}-wal")
+        fd_db = self._sync_fds[""]
+        raw = os.pread(fd_db, 2, 16)
+        page_size = 65536 if raw == b"\x00\x01" else int.from_bytes(raw, "big") or 4096
+        target = WAL_HEADER + WAL_PREALLOCATE_FRAMES * (WAL_FRAME_HEADER + page_size)
+        size = self._synced_size["-wal"]
+        if size >= target:
+            return
+        chunk = bytes(1 << 20)
+        try:
+            fd = os.open(wal, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                offset = size
+                while offset < target:
+                    offset += os.pwrite(fd, chunk[: min(len(chunk), target - offset)], offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            log.warning("store_wal_preallocate_failed", path=str(wal), error=err.strerror, size=size, wanted=target)
+            return
+        self._synced_size["-wal"] = target
 
     def _confirm(self) -> StoreLoss | None:
         """After a durable COMMIT: make sure it is on the disk, and that the disk is still writable.
