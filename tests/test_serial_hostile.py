@@ -312,3 +312,37 @@ async def test_a_reply_naming_another_command_is_never_taken_as_its_answer(tmp_p
         loop.remove_reader(master)
         os.close(master)
         os.close(slave)
+
+
+async def test_a_gateway_that_did_not_run_past_the_reply_timeout_listens_again(tmp_path: Path) -> None:
+    """The process is stopped right after a request goes out (SIGSTOP, a paused VM), for three reply timeouts; the
+    device (simulated in this process, so frozen too) answers soon after it runs again. That is not a silent
+    device: the gateway listens once more and takes the answer. A device that is silent while the gateway runs
+    still times out after one timeout."""
+    master, slave = os.openpty()
+    decoder = Decoder()
+    loop = asyncio.get_running_loop()
+    answer = {"on": True}
+
+    def on_request() -> None:
+        for request in decoder.feed(os.read(master, 4096)):
+            if not answer["on"]:
+                continue
+            time.sleep(0.9)  # the whole process stopped: nothing runs, no timer, no read
+            reply = Frame(request.address, request.seq, Kind.REPLY, {"id": request.payload["id"], "result": {}})
+            loop.call_later(0.05, os.write, master, reply.to_bytes())  # the device answers once it runs again
+
+    loop.add_reader(master, on_request)
+    try:
+        async with SerialBus("frozen", _cfg(response_timeout_s=0.3), os.ttyname(slave)) as bus:
+            reply = await bus.transact(1, {"id": "c1", "action": "set_speed", "params": {"percent": 1}})
+            assert reply["id"] == "c1"
+            answer["on"] = False
+            started = time.monotonic()
+            with pytest.raises(DeviceTimeout):
+                await bus.transact(1, {"id": "c2", "action": "set_speed", "params": {"percent": 2}})
+            assert time.monotonic() - started < 0.3 * 3  # silence while running: one timeout, not two
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        os.close(slave)

@@ -179,7 +179,12 @@ class Supervisor:
         cfg = self.loaded.config
         async with contextlib.AsyncExitStack() as stack:
             self.store = await stack.enter_async_context(
-                Store(cfg.db_path, synchronous=cfg.store.synchronous, max_batch=cfg.store.max_batch)
+                Store(
+                    cfg.db_path,
+                    synchronous=cfg.store.synchronous,
+                    max_batch=cfg.store.max_batch,
+                    wal_preallocate_frames=cfg.store.wal_preallocate_frames,
+                )
             )
             self.space = await stack.enter_async_context(
                 DiskSpace(

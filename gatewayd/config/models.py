@@ -163,6 +163,10 @@ class StoreSection(Section):
     # Keep it below outbox.min_free_bytes, so telemetry gives way first.
     min_free_bytes: int = Field(default=32 * 1024 * 1024, ge=0, le=1024**4)
     space_check_s: float = Field(default=2.0, gt=0, le=300)  # the free space is measured this often
+    # The WAL is made this many frames long at each start (zeros, written and synced once): commits then overwrite
+    # it in place instead of growing it, which a disk error right after can undo (docs/operations.md, "The
+    # database lost"). 1,200 frames of 4 KiB pages are about 5 MB; 0 turns it off.
+    wal_preallocate_frames: int = Field(default=1_200, ge=0, le=100_000)
 
 
 class BusSimulatorConfig(Section):

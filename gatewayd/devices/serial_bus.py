@@ -330,6 +330,31 @@ class SerialBus:
             if not fut.done():
                 fut.set_exception(err)
 
+    async def _reply(self, fut: asyncio.Future[Frame], address: int, sent_at: float) -> Frame:
+        """The reply, within the response timeout of the gateway listening.
+
+        When the process itself did not run for longer than the timeout while it waited (SIGSTOP, a paused VM, a
+        machine stalled for seconds), the device's silence was not measured: nothing read the port meanwhile, and
+        a device simulated in this process could not answer at all. Then it listens once more, for the timeout,
+        instead of reporting a device that did not answer (and may have acted) as silent."""
+        timeout = self.cfg.response_timeout_s
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            overslept = loop.time() - sent_at - timeout
+            if overslept < timeout:
+                fut.cancel()
+                raise
+        log.warning(
+            "serial_reply_wait_extended",
+            bus=self.name,
+            address=address,
+            not_running_s=round(overslept, 2),
+            effect=f"the gateway did not run for longer than the {timeout:g} s reply timeout: listening once more",
+        )
+        return await asyncio.wait_for(fut, timeout)
+
     async def transact(self, address: int, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return the reply's payload. One transaction at a time on the bus, the most urgent
         first; :class:`DeadlinePassed` (never sent) if the command's deadline passes before it can go out."""
@@ -350,7 +375,7 @@ class SerialBus:
                 self._line.sent(call)  # the last look at the deadline: from here on, the device may act
                 writer.write(wire)
                 await writer.drain()
-                reply = await asyncio.wait_for(fut, self.cfg.response_timeout_s)
+                reply = await self._reply(fut, address, loop.time())
             except TimeoutError:
                 self.timeouts += 1
                 raise DeviceTimeout(

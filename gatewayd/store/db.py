@@ -199,8 +199,17 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 class Store:
     """Async context manager around the SQLite file. ``write`` is durable when it returns."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full", max_batch: int = 512):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        max_batch: int = 512,
+        wal_preallocate_frames: int | None = None,
+    ):
         self.path = path
+        # None: WAL_PREALLOCATE_FRAMES, read at open ([store] wal_preallocate_frames in the daemon)
+        self._wal_frames = wal_preallocate_frames
         self._synchronous = synchronous
         self._max_batch = max_batch
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -507,13 +516,15 @@ class Store:
         _confirm). A WAL already that long is overwritten in place, which SQLite's fdatasync covers. SQLite ignores
         the zeros (a frame is valid only with the header's salt and a running checksum), and after a checkpoint
         it starts again from the WAL's beginning. This is PostgreSQL's practice too (its WAL segments are
-        zero-filled before use). Costs WAL_PREALLOCATE_FRAMES frames of writes at each start; skipped, with a
-        warning, when the disk has no room (commits then make it grow, each confirmed by a full fsync)."""
+        zero-filled before use). Costs that many frames of writes at each start ([store] wal_preallocate_frames);
+        skipped, with a warning, when the disk has no room (commits then make it grow, each confirmed by a full
+        fsync)."""
         wal = Path(f"{self.path}-wal")
         fd_db = self._sync_fds[""]
         raw = os.pread(fd_db, 2, 16)
         page_size = 65536 if raw == b"\x00\x01" else int.from_bytes(raw, "big") or 4096
-        target = WAL_HEADER + WAL_PREALLOCATE_FRAMES * (WAL_FRAME_HEADER + page_size)
+        frames = WAL_PREALLOCATE_FRAMES if self._wal_frames is None else self._wal_frames
+        target = WAL_HEADER + frames * (WAL_FRAME_HEADER + page_size) if frames else 0
         size = self._synced_size["-wal"]
         if size >= target:
             return

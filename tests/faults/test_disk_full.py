@@ -116,6 +116,10 @@ def test_disk_full_refuses_new_work_keeps_what_was_accepted_and_recovers(
         # the storage is full it is dropped instead (the broker's moment away below is long enough for that).
         GATEWAYD_OUTBOX__WRITE_BEHIND_S="0.2",
         GATEWAYD_STORE__SPACE_CHECK_S="0.2",
+        # Part 3 is SQLite's own writes failing at the last byte. With the WAL preallocated (the default) commits
+        # overwrite it in place and go on at a full disk until a checkpoint needs room; without it each commit
+        # grows the WAL and meets the wall at once, which is the path shown here.
+        GATEWAYD_STORE__WAL_PREALLOCATE_FRAMES="0",
         GATEWAYD_DEVICES__PUMP1__SIMULATOR__LATENCY_S="0.6",
         GATEWAYD_SERIAL__BUS0__RESPONSE_TIMEOUT_S="3",
         GATEWAYD_MQTT__PUBACK_TIMEOUT_S="5",  # a slow PUBACK on a busy machine must not end the session here
