@@ -306,7 +306,8 @@ async def test_a_bug_while_taking_one_mqtt_command_is_reported_and_the_uplink_go
     sup = Supervisor(load_config(CONFIG, environ=env), environ={})
     run = asyncio.create_task(sup.run(install_signals=False))
     try:
-        while not (sup.uplink is not None and sup.uplink.connected):
+        # Subscribed, not only connected: a command published between the CONNACK and the SUBACK reaches nobody.
+        while not (sup.uplink is not None and sup.uplink.subscribed):
             assert not run.done(), "the daemon stopped while starting"
             await asyncio.sleep(0.05)
         with Subscriber(broker, f"{GW}/#") as sub:
