@@ -549,8 +549,9 @@ class Store:
         SQLite syncs the WAL with ``fdatasync``. When a commit makes the WAL longer, ext4 does not always wait in
         ``fdatasync`` for the journal transaction that records the new length: a disk error that turns the
         filesystem read-only a moment later (errors=remount-ro) throws that transaction away, and after the repair
-        the WAL ends before the commit (measured on a loop-mounted ext4: 5 acknowledged commits lost in 40 trials,
-        tests/faults/test_store_read_only.py). So whenever the WAL, or the database file after a checkpoint, is
+        the WAL ends before the commit (measured on a loop-mounted ext4 with a standalone script: 5 acknowledged
+        commits lost in 40 trials; tests/faults/test_store_read_only.py is the test that keeps it so). So whenever
+        the WAL, or the database file after a checkpoint, is
         longer than at its last sync, it gets a full ``fsync`` here, whose failure is the store lost. Once the WAL
         has grown to its working size and is reused from the start after each checkpoint, a commit overwrites it
         and costs nothing more. Then the read-only flag is looked at: a filesystem that turned read-only under the

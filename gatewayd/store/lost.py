@@ -62,8 +62,9 @@ class StoreLoss:
         return f"{self.reason.replace('_', ' ')}: {self.path}"
 
     def error(self, *, maybe_stored: bool = False) -> StoreLost:
-        """The error every refused write gets. ``maybe_stored``: the loss was found right after a COMMIT that
-        SQLite said succeeded, so the write may or may not have reached the disk: the caller is told it is not
+        """The error every refused write gets. ``maybe_stored``: the loss was found while the write's COMMIT was
+        under way (its sync failed, or the check right after it found the file gone or the disk read-only), so the
+        write may or may not have reached the disk: the caller is told it is not
         acknowledged, and how to find out once the disk is repaired."""
         if not maybe_stored:
             return StoreLost(self.message, details=self.to_api())
