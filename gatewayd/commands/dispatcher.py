@@ -56,7 +56,7 @@ from gatewayd.resilience import Clock as ResilienceClock
 from gatewayd.resilience.breaker import local_refusal_is_ignored
 from gatewayd.store import Store, outbox, schedule
 from gatewayd.store import commands as sql
-from gatewayd.tasks import TaskOwner
+from gatewayd.tasks import TaskOwner, wait_set
 
 log = structlog.get_logger("gatewayd.dispatcher")
 
@@ -262,9 +262,7 @@ class Dispatcher:
         self._draining = True
         for wake in self._wake.values():
             wake.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        except TimeoutError:
+        if not await wait_set(self._idle, grace_s):
             log.warning("drain_timeout", executing=[r.id for r in self._busy.values()], grace_s=grace_s)
         return len(self._busy)
 

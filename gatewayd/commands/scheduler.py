@@ -16,7 +16,6 @@ next start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +25,7 @@ from gatewayd.commands.model import Clock, Priority
 from gatewayd.commands.service import CommandService
 from gatewayd.errors import GatewayError, ShuttingDown, StoreUnavailable
 from gatewayd.store import Store, schedule
-from gatewayd.tasks import TaskOwner
+from gatewayd.tasks import TaskOwner, wait_set
 from gatewayd.timefmt import iso
 
 log = structlog.get_logger("gatewayd.scheduler")
@@ -95,8 +94,7 @@ class Scheduler:
             if due:
                 continue  # read again: firing changed the table
             wait = min((self.left_s(r) for r in armed), default=_IDLE_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(wait, _IDLE_S))
+            await wait_set(self._wake, min(wait, _IDLE_S))
 
     async def _fire(self, row: schedule.Scheduled) -> bool:
         """Send the row's command; False when it must be tried again later (the gateway stopping, the store)."""

@@ -324,7 +324,8 @@ class CommandService:
             if rec.state.final or timeout_s <= 0:
                 return rec
             try:
-                await asyncio.wait_for(fut, timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await fut
             except TimeoutError:
                 pass
 

@@ -340,7 +340,8 @@ class SerialBus:
         timeout = self.cfg.response_timeout_s
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
         except TimeoutError:
             overslept = loop.time() - sent_at - timeout
             if overslept < timeout:
@@ -353,7 +354,8 @@ class SerialBus:
             not_running_s=round(overslept, 2),
             effect=f"the gateway did not run for longer than the {timeout:g} s reply timeout: listening once more",
         )
-        return await asyncio.wait_for(fut, timeout)
+        async with asyncio.timeout(timeout):
+            return await fut
 
     async def transact(self, address: int, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one request and return the reply's payload. One transaction at a time on the bus, the most urgent

@@ -45,7 +45,7 @@ from gatewayd.interpret.registry import Registry
 from gatewayd.interpret.rules import EMPTY, RulesFile, load_rules
 from gatewayd.resilience import REAL_CLOCK, BucketSpec, CircuitState, Clock, KeyedLimiter, ResilienceState, StateChange
 from gatewayd.store import Store
-from gatewayd.tasks import TaskOwner
+from gatewayd.tasks import TaskOwner, wait_set
 
 log = structlog.get_logger("gatewayd.interpret")
 
@@ -280,8 +280,7 @@ class InterpretService:
                 retry_at = breaker.retry_at
                 if breaker.state is CircuitState.OPEN and retry_at is not None:
                     delay = min(delay, max(0.0, retry_at - now) + 0.001)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
+            await wait_set(wake, delay)
             wake.clear()
 
     # --- operator fault scenarios -------------------------------------------------------------------------------

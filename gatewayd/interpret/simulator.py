@@ -328,7 +328,8 @@ class FakeProvider:
                 return None, fault, self._error(fault.status, f"scripted HTTP {fault.status}", fault.headers)
             if fault.kind == "hang":
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), fault.seconds)
+                    async with asyncio.timeout(fault.seconds):
+                        await self._closing.wait()
             if fault.kind == "malformed":
                 return None, fault, web.Response(text='{"id": "x", "choices": [', content_type="application/json")
         body, problem = await self._body(request)

@@ -62,7 +62,7 @@ from gatewayd.observability.metrics import (
 from gatewayd.store import Store
 from gatewayd.store import outbox as sql
 from gatewayd.store.space import DiskSpace
-from gatewayd.tasks import TaskOwner
+from gatewayd.tasks import TaskOwner, wait_set
 from gatewayd.telemetry.batching import BatchMode
 from gatewayd.telemetry.sink import Record
 from gatewayd.telemetry.timestamps import Stamper, sync_probe
@@ -387,10 +387,7 @@ class Recorder:
         while True:
             timeout = self._next_due()
             if timeout > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
+                await wait_set(self._wake, timeout)
             self._wake.clear()
             became_synced = False
             if self._mono() >= next_check:

@@ -41,7 +41,6 @@ message the daemon cannot take must never become a crash loop (the broker would 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import re
@@ -73,6 +72,7 @@ from gatewayd.observability.metrics import UPLINK_COMMANDS, counter
 from gatewayd.resilience.bucket import TokenBucket
 from gatewayd.resilience.errors import RateLimited
 from gatewayd.store import Store, outbox
+from gatewayd.tasks import wait_set
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.telemetry.sink import Record
 from gatewayd.uplink import paho
@@ -275,8 +275,7 @@ class Intake:
                     head, wait_s = None, decision.wait_s  # or sooner, if a critical one comes to the head
             if head is None:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                await wait_set(self._wake, wait_s)
                 continue
             self._waiting.popleft()
             if head.critical:

@@ -51,7 +51,7 @@ from gatewayd.resilience.classify import Verdict
 from gatewayd.resilience.errors import DeadlineExceeded, RetryExhausted
 from gatewayd.resilience.retry import RetryPolicy
 from gatewayd.store import Store, outbox
-from gatewayd.tasks import TaskOwner
+from gatewayd.tasks import TaskOwner, wait_set
 from gatewayd.telemetry import batching
 from gatewayd.telemetry.recorder import Held, Recorder
 from gatewayd.uplink import paho
@@ -318,9 +318,11 @@ class Uplink:
     async def _goodbye(self, client: aiomqtt.Client) -> None:
         """A clean stop: say offline ourselves (the will only fires on a broken connection), then disconnect."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.publish(f"{self.base}/status", b"offline", qos=1, retain=True), 2)
+            async with asyncio.timeout(2):
+                await client.publish(f"{self.base}/status", b"offline", qos=1, retain=True)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.__aexit__(None, None, None), 2)
+            async with asyncio.timeout(2):
+                await client.__aexit__(None, None, None)
         self.connected = False
         UPLINK_CONNECTED.set(0)
 
@@ -366,8 +368,7 @@ class Uplink:
         ``timeout_s`` passed. True if subscribed."""
         if not self.cfg.enabled:
             return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._settled.wait(), timeout_s)
+        await wait_set(self._settled, timeout_s)
         return self.subscribed
 
     async def _publish_now(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:

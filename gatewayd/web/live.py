@@ -89,7 +89,8 @@ class EventHub:
             await resp.write(b"retry: 2000\n\n" + b"".join(first))
             while True:
                 try:
-                    message = await asyncio.wait_for(sub.queue.get(), self.keepalive_s)
+                    async with asyncio.timeout(self.keepalive_s):
+                        message = await sub.queue.get()
                 except TimeoutError:
                     message = b": keepalive\n\n"
                 if message == _CLOSE:
