@@ -100,7 +100,7 @@ async def test_the_telemetry_recorder_stops_at_once_whenever_a_reading_has_just_
     async with Store(tmp_path / "gw.sqlite3") as store:
 
         async def start() -> Any:
-            return await _recorder(store, tmp_path, flush_interval_s=30).__aenter__()
+            return await _recorder(store, flush_interval_s=30).__aenter__()
 
         def wake(rec: Any) -> None:
             rec.put(Record.telemetry("pump1", {"reading": 1}))  # the first reading held wakes the writer

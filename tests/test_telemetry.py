@@ -110,14 +110,13 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def _recorder(
-    store: Store, tmp_path: Path, clocks: ManualClocks | None = None, free: Callable[[], int] | None = None, **cfg: Any
+    store: Store, clocks: ManualClocks | None = None, free: Callable[[], int] | None = None, **cfg: Any
 ) -> Recorder:
     outbox = OutboxSection(**{"flush_interval_s": 0.05, **cfg})
     return Recorder(
         store,
         outbox,
         TelemetrySection(sync_check_s=0.05),
-        tmp_path,
         boot_id=BOOT_ID,
         stamper=(clocks or ManualClocks()).stamper(),
         free_bytes=free or (lambda: 10**12),
@@ -136,7 +135,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 async def test_records_reach_the_outbox_in_one_batch_with_topics_payloads_and_send_order(
     store: Store, tmp_path: Path
 ) -> None:
-    async with _recorder(store, tmp_path, flush_interval_s=30) as rec:
+    async with _recorder(store, flush_interval_s=30) as rec:
         commits = store.commits
         for i in range(50):
             rec.put(Record.telemetry("pump1", {"speed": i}))
@@ -162,7 +161,7 @@ async def test_records_reach_the_outbox_in_one_batch_with_topics_payloads_and_se
 
 
 async def test_what_is_pending_at_a_clean_stop_is_written(store: Store, tmp_path: Path) -> None:
-    async with _recorder(store, tmp_path, flush_interval_s=30) as rec:
+    async with _recorder(store, flush_interval_s=30) as rec:
         rec.put(Record.telemetry("pump1", {"speed": 1}))
     assert len(_rows(store.path)) == 1
 
@@ -171,7 +170,7 @@ async def test_unsynchronised_records_still_waiting_are_restamped_when_the_clock
     store: Store, tmp_path: Path
 ) -> None:
     clocks = ManualClocks(wall=1_600_000_000.0)  # a Pi that booted with an old date
-    async with _recorder(store, tmp_path, clocks) as rec:
+    async with _recorder(store, clocks) as rec:
         observed = clocks.mono()
         rec.put(Record.telemetry("sensor1", {"temperature_c": 20.0}, mono=observed))
         await rec.flush()
@@ -192,7 +191,7 @@ async def test_unsynchronised_records_still_waiting_are_restamped_when_the_clock
 async def test_a_small_byte_budget_drops_the_oldest_telemetry_never_events_and_counts_across_restarts(
     store: Store, tmp_path: Path
 ) -> None:
-    async with _recorder(store, tmp_path, max_bytes=16 * 1024) as rec:
+    async with _recorder(store, max_bytes=16 * 1024) as rec:
         for i in range(400):
             rec.put(Record.telemetry("pump1", {"reading": i, "pad": "x" * 60}))
             if i % 50 == 0:
@@ -208,7 +207,7 @@ async def test_a_small_byte_budget_drops_the_oldest_telemetry_never_events_and_c
     kept = [json.loads(r["payload"])["values"]["reading"] for r in rows if r["kind"] == "telemetry"]
     assert kept == list(range(400 - len(kept), 400))  # the newest telemetry, in order: the oldest went first
     assert len(kept) + dropped == 400
-    async with _recorder(store, tmp_path) as again:  # the count survives a restart
+    async with _recorder(store) as again:  # the count survives a restart
         assert again.stats is not None and again.stats.telemetry_dropped == dropped
 
 
@@ -216,7 +215,7 @@ async def test_below_the_disk_free_watermark_the_outbox_shrinks_by_dropping_old_
     store: Store, tmp_path: Path
 ) -> None:
     free = [10**12]
-    async with _recorder(store, tmp_path, free=lambda: free[0], min_free_bytes=1_000_000) as rec:
+    async with _recorder(store, free=lambda: free[0], min_free_bytes=1_000_000) as rec:
         for i in range(100):
             rec.put(Record.telemetry("pump1", {"reading": i, "pad": "y" * 80}))
         await rec.flush()
@@ -234,7 +233,7 @@ async def test_below_the_disk_free_watermark_the_outbox_shrinks_by_dropping_old_
 async def test_between_flushes_memory_is_bounded_and_the_oldest_telemetry_goes_first(
     store: Store, tmp_path: Path
 ) -> None:
-    async with _recorder(store, tmp_path, flush_interval_s=30, max_pending=100) as rec:
+    async with _recorder(store, flush_interval_s=30, max_pending=100) as rec:
         # put() is called from the loop without yielding: the early flush cannot run in between.
         for i in range(1000):
             rec.put(Record.telemetry("pump1", {"reading": i}))
@@ -247,7 +246,7 @@ async def test_between_flushes_memory_is_bounded_and_the_oldest_telemetry_goes_f
 
 async def test_records_that_cannot_be_written_wait_and_are_written_once_the_store_is_back(tmp_path: Path) -> None:
     broken = Store(tmp_path / "gone.sqlite3")  # never opened: every write fails with StoreUnavailable
-    rec = _recorder(broken, tmp_path, flush_interval_s=30)
+    rec = _recorder(broken, flush_interval_s=30)
     rec.put(Record.telemetry("pump1", {"reading": 1}))
     rec.put(Record.of_event("pump1", "ping", {}))
     with pytest.raises(StoreUnavailable, match="closed"):
@@ -261,7 +260,7 @@ async def test_records_that_cannot_be_written_wait_and_are_written_once_the_stor
 
 
 async def test_bad_records_are_refused_without_disturbing_the_good_ones(store: Store, tmp_path: Path) -> None:
-    async with _recorder(store, tmp_path) as rec:
+    async with _recorder(store) as rec:
         rec.put(Record("telemetry", "pump1", ["not", "an", "object"]))  # type: ignore[arg-type]
         rec.put(Record.telemetry("pump1", {"odd": object()}))  # kept, as text: the device said something
         rec.put(Record.telemetry("pump1", {"speed": 3}))
@@ -334,7 +333,6 @@ pin = 4
             store,
             OutboxSection(flush_interval_s=0.05),
             TelemetrySection(clock_sync="unsynced"),
-            cfg.gateway.data_dir,
             boot_id=BOOT_ID,
             profiles=lambda: manager.profiles(),
         )

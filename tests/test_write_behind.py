@@ -42,12 +42,11 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield s
 
 
-def _recorder(store: Store, tmp_path: Path, mono: Mono, **cfg: Any) -> Recorder:
+def _recorder(store: Store, mono: Mono, **cfg: Any) -> Recorder:
     return Recorder(
         store,
         OutboxSection(**{"flush_interval_s": 0.02, **cfg}),
         TelemetrySection(sync_check_s=60),
-        tmp_path,
         boot_id=BOOT_ID,
         stamper=ManualClocks().stamper(),
         free_bytes=lambda: 10**12,
@@ -62,7 +61,7 @@ async def _outbox_rows(store: Store) -> list[tuple[str, dict[str, Any]]]:
 
 async def test_a_reading_acknowledged_within_the_window_is_never_written(store: Store, tmp_path: Path) -> None:
     mono = Mono()
-    async with _recorder(store, tmp_path, mono, write_behind_s=1.0) as rec:
+    async with _recorder(store, mono, write_behind_s=1.0) as rec:
         commits = store.commits
         for i in range(20):
             rec.put(Record.telemetry("pump1", {"i": i}, mono=mono.now))
@@ -85,7 +84,7 @@ async def test_readings_not_acknowledged_in_time_are_written_in_one_batch_and_be
     store: Store, tmp_path: Path
 ) -> None:
     mono = Mono()
-    async with _recorder(store, tmp_path, mono, write_behind_s=1.0) as rec:
+    async with _recorder(store, mono, write_behind_s=1.0) as rec:
         commits = store.commits
         for i in range(10):
             rec.put(Record.telemetry("pump1", {"i": i}, mono=mono.now))
@@ -112,7 +111,7 @@ async def test_events_are_committed_at_once_and_write_behind_0_makes_telemetry_d
     store: Store, tmp_path: Path
 ) -> None:
     mono = Mono()
-    async with _recorder(store, tmp_path, mono, write_behind_s=0) as rec:
+    async with _recorder(store, mono, write_behind_s=0) as rec:
         rec.put(Record.telemetry("pump1", {"i": 1}, mono=mono.now))
         rec.put(Record.of_event("pump1", "leak", {}, severity="critical"))
         assert rec.take_live(10) == []  # nothing goes out from memory: it is sent from the outbox
@@ -128,7 +127,7 @@ async def test_events_are_committed_at_once_and_write_behind_0_makes_telemetry_d
 
 async def test_a_link_that_fails_gives_the_readings_back_in_order(store: Store, tmp_path: Path) -> None:
     mono = Mono()
-    async with _recorder(store, tmp_path, mono, write_behind_s=1.0) as rec:
+    async with _recorder(store, mono, write_behind_s=1.0) as rec:
         for i in range(6):
             rec.put(Record.telemetry("pump1", {"i": i}, mono=mono.now))
         first = rec.take_live(4)
@@ -303,7 +302,7 @@ async def test_telemetry_has_a_byte_budget_of_its_own_that_drops_its_oldest_and_
     store: Store, tmp_path: Path
 ) -> None:
     mono = Mono()
-    async with _recorder(store, tmp_path, mono, write_behind_s=0, telemetry_max_bytes=16 * 1024) as rec:
+    async with _recorder(store, mono, write_behind_s=0, telemetry_max_bytes=16 * 1024) as rec:
         for i in range(300):
             rec.put(Record.telemetry("pump1", {"i": i, "pad": "x" * 60}, mono=mono.now))
             if i % 30 == 0:

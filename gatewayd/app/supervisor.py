@@ -204,7 +204,6 @@ class Supervisor:
                 self.store,
                 cfg.outbox,
                 cfg.telemetry,
-                cfg.gateway.data_dir,
                 boot_id=self.clock.boot_id,
                 space=self.space,
                 forward=cfg.mqtt.enabled,

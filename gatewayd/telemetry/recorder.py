@@ -31,13 +31,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
-import shutil
 import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -146,7 +144,6 @@ class Recorder:
         store: Store,
         outbox: OutboxSection,
         telemetry: TelemetrySection,
-        data_dir: Path,
         *,
         boot_id: str,
         stamper: Stamper | None = None,
@@ -163,19 +160,18 @@ class Recorder:
         self.store = store
         self._cfg = outbox
         self._tcfg = telemetry
-        self._data_dir = data_dir
         self._boot_id = boot_id
         self._mono = monotonic
         self.stamper = stamper or Stamper(sync_probe(telemetry.clock_sync))
-        # The free space: DiskSpace's last measurement (taken in a thread every [store] space_check_s) when there
-        # is one, rather than a statvfs on the event loop at every flush; None while unknown.
+        # The free space: DiskSpace's last measurement (taken in a thread every [store] space_check_s); None while
+        # unknown, and without a DiskSpace. The recorder never measures it itself: no statvfs on the event loop.
         self._free_bytes: Callable[[], int | None]
         if free_bytes is not None:
             self._free_bytes = free_bytes
         elif space is not None:
             self._free_bytes = lambda: space.free
         else:
-            self._free_bytes = lambda: shutil.disk_usage(self._data_dir).free
+            self._free_bytes = lambda: None
         self._profiles = profiles  # device name -> profile, as the device manager has them now (SIGHUP reloads)
         self.write_behind_s = outbox.write_behind_s
         self.batch: BatchMode = telemetry.batch  # how the uplink groups readings into messages
