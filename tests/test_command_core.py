@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from gatewayd.clock import SystemClock
 from gatewayd.commands.dispatcher import OUTCOME_UNKNOWN, Dispatcher
-from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition
+from gatewayd.commands.model import CommandRecord, Priority, State, Transition
 from gatewayd.commands.validate import parse_request, validate
 from gatewayd.errors import UnknownDevice, ValidationFailed
 from gatewayd.store import Store
@@ -99,7 +100,7 @@ def test_a_malformed_envelope_is_refused_before_any_profile_is_looked_at(payload
 
 
 @dataclass(frozen=True)
-class SteppedClock(Clock):
+class SteppedClock(SystemClock):
     """The command clock with its wall and monotonic readings moved by hand."""
 
     shift: dict[str, float] = field(default_factory=lambda: {"wall": 0.0, "mono": 0.0})
@@ -107,12 +108,14 @@ class SteppedClock(Clock):
     def wall(self) -> float:
         return time.time() + self.shift["wall"]
 
-    def mono(self) -> float:
+    def monotonic(self) -> float:
         return time.monotonic() + self.shift["mono"]
 
 
-def record(clock: Clock, *, ttl_s: float = 60, created_ago_s: float = 0, boot_id: str | None = None) -> CommandRecord:
-    now, mono = clock.wall() - created_ago_s, clock.mono() - created_ago_s
+def record(
+    clock: SystemClock, *, ttl_s: float = 60, created_ago_s: float = 0, boot_id: str | None = None
+) -> CommandRecord:
+    now, mono = clock.wall() - created_ago_s, clock.monotonic() - created_ago_s
     return CommandRecord(
         id=f"c-{ttl_s}-{created_ago_s}-{boot_id}",
         device="pump1",
@@ -160,7 +163,10 @@ def test_across_a_reboot_the_wall_clock_decides_and_a_clock_behind_the_command_e
 
 @contextlib.asynccontextmanager
 async def restarted(
-    tmp_path: Path, left_open: list[tuple[CommandRecord, list[State]]], clock: Clock, gate: asyncio.Event | None = None
+    tmp_path: Path,
+    left_open: list[tuple[CommandRecord, list[State]]],
+    clock: SystemClock,
+    gate: asyncio.Event | None = None,
 ) -> AsyncIterator[tuple[Store, RecordingDevice]]:
     """A store holding ``left_open`` as the previous boot wrote them, then a dispatcher starting on it."""
     pump = RecordingDevice("pump1", PROFILES["sim_pump"])

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from gatewayd.clock import SystemClock
 from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition
+from gatewayd.commands.model import CommandRecord, Priority, State, Transition
 from gatewayd.commands.service import CommandService
 from gatewayd.config import load_config
 from gatewayd.config.models import CommandsSection
@@ -79,7 +80,7 @@ class Core:
 
 @contextlib.asynccontextmanager
 async def core(tmp_path: Path, **commands: Any) -> AsyncIterator[Core]:
-    clock = Clock()
+    clock = SystemClock()
     pump = RecordingDevice("pump1", PROFILES["sim_pump"])
     devices = Devices({"pump1": pump})
     async with Store(tmp_path / "g.db") as store:
@@ -110,8 +111,8 @@ def gaps(found_by: str) -> float:
 
 async def strand(store: Store, command_id: str, state: State = State.QUEUED) -> None:
     """A command committed as the service would, that never reached the dispatcher."""
-    clock = Clock()
-    now, mono = clock.wall(), clock.mono()
+    clock = SystemClock()
+    now, mono = clock.wall(), clock.monotonic()
     rec = CommandRecord(
         id=command_id,
         device="pump1",

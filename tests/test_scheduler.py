@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from gatewayd.clock import SystemClock
 from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import Clock, Priority, State
+from gatewayd.commands.model import Priority, State
 from gatewayd.commands.scheduler import Scheduler
 from gatewayd.commands.service import CommandService, Then
 from gatewayd.config.models import CommandsSection
@@ -43,8 +44,8 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(db: Path, max_on_s: float = 0.3, clock: Clock | None = None) -> AsyncIterator[Rig]:
-    clock = clock or Clock()
+async def rig(db: Path, max_on_s: float = 0.3, clock: SystemClock | None = None) -> AsyncIterator[Rig]:
+    clock = clock or SystemClock()
     relay = RecordingDevice("relay1", timed_relay(max_on_s))
     devices = Devices({"relay1": relay})
     async with Store(db) as store:
@@ -116,7 +117,7 @@ async def test_after_a_restart_an_armed_switch_off_fires_and_an_overdue_one_at_o
     # The gateway was away past the due time (another boot: only the wall clock is left, and it says overdue).
     await_row = row
 
-    class Later(Clock):
+    class Later(SystemClock):
         def wall(self) -> float:
             return super().wall() + 60
 

@@ -18,8 +18,8 @@ import pytest
 import structlog
 
 from gatewayd import tasks
+from gatewayd.clock import SystemClock
 from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import Clock
 from gatewayd.commands.scheduler import Scheduler
 from gatewayd.commands.service import CommandService
 from gatewayd.config.models import CommandsSection
@@ -120,11 +120,11 @@ async def _service(store: Store) -> AsyncIterator[CommandService]:
     dispatcher = Dispatcher(
         store,
         devices.devices,  # type: ignore[arg-type]
-        clock=Clock(),
+        clock=SystemClock(),
         on_final=lambda rec: service.on_final(rec),
         forward_results=False,
     )
-    service = CommandService(store, devices, CommandsSection(), Clock(), dispatcher=dispatcher)  # type: ignore[arg-type]
+    service = CommandService(store, devices, CommandsSection(), SystemClock(), dispatcher=dispatcher)  # type: ignore[arg-type]
     async with dispatcher:
         yield service
 
@@ -133,7 +133,7 @@ async def test_the_scheduler_stops_at_once_whenever_it_has_just_been_woken(tmp_p
     async with Store(tmp_path / "gw.sqlite3") as store, _service(store) as service:
 
         async def start() -> Any:
-            return await Scheduler(store, service, Clock()).__aenter__()
+            return await Scheduler(store, service, SystemClock()).__aenter__()
 
         async def stop(scheduler: Any) -> None:
             await scheduler.__aexit__(None, None, None)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.commands.model import BOOT_ID
+from gatewayd.clock import BOOT_ID
 from gatewayd.config.loader import load_config
 from gatewayd.config.models import OutboxSection, SerialBusConfig, TelemetrySection
 from gatewayd.config.profiles import TelemetryPoint

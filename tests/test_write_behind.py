@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.commands.model import BOOT_ID
+from gatewayd.clock import BOOT_ID
 from gatewayd.config.models import OutboxSection, TelemetrySection
 from gatewayd.store import Store
 from gatewayd.telemetry import Record, batching

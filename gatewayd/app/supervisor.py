@@ -25,8 +25,8 @@ import structlog
 from gatewayd import __version__
 from gatewayd.app.operator import Operator
 from gatewayd.app.systemd import Notifier
+from gatewayd.clock import REAL_CLOCK, Clock
 from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import Clock
 from gatewayd.commands.scheduler import Scheduler
 from gatewayd.commands.service import CommandService
 from gatewayd.config.loader import LoadedConfig, load_config
@@ -69,7 +69,7 @@ class Supervisor:
         self._hard_exit = hard_exit
         self._environ = environ
         self.notifier = Notifier(environ)
-        self.clock = clock or Clock()
+        self.clock = clock or REAL_CLOCK
         self.phase = "starting"
         self._started = time.monotonic()
         self._stop = asyncio.Event()
@@ -240,7 +240,7 @@ class Supervisor:
                     channels={name: dev.channels for name, dev in cfg.devices.items() if dev.channels},
                     facts=LiveFacts(devices.devices, recorder.recent),
                     environ=self._environ,
-                    command_clock=self.clock,
+                    clock=self.clock,
                 )
                 self.interpret.register(self.resilience)
             await self.resilience.load(self.store)  # before any command runs: an open breaker stays open

@@ -34,7 +34,8 @@ from typing import Any
 
 import structlog
 
-from gatewayd.commands.model import Clock, CommandRecord, Priority, State, Transition
+from gatewayd.clock import Clock
+from gatewayd.commands.model import CommandRecord, Priority, State, Transition
 from gatewayd.commands.safety import SafetyGate
 from gatewayd.config.models import BreakerSettings, RetrySettings
 from gatewayd.devices.base import Device
@@ -42,7 +43,6 @@ from gatewayd.devices.line import CALL, Call, DeadlinePassed, Preempted
 from gatewayd.errors import DeviceRejected, DeviceUnavailable, GatewayError, SafetyLimited, StoreUnavailable
 from gatewayd.observability.metrics import DISPATCHER_GAPS
 from gatewayd.resilience import (
-    REAL_CLOCK,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
@@ -78,7 +78,6 @@ class Dispatcher:
         reconcile_interval_s: float = 10.0,
         retry: RetrySettings | None = None,
         breaker: BreakerSettings | None = None,
-        rclock: ResilienceClock = REAL_CLOCK,
         forward_results: bool = True,
         on_armed: Callable[[], None] = lambda: None,
         clock_synced: Callable[[], bool] = lambda: False,
@@ -108,18 +107,17 @@ class Dispatcher:
         self._unrecorded: set[str] = set()  # commands whose last state change the store refused
         self._tasks = TaskOwner("dispatcher")
         self.executed = 0
-        self._rclock = rclock
         # The settings' field names are the tools' own parameter names.
         self._retry = RetryPolicy(
-            **(retry or RetrySettings()).model_dump(), name="device", clock=rclock, classifier=_device_verdict
+            **(retry or RetrySettings()).model_dump(), name="device", clock=clock, classifier=_device_verdict
         )
         breaker_settings = (breaker or BreakerSettings()).model_dump()
         # Made here, not on entry, so the supervisor can restore their saved states before any command runs.
         self.breakers = {
-            name: CircuitBreaker(f"device:{name}", **breaker_settings, is_ignored=_breaker_ignores, clock=rclock)
+            name: CircuitBreaker(f"device:{name}", **breaker_settings, is_ignored=_breaker_ignores, clock=clock)
             for name in devices
         }
-        self.safety = {name: SafetyGate(name, device.profile, rclock) for name, device in devices.items()}
+        self.safety = {name: SafetyGate(name, device.profile, clock) for name, device in devices.items()}
         # device -> the command in hand and its preemption flag (set when a critical one arrives for the device)
         self._preempts: dict[str, tuple[CommandRecord, asyncio.Event]] = {}
         # A push, a drain, or the device coming back wakes a worker that holds its queue.
@@ -254,7 +252,7 @@ class Dispatcher:
             return None
         state = breaker.state
         retry_at = breaker.retry_at
-        wait = max(0.0, retry_at - self._rclock.monotonic()) if retry_at is not None else None
+        wait = max(0.0, retry_at - self._clock.monotonic()) if retry_at is not None else None
         return {"state": state.value, "retry_after_s": None if wait is None else round(wait, 3)}
 
     async def drain(self, grace_s: float) -> int:
@@ -269,7 +267,7 @@ class Dispatcher:
     # --- workers -----------------------------------------------------------------------------------------------
 
     def _transition(self, state: State, detail: str | None = None) -> Transition:
-        return Transition(state, self._clock.wall(), self._clock.mono(), self._clock.boot_id, detail)
+        return Transition(state, self._clock.wall(), self._clock.monotonic(), self._clock.boot_id, detail)
 
     async def _work(self, name: str) -> None:
         queue = self._queues[name]
@@ -382,7 +380,7 @@ class Dispatcher:
         if breaker.state is not CircuitState.OPEN:
             return 0.0
         retry_at = breaker.retry_at
-        return 0.0 if retry_at is None else max(0.0, retry_at - self._rclock.monotonic())
+        return 0.0 if retry_at is None else max(0.0, retry_at - self._clock.monotonic())
 
     async def _execute(self, device: Device, rec: CommandRecord) -> dict[str, Any]:
         """Run the action with retries, each attempt through the device's breaker, within the deadline. The
@@ -413,7 +411,7 @@ class Dispatcher:
 
         try:
             return await self._retry.call(
-                attempt, name=f"device:{rec.device}", deadline=deadline, clock=_Preemptible(self._rclock, preempt)
+                attempt, name=f"device:{rec.device}", deadline=deadline, clock=_Preemptible(self._clock, preempt)
             )
         finally:
             self._preempts.pop(rec.device, None)
@@ -436,12 +434,11 @@ class Dispatcher:
                 self._maybe_sent.add(rec.id)
 
     def _deadline(self, rec: CommandRecord) -> float:
-        """The command's deadline on the resilience clock."""
+        """The command's deadline on this boot's monotonic clock (from the wall clock if it was accepted on
+        another boot)."""
         if rec.boot_id == self._clock.boot_id:
-            left = rec.deadline_mono - self._clock.mono()
-        else:
-            left = rec.deadline_at - self._clock.wall()
-        return self._rclock.monotonic() + left
+            return rec.deadline_mono
+        return self._clock.monotonic() + rec.deadline_at - self._clock.wall()
 
     async def _requeue(self, rec: CommandRecord, detail: str) -> None:
         """Back to the queue, unsent, for a device whose breaker is open; it runs when a probe may go."""

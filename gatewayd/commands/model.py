@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import time
 import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -14,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gatewayd import strictjson
+from gatewayd.clock import Clock
 from gatewayd.timefmt import iso
 
 
@@ -48,31 +47,6 @@ class Priority(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        # Without a boot id, monotonic readings are only trusted within this process.
-        return f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-BOOT_ID = _boot_id()
-
-
-@dataclass(frozen=True)
-class Clock:
-    """Injected time: monotonic for deadlines and intervals, wall clock only for display and across reboots."""
-
-    boot_id: str = BOOT_ID
-
-    def wall(self) -> float:
-        return time.time()
-
-    def mono(self) -> float:
-        return time.monotonic()
 
 
 def _parse_priority(value: Any) -> Priority:
@@ -200,7 +174,7 @@ class CommandRecord:
         rather than risk acting on an old order.
         """
         if self.boot_id == clock.boot_id:
-            return "deadline passed" if clock.mono() >= self.deadline_mono else None
+            return "deadline passed" if clock.monotonic() >= self.deadline_mono else None
         now = clock.wall()
         if now < self.created_at:
             return "deadline unknown after reboot (wall clock is behind the command's creation time)"

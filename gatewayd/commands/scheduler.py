@@ -21,7 +21,8 @@ from typing import Any
 
 import structlog
 
-from gatewayd.commands.model import Clock, Priority
+from gatewayd.clock import Clock
+from gatewayd.commands.model import Priority
 from gatewayd.commands.service import CommandService
 from gatewayd.errors import GatewayError, ShuttingDown, StoreUnavailable
 from gatewayd.store import Store, schedule
@@ -61,7 +62,7 @@ class Scheduler:
     def left_s(self, row: schedule.Scheduled) -> float:
         """Seconds until ``row`` is due (0 when overdue, or when its due time cannot be trusted)."""
         if row.boot_id == self._clock.boot_id and row.due_mono is not None:
-            return max(0.0, row.due_mono - self._clock.mono())
+            return max(0.0, row.due_mono - self._clock.monotonic())
         if row.due_at is None:
             return 0.0
         now = self._clock.wall()
@@ -133,7 +134,7 @@ class Scheduler:
 
     def _late_by(self, row: schedule.Scheduled) -> float:
         if row.boot_id == self._clock.boot_id and row.due_mono is not None:
-            return max(0.0, self._clock.mono() - row.due_mono)
+            return max(0.0, self._clock.monotonic() - row.due_mono)
         if row.due_at is None:
             return 0.0
         return max(0.0, self._clock.wall() - row.due_at)

@@ -16,9 +16,10 @@ from typing import Any
 
 import structlog
 
+from gatewayd.clock import Clock
 from gatewayd.commands import validate as v
 from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import Clock, CommandRecord, CommandRequest, Priority, State, Transition, new_command_id
+from gatewayd.commands.model import CommandRecord, CommandRequest, Priority, State, Transition, new_command_id
 from gatewayd.config.models import CommandsSection
 from gatewayd.config.profiles import Profile
 from gatewayd.devices.manager import DeviceManager
@@ -128,7 +129,7 @@ class CommandService:
                 raise
             return await self._replayed(found, request, None)
         assert self.dispatcher is not None
-        now, mono = self._clock.wall(), self._clock.mono()
+        now, mono = self._clock.wall(), self._clock.monotonic()
         rec = CommandRecord(
             id=request.id or new_command_id(),
             device=request.device,
@@ -278,7 +279,7 @@ class CommandService:
         return out
 
     def _transition(self, state: State) -> Transition:
-        return Transition(state, self._clock.wall(), self._clock.mono(), self._clock.boot_id)
+        return Transition(state, self._clock.wall(), self._clock.monotonic(), self._clock.boot_id)
 
     async def get(self, command_id: str) -> CommandRecord:
         rec = await self._store.read(lambda c: sql.get(c, command_id))

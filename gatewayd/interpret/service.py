@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from gatewayd.commands.model import Clock as CommandClock
+from gatewayd.clock import REAL_CLOCK, Clock
 from gatewayd.commands.model import CommandId, CommandRecord, Priority, StrictBool
 from gatewayd.commands.service import CommandService, Then
 from gatewayd.commands.validate import field_errors, parse_request
@@ -43,7 +43,7 @@ from gatewayd.interpret.local import LocalQuestion, LocalRefusal, LocalRules
 from gatewayd.interpret.providers import HttpProvider, build_provider
 from gatewayd.interpret.registry import Registry
 from gatewayd.interpret.rules import EMPTY, RulesFile, load_rules
-from gatewayd.resilience import REAL_CLOCK, BucketSpec, CircuitState, Clock, KeyedLimiter, ResilienceState, StateChange
+from gatewayd.resilience import BucketSpec, CircuitState, KeyedLimiter, ResilienceState, StateChange
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner, wait_set
 
@@ -118,8 +118,6 @@ class InterpretService:
         facts: DeviceFacts | None = None,
         environ: Mapping[str, str] | None = None,
         clock: Clock = REAL_CLOCK,
-        wall: Callable[[], float] = time.time,
-        command_clock: CommandClock | None = None,
         rng: random.Random | None = None,
     ):
         self.settings = settings
@@ -130,8 +128,7 @@ class InterpretService:
         self._channels = {name: dict(labels) for name, labels in (channels or {}).items()}
         self._facts = facts  # what questions are answered from; None: "no reading yet" for every device
         self._clock = clock
-        self._wall = wall
-        self._command_clock = command_clock or CommandClock()
+        self._wall = wall = clock.wall
         self._rng = rng
         environ = os.environ if environ is None else environ
         self.rules_path: Path | None = settings.rules_file

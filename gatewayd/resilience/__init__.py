@@ -9,7 +9,7 @@ from gatewayd.resilience.breaker import CircuitBreaker, CircuitState, Permit, St
 from gatewayd.resilience.bucket import CRITICAL, NORMAL, BucketSpec, Decision, TokenBucket
 from gatewayd.resilience.bulkhead import Bulkhead
 from gatewayd.resilience.classify import HttpStatusError, Verdict, classify, classify_status, retry_hint
-from gatewayd.resilience.clock import REAL_CLOCK, Clock, FakeClock, RealClock
+from gatewayd.resilience.clock import REAL_CLOCK, Clock, FakeClock
 from gatewayd.resilience.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, RateLimited, RetryExhausted
 from gatewayd.resilience.keyed import KeyedLimiter
 from gatewayd.resilience.retry import RetryPolicy
@@ -36,7 +36,6 @@ __all__ = [
     "Permit",
     "Persistent",
     "RateLimited",
-    "RealClock",
     "ResilienceState",
     "RetryExhausted",
     "RetryPolicy",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from gatewayd.clock import BOOT_ID
 from gatewayd.errors import StoreUnavailable
 from gatewayd.observability.metrics import RESILIENCE_STATE_SAVES, RESILIENCE_STATE_SKIPPED, counter
 from gatewayd.resilience.clock import REAL_CLOCK, Clock
@@ -48,14 +49,6 @@ class Persistent(Protocol):
     def restore(self, state: Mapping[str, Any], *, downtime_s: float | None = None) -> None: ...
 
 
-def _boot_id() -> str:
-    # Imported here: the resilience kit sits below the command layer, and a module-level import would make the
-    # two packages' import order matter once commands use the kit.
-    from gatewayd.commands.model import BOOT_ID
-
-    return BOOT_ID
-
-
 class ResilienceState:
     """A registry of tools to persist under stable keys (``breaker:provider:openai``, ``limiter:api``)."""
 
@@ -68,7 +61,7 @@ class ResilienceState:
     ):
         self._clock = clock
         self._wall = wall
-        self.boot_id = _boot_id() if boot_id is None else boot_id
+        self.boot_id = BOOT_ID if boot_id is None else boot_id
         self._tools: dict[str, Persistent] = {}
 
     def register(self, key: str, tool: Persistent) -> None:

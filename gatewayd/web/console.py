@@ -25,7 +25,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gatewayd.commands.model import Clock, CommandRecord, State
+from gatewayd.clock import REAL_CLOCK, Clock
+from gatewayd.commands.model import CommandRecord, State
 from gatewayd.commands.service import CommandService
 from gatewayd.config.models import HttpSection
 from gatewayd.errors import GatewayError
@@ -88,9 +89,9 @@ class Console:
         self.status = status
         self.devices = devices
         self.recorder = recorder
-        clock = clock or Clock()
+        clock = clock or REAL_CLOCK
         self.auth = auth.Authenticator(cfg.auth)
-        self.history = History(cfg.history_interval_s, boot_id=clock.boot_id, mono=clock.mono, wall=clock.wall)
+        self.history = History(cfg.history_interval_s, boot_id=clock.boot_id, mono=clock.monotonic, wall=clock.wall)
         self.hub = EventHub()
         self.assets = load_assets()
         self.last_ok: dict[str, float] = {}  # device -> wall time of its last successful command
