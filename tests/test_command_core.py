@@ -182,7 +182,6 @@ async def restarted(
             devices.devices,  # type: ignore[arg-type]
             clock=clock,
             on_final=lambda r: finals.__setitem__(r.id, r),
-            forward_results=False,
             sweep_interval_s=0.05,
         )
         async with dispatcher:

@@ -90,7 +90,6 @@ async def core(tmp_path: Path, **commands: Any) -> AsyncIterator[Core]:
             devices.devices,  # type: ignore[arg-type]
             clock=clock,
             on_final=lambda rec: service.on_final(rec),
-            forward_results=False,
             reconcile_interval_s=commands.get("reconcile_interval_s", 10.0),
         )
         service = CommandService(

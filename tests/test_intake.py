@@ -97,11 +97,10 @@ class Harness:
         self.intake = Intake(
             MqttSection(**cfg),
             client_id="gw",
-            store=None,  # type: ignore[arg-type]  # only a replay of a finished command writes
+            box=None,  # type: ignore[arg-type]  # only a replay of a finished command writes
             service=self.service,  # type: ignore[arg-type]
             recorder=self.recorder,  # type: ignore[arg-type]
             devices=lambda: DEVICES,  # type: ignore[arg-type, return-value]
-            wake_drain=lambda: None,
         )
 
     async def publish(self, topic: str, payload: bytes) -> None:

@@ -56,7 +56,6 @@ async def rig(db: Path, max_on_s: float = 0.3, clock: SystemClock | None = None)
             devices.devices,  # type: ignore[arg-type]
             clock=clock,
             on_final=lambda rec: service.on_final(rec),
-            forward_results=False,
             on_armed=lambda: scheduler.wake(),
         )
         service = CommandService(store, devices, CommandsSection(), clock, dispatcher=dispatcher)  # type: ignore[arg-type]

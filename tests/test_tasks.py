@@ -122,7 +122,6 @@ async def _service(store: Store) -> AsyncIterator[CommandService]:
         devices.devices,  # type: ignore[arg-type]
         clock=SystemClock(),
         on_final=lambda rec: service.on_final(rec),
-        forward_results=False,
     )
     service = CommandService(store, devices, CommandsSection(), SystemClock(), dispatcher=dispatcher)  # type: ignore[arg-type]
     async with dispatcher:

@@ -28,6 +28,7 @@ from gatewayd.store import Store
 from gatewayd.telemetry import MemorySink, Record
 from gatewayd.telemetry.recorder import Recorder, shape_values
 from gatewayd.telemetry.timestamps import Stamper
+from gatewayd.uplink.outbox import Outbox
 from tests.conftest import Daemon, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,11 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def _recorder(
-    store: Store, clocks: ManualClocks | None = None, free: Callable[[], int] | None = None, **cfg: Any
+    store: Store,
+    clocks: ManualClocks | None = None,
+    free: Callable[[], int] | None = None,
+    box: Outbox | None = None,
+    **cfg: Any,
 ) -> Recorder:
     outbox = OutboxSection(**{"flush_interval_s": 0.05, **cfg})
     return Recorder(
@@ -120,6 +125,7 @@ def _recorder(
         boot_id=BOOT_ID,
         stamper=(clocks or ManualClocks()).stamper(),
         free_bytes=free or (lambda: 10**12),
+        box=box,
     )
 
 

@@ -43,7 +43,9 @@ from gatewayd.store import Store
 from gatewayd.store.space import DiskSpace
 from gatewayd.tasks import TaskOwner
 from gatewayd.telemetry.recorder import Recorder
+from gatewayd.telemetry.timestamps import Stamper, sync_probe
 from gatewayd.uplink.mqtt import Uplink
+from gatewayd.uplink.outbox import Outbox
 from gatewayd.web.server import WebContext, WebServer
 
 log = structlog.get_logger("gatewayd.supervisor")
@@ -200,14 +202,19 @@ class Supervisor:
             # Every name is bound before the component that holds such a closure is entered (starts working).
             service: CommandService
             scheduler: Scheduler
+            stamper = Stamper(sync_probe(cfg.telemetry.clock_sync), wall=self.clock.wall, mono=self.clock.monotonic)
+            # What waits for the uplink: telemetry and events from the recorder, results from the dispatcher.
+            box = Outbox(self.store, stamper.now)
             recorder = Recorder(
                 self.store,
                 cfg.outbox,
                 cfg.telemetry,
                 boot_id=self.clock.boot_id,
+                stamper=stamper,
                 space=self.space,
                 forward=cfg.mqtt.enabled,
                 profiles=lambda: devices.profiles(),
+                box=box,
             )
             devices = DeviceManager(self.loaded, sink=recorder)
             self.recorder = await stack.enter_async_context(recorder)
@@ -219,10 +226,10 @@ class Supervisor:
                 on_final=lambda rec: service.on_final(rec),
                 retry=cfg.resilience.device_retry,
                 breaker=cfg.resilience.device_breaker,
-                forward_results=cfg.mqtt.enabled,
+                outbox=box if cfg.mqtt.enabled else None,
                 reconcile_interval_s=cfg.commands.reconcile_interval_s,
                 on_armed=lambda: scheduler.wake(),
-                clock_synced=lambda: recorder.stamper.synced,
+                clock_synced=lambda: stamper.synced,
             )
             self.service = service = CommandService(
                 self.store, devices, cfg.commands, self.clock, self.space, dispatcher=dispatcher
@@ -251,7 +258,7 @@ class Supervisor:
                 Uplink(
                     cfg.mqtt,
                     cfg.gateway.id,
-                    self.store,
+                    box,
                     service,
                     recorder,
                     devices.profiles,

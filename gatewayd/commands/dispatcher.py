@@ -57,6 +57,7 @@ from gatewayd.resilience.breaker import local_refusal_is_ignored
 from gatewayd.store import Store, outbox, schedule
 from gatewayd.store import commands as sql
 from gatewayd.tasks import TaskOwner, wait_set
+from gatewayd.uplink.outbox import Outbox
 
 log = structlog.get_logger("gatewayd.dispatcher")
 
@@ -78,13 +79,14 @@ class Dispatcher:
         reconcile_interval_s: float = 10.0,
         retry: RetrySettings | None = None,
         breaker: BreakerSettings | None = None,
-        forward_results: bool = True,
+        outbox: Outbox | None = None,
         on_armed: Callable[[], None] = lambda: None,
         clock_synced: Callable[[], bool] = lambda: False,
     ):
         self._store = store
-        # False without an uplink ([mqtt] enabled = false): no result row for an outbox nobody drains.
-        self._forward_results = forward_results
+        # Where results go for the uplink, in the transaction of the final state. None without an uplink ([mqtt]
+        # enabled = false): no result row for an outbox nobody drains.
+        self._outbox = outbox
         self._devices = devices
         self._clock = clock
         self._on_final = on_final
@@ -489,23 +491,28 @@ class Dispatcher:
 
         acted = {State.SUCCEEDED: True, State.FAILED: None}.get(state, False)
 
-        def job(c: sqlite3.Connection) -> None:
+        def job(c: sqlite3.Connection) -> outbox.OutboxStats | None:
             moved = sql.transition(c, rec.seq, t, result=result, error_code=code, error_message=message)
-            if moved and self._forward_results:
+            added = None
+            if moved and self._outbox is not None:
                 outbox.insert(c, [row])
+                added = outbox.stats(c)
             if moved:
                 schedule.settled(c, rec.id, acted=acted, wall=t.at, why=f"{rec.id} ended {state.value}")
                 if state is State.SUCCEEDED:  # a manual off: the automatic one it would have been is not needed
                     schedule.done_by(c, rec.device, rec.action, rec.id, wall=t.at)
+            return added
 
         while True:
             try:
-                await self._store.write(job)
+                added = await self._store.write(job)
                 break
             except StoreUnavailable as err:
                 # The outcome must not be lost while we live; after a crash the device's memory of the id covers it.
                 self._store_failed(rec, "final_state_not_recorded", err, state=state.value)
                 await asyncio.sleep(STORE_RETRY_S)
+        if added is not None and self._outbox is not None:
+            self._outbox.added(added)  # the uplink is woken: the result goes out
         rec.state, rec.result, rec.error_code, rec.error_message = state, result, code, message
         self._store_ok(rec)
         rec.updated_at = t.at

@@ -48,9 +48,6 @@ from gatewayd.errors import GatewayError
 from gatewayd.observability.metrics import (
     CLOCK_SYNCED,
     OUTBOX_BACKLOG,
-    OUTBOX_BYTES,
-    OUTBOX_OLDEST_AGE,
-    OUTBOX_ROWS,
     TELEMETRY_DROPPED,
     TELEMETRY_HELD,
     TELEMETRY_PATH,
@@ -64,6 +61,7 @@ from gatewayd.tasks import TaskOwner, wait_set
 from gatewayd.telemetry.batching import BatchMode
 from gatewayd.telemetry.sink import Record
 from gatewayd.telemetry.timestamps import Stamper, sync_probe
+from gatewayd.uplink.outbox import Outbox
 
 log = structlog.get_logger("gatewayd.telemetry")
 
@@ -152,6 +150,7 @@ class Recorder:
         forward: bool = True,
         profiles: Callable[[], Mapping[str, Profile]] = dict,
         monotonic: Callable[[], float] = time.monotonic,
+        box: Outbox | None = None,
     ):
         self._space = space
         # False without an uplink ([mqtt] enabled = false): records still feed the page (recent readings, last
@@ -192,8 +191,10 @@ class Recorder:
         self.backlog: Backlog | None = None
         self.recent: dict[str, deque[Reading]] = {}
         self.last_event: dict[str, dict[str, Any]] = {}
-        self.listeners: list[Callable[[], None]] = []  # told after rows were committed (the uplink drains)
-        self.stats: sql.OutboxStats | None = None
+        # The outbox's owner (one per gateway, shared with the dispatcher, the intake and the uplink); its own when
+        # none is given (a recorder on its own, in tests).
+        self.box = box if box is not None else Outbox(store, self.stamper.now)
+        self.box.stats_listeners.append(self._outbox_changed)
         self.dropped_pending = 0
         self.invalid = 0
         self.live = 0  # readings acknowledged without being written
@@ -204,10 +205,9 @@ class Recorder:
 
     async def __aenter__(self) -> Recorder:
         CLOCK_SYNCED.set(int(self.stamper.synced))
-        self.stats = await self.store.read(sql.stats)  # from the counters: no scan
-        if self.stats.rows:  # an outage's backlog from before the restart
+        if (await self.box.refresh()).rows:  # an outage's backlog from before the restart
             self.backlog = Backlog(self._mono(), self.stamper.now(), "left from before the restart")
-        self._publish_stats()
+            OUTBOX_BACKLOG.set(1)
         await self._tasks.open()
         self._tasks.spawn("flush", self._run())
         return self
@@ -403,6 +403,7 @@ class Recorder:
         n = await self.store.write(lambda conn: sql.restamp(conn, boot_id, offset))
         if n:
             log.info("outbox_restamped", rows=n)
+            await self.box.refresh()  # the oldest row's time moved
         return n
 
     def budget(self, current_bytes: int) -> int:
@@ -467,7 +468,7 @@ class Recorder:
             return keys, sql.stats(conn), dropped
 
         try:
-            keys, self.stats, dropped = await self.store.write(job)
+            keys, stats, dropped = await self.store.write(job)
         except GatewayError as err:
             for held in behind:
                 held.storing = False
@@ -488,9 +489,7 @@ class Recorder:
         elif self._budget_dropping:
             log.info("outbox_telemetry_drops_ended", rows=self._budget_dropping)
             self._budget_dropping = 0
-        self._publish_stats()
-        for listener in list(self.listeners):
-            listener()
+        self.box.added(stats)
 
     def _stored(self, durable: list[sql.NewRow], behind: list[Held], keys: list[sql.Key]) -> None:
         """Readings committed: each held one is backlog now, or (acknowledged meanwhile) a row to delete."""
@@ -537,18 +536,13 @@ class Recorder:
             if self._unsent:
                 self.live_ready.set()
 
-    def update_stats(self, stats: sql.OutboxStats) -> None:
-        """The uplink deleted what the broker acknowledged: the depth, bytes and oldest age change."""
-        self.stats = stats
-        self._publish_stats()
+    @property
+    def stats(self) -> sql.OutboxStats | None:
+        """The outbox's figures after its last change, whoever made it."""
+        return self.box.stats
 
-    def _publish_stats(self) -> None:
-        stats = self.stats
-        if stats is None:
-            return
-        OUTBOX_ROWS.set(stats.rows)
-        OUTBOX_BYTES.set(stats.bytes)
-        OUTBOX_OLDEST_AGE.set(0 if stats.oldest_ts is None else max(0.0, self.stamper.now() - stats.oldest_ts))
+    def _outbox_changed(self, stats: sql.OutboxStats) -> None:
+        """The outbox changed: the backlog has caught up once it is empty."""
         backlog = self.backlog
         if backlog is not None:
             backlog.peak_rows = max(backlog.peak_rows, stats.rows)

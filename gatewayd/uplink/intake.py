@@ -71,11 +71,12 @@ from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.observability.metrics import UPLINK_COMMANDS, counter
 from gatewayd.resilience.bucket import TokenBucket
 from gatewayd.resilience.errors import RateLimited
-from gatewayd.store import Store, outbox
+from gatewayd.store import outbox
 from gatewayd.tasks import wait_set
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.telemetry.sink import Record
 from gatewayd.uplink import paho
+from gatewayd.uplink.outbox import Outbox
 
 if TYPE_CHECKING:
     from gatewayd.interpret.service import InterpretService
@@ -118,21 +119,19 @@ class Intake:
         cfg: MqttSection,
         *,
         client_id: str,
-        store: Store,
+        box: Outbox,
         service: CommandService,
         recorder: Recorder,
         devices: Callable[[], Mapping[str, Profile]],
-        wake_drain: Callable[[], None],
         interpret: InterpretService | None = None,
     ):
         self.cfg = cfg
         self._client_id = client_id
-        self._store = store
+        self._box = box
         self._service = service
         self._recorder = recorder
         self._devices = devices
         self.interpret = interpret
-        self._wake_drain = wake_drain
         self._open = asyncio.Event()  # set while commands are taken
         self._closed = False
         self._bucket = TokenBucket(cfg.commands_burst, cfg.commands_per_s, name="mqtt.commands")
@@ -417,14 +416,13 @@ class Intake:
             rec, mono=time.monotonic(), boot_id=self._service.boot_id, synced=self._recorder.stamper.synced
         )
         try:
-            await self._store.write(lambda c: outbox.insert(c, [row]))
+            await self._box.add([row])  # the uplink is woken by it
         except StorageFull:
             try:
                 await publish(row.topic, row.message())
             except (aiomqtt.MqttError, OSError) as lost:
                 raise LinkLost(f"a result could not be published: {lost}") from lost
             return
-        self._wake_drain()
 
 
 def _parse(payload: Any, limit: int) -> dict[str, Any]:

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -50,13 +49,14 @@ from gatewayd.resilience.bucket import TokenBucket
 from gatewayd.resilience.classify import Verdict
 from gatewayd.resilience.errors import DeadlineExceeded, RetryExhausted
 from gatewayd.resilience.retry import RetryPolicy
-from gatewayd.store import Store, outbox
+from gatewayd.store import outbox
 from gatewayd.tasks import TaskOwner, wait_set
 from gatewayd.telemetry import batching
 from gatewayd.telemetry.recorder import Held, Recorder
 from gatewayd.uplink import paho
 from gatewayd.uplink.discovery import discovery_messages
 from gatewayd.uplink.intake import Intake, LinkLost
+from gatewayd.uplink.outbox import Outbox
 from gatewayd.uplink.pacing import AckWindow
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class Uplink:
         self,
         cfg: MqttSection,
         gateway_id: str,
-        store: Store,
+        box: Outbox,
         service: CommandService,
         recorder: Recorder,
         devices: Callable[[], Mapping[str, Profile]],
@@ -97,18 +97,17 @@ class Uplink:
         self.gateway_id = gateway_id
         self.base = f"gatewayd/{gateway_id}"
         self.client_id = cfg.client_id or f"gatewayd-{gateway_id}"
-        self._store = store
+        self._box = box
         self._service = service
         self._recorder = recorder
         self._devices = devices
         self.intake = Intake(
             cfg,
             client_id=self.client_id,
-            store=store,
+            box=box,
             service=service,
             recorder=recorder,
             devices=devices,
-            wake_drain=self.wake,
             interpret=interpret,
         )
         self._settled = asyncio.Event()  # the first session subscribed, or the first connection attempt failed
@@ -161,8 +160,7 @@ class Uplink:
         self._live_inflight = 0
         self._batch: batching.BatchMode = recorder.batch
         self._batch_max = recorder.batch_max
-        recorder.listeners.append(self.wake)
-        service.final_listeners.append(lambda _rec: self.wake())
+        box.listeners.append(self.wake)  # rows added, by whichever component: a result, an event, a reading
 
     def wake(self) -> None:
         self._wake.set()
@@ -515,10 +513,7 @@ class Uplink:
         """The next rows to send, leaving out those in flight, acknowledged and not deleted, or being sent live."""
         skip = {*self._drain_inflight, *self._sent, *self._recorder.sending_stored}
 
-        def read(conn: sqlite3.Connection) -> list[outbox.OutboxRow]:
-            return outbox.fetch(conn, limit, skip=skip)
-
-        rows = await self._store.read(read)
+        rows = await self._box.fetch(limit, skip=skip)
         # Sent, acknowledged, or written while in flight live, while it was being read.
         return [
             r
@@ -553,7 +548,7 @@ class Uplink:
         cannot (the disk full): they stay remembered, and are not sent again, until it can."""
         keys = list(self._sent)
         try:
-            stats = await self._store.write(lambda c: (outbox.delete(c, keys), outbox.stats(c))[1], durable=False)
+            await self._box.delete(keys)
         except StoreUnavailable as err:
             if not self._delete_failing:
                 log.warning("outbox_delete_failed", rows=len(self._sent), code=err.code, error=err.message)
@@ -564,7 +559,6 @@ class Uplink:
             self._delete_failing = False
         del self._sent[: len(keys)]
         self._sent_since = time.monotonic() if self._sent else None
-        self._recorder.update_stats(stats)
         return True
 
 

@@ -36,7 +36,6 @@ from gatewayd.interpret.errors import InterpretUnavailable
 from gatewayd.interpret.service import Answer
 from gatewayd.observability.metrics import REGISTRY
 from gatewayd.resilience import CircuitOpenError, RateLimited
-from gatewayd.store import outbox as outbox_sql
 from gatewayd.telemetry.recorder import Recorder
 from gatewayd.timefmt import iso
 from gatewayd.web import auth, crosssite, openapi
@@ -270,7 +269,7 @@ async def outbox(request: web.Request) -> web.Response:
     recorder = _ctx(request).recorder
     if recorder is None:
         raise StoreUnavailable("the outbox is not open")
-    stats = await recorder.store.read(outbox_sql.stats)
+    stats = await recorder.box.refresh()
     return web.json_response(
         {**stats.to_api(recorder.stamper.now()), "pending": recorder.pending, "telemetry": recorder.status()}
     )
