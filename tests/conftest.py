@@ -116,7 +116,7 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True, timeout: float = 5.0) -> float:
+    def start(self, wait: bool = True, timeout: float = 30.0) -> float:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed right after Popen
         log.write(f"--- start {self.starts}\n".encode())
@@ -134,7 +134,7 @@ class Daemon:
             self.wait_ready(timeout)
         return time.monotonic() - started
 
-    def wait_ready(self, timeout: float = 5.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         assert self.proc is not None
         while time.monotonic() < deadline:

@@ -88,7 +88,9 @@ class CountingDecoder(Decoder):
 
 
 async def test_byte_at_a_time(tmp_path: Path) -> None:
-    async with _line(tmp_path, {1: Faults()}, byte_at_a_time=True) as (_, bus):
+    # A frame written a byte at a time by a simulator in this process, on a loaded machine, can take longer than
+    # the default 0.15 s to arrive: the reply timeout here is not what is tested.
+    async with _line(tmp_path, {1: Faults()}, _cfg(response_timeout_s=1.0), byte_at_a_time=True) as (_, bus):
         bus.decoder = decoder = CountingDecoder()
         assert await _run(bus, 20) == (20, 0)
     assert decoder.dropped == 0 and decoder.frames == 20
@@ -162,7 +164,9 @@ async def test_lost_replies_time_out_and_a_repeat_is_answered_without_acting_twi
 
 async def test_every_fault_at_once_byte_by_byte(tmp_path: Path) -> None:
     faults = Faults(garbage=0.3, partial=0.1, drop=0.1, corrupt=0.1, telemetry_hz=50, seed=9)
-    cfg = _cfg(inbound_frames_per_s=1000, inbound_burst=1000)
+    # Each reply lost costs a whole timeout; 0.5 s (not 0.15) so that a reply trickling in byte by byte on a loaded
+    # machine is not taken for one.
+    cfg = _cfg(response_timeout_s=0.5, inbound_frames_per_s=1000, inbound_burst=1000)
     async with _line(tmp_path, {1: faults, 2: dataclasses.replace(faults, seed=10)}, cfg, byte_at_a_time=True) as (
         sim,
         bus,
