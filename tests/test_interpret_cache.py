@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gatewayd.config.profiles import ParamSpec
-from gatewayd.interpret.cache import cache_key
+from gatewayd.interpret.cache import PromptCache, cache_key
 from gatewayd.interpret.registry import normalise
 from gatewayd.interpret.simulator import FakeProvider
 from gatewayd.observability.metrics import REGISTRY
+from gatewayd.store import Store
 from tests.interpret_kit import KEY, Rig, profiles, provider, registry, settings
 
 SET_SPEED = {"device": "pump1", "action": "set_speed", "params": {"percent": 40}}
@@ -131,3 +133,37 @@ async def test_local_answers_are_never_cached(tmp_path: Path) -> None:
         second = await rig.ask("start pump 1")
         size = await rig.cache.size()
     assert first.degraded and second.degraded and not second.cached and size == 0
+
+
+async def test_a_text_never_answered_is_a_miss_without_a_read_and_an_answer_is_found_again(tmp_path: Path) -> None:
+    """After load(), the cache knows which keys may be in the table: a text no provider answered (every refusal,
+    every local answer while offline) costs no read; an answer put is found, also by the next start."""
+    command = {"device": "pump1", "action": "start", "params": {}}
+    pairs = [("a", "m1"), ("b", "m2")]
+    async with Store(tmp_path / "db") as store:
+        reads = 0
+        read = store.read
+
+        async def counting(job: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read(job)
+
+        store.read = counting  # type: ignore[method-assign]
+        cache = PromptCache(store, ttl_s=3600, max_entries=100, wall=lambda: 1_700_000_000.0)
+        assert await cache.lookup("start the pump", "digest", pairs) is None and reads == 1  # not loaded: read
+        await cache.load()
+        reads = 0
+        for i in range(50):
+            assert await cache.lookup(f"nonsense {i}", "digest", pairs) is None
+        assert reads == 0
+        entry = cache.entry("start the pump", "digest", "b", "m2", command, 0.01)
+        assert entry is not None
+        await store.write(lambda c: cache.put(c, entry))
+        hit = await cache.lookup("start the pump", "digest", pairs)
+        assert hit is not None and hit.provider == "b" and hit.command == command and reads == 1
+        assert await cache.lookup("start the pump", "another digest", pairs) is None and reads == 1
+        again = PromptCache(store, ttl_s=3600, max_entries=100, wall=lambda: 1_700_000_000.0)
+        await again.load()
+        hit = await again.lookup("start the pump", "digest", pairs)
+        assert hit is not None and hit.provider == "b"

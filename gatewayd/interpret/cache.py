@@ -61,6 +61,15 @@ class PromptCache:
         self.hits = 0
         self.misses = 0
         self.saved = 0.0
+        # Every key that may be in the table (a superset: a row deleted, evicted or expired stays in it until the
+        # next start), or None until load(). A text none of whose keys is here is a miss without asking SQLite:
+        # every request the local rules answer while no provider has answered it (offline, no keys, a refusal)
+        # is one, and a read is a hop to the reader thread, the largest part of a local answer's latency.
+        self._known: set[str] | None = None
+
+    async def load(self) -> None:
+        """Read the keys present (at start): from now on a lookup of an absent key costs nothing."""
+        self._known = set(await self._store.read(sql.cache_keys))
 
     @property
     def enabled(self) -> bool:
@@ -71,6 +80,9 @@ class PromptCache:
         if not self.enabled or not candidates:
             return None
         keys = {cache_key(text, registry, p, m): rank for rank, (p, m) in enumerate(candidates)}
+        known = self._known
+        if known is not None and known.isdisjoint(keys):
+            return None
         now = self._wall()
 
         rows = await self._store.read(lambda c: sql.cache_rows(c, list(keys), now))
@@ -124,6 +136,8 @@ class PromptCache:
             entry.expires_at,
         )
         sql.cache_put(conn, values, self.max_entries)
+        if self._known is not None:
+            self._known.add(entry.key)  # before the commit: a lookup meanwhile reads the table, and finds it or not
 
     async def drop(self, key: str) -> None:
         await self._store.write(lambda c: sql.cache_drop(c, key))

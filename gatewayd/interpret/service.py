@@ -184,6 +184,7 @@ class InterpretService:
             self._rules = self._read_rules()
             registry = self.registry()
             await self.ledger.load()
+            await self.cache.load()
             await self._tasks.open()
             self._tasks.spawn("local_rules", self._prepare(registry))
             for slot in self.chain.active:

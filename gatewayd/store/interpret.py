@@ -74,6 +74,11 @@ def cache_put(conn: sqlite3.Connection, values: CacheValues, max_entries: int) -
         )
 
 
+def cache_keys(conn: sqlite3.Connection) -> list[str]:
+    """Every key in the cache (at most ``[interpret] cache_max_entries``)."""
+    return [key for (key,) in conn.execute("SELECT key FROM interpret_cache")]
+
+
 def cache_drop(conn: sqlite3.Connection, key: str) -> None:
     conn.execute("DELETE FROM interpret_cache WHERE key = ?", (key,))
 
