@@ -610,14 +610,9 @@ def exported(rev: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = report.machine_info()
-    try:
-        results, baseline = asyncio.run(bench(args))
-    except BenchError as err:
-        print(f"command_path: FAILED: {err}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("command_path: interrupted; the daemon was killed and its temp dir removed", file=sys.stderr)
-        return 130
+    results, baseline = report.run(
+        "command_path", bench(args), stopped="the daemon was killed and its temp dir removed"
+    )
     print(render(results, args, machine, baseline))
     passed = not any(r.problems for r in results)
     median = report.medians(rows_for(args.via), results)

@@ -20,15 +20,12 @@ from pathlib import Path
 from types import TracebackType
 
 import aiohttp
+from report import BenchError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.toml"
 STOP_TIMEOUT_S = 30.0  # systemd/gatewayd.service's TimeoutStopSec
 LOG_TAIL_LINES = 40
-
-
-class BenchError(Exception):
-    """A run could not be completed (daemon not ready, commands not final in time, ...)."""
 
 
 def free_port() -> int:

@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -384,19 +384,9 @@ async def bench(args: argparse.Namespace) -> list[RunResult]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = report.machine_info()
-    try:
-        results = asyncio.run(bench(args))
-    except BenchError as err:
-        print(f"footprint: FAILED: {err}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("footprint: interrupted; the daemon was killed", file=sys.stderr)
-        return 130
+    results = report.run("footprint", bench(args))
     print(render(results, args, machine))
-    passed = not any(r.problems for r in results)
-    median = report.medians(ROWS, results)
-    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
-    return 0 if passed else 1
+    return report.conclude(args, machine, ROWS, results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Exit status: 0 measured; 1 a path did not answer as expected; 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import random
 import socket
@@ -39,6 +38,7 @@ from typing import Any
 
 import aiohttp
 import report  # bench/report.py: the script's own directory is on sys.path
+from report import BenchError
 
 from gatewayd.config import load_config
 from gatewayd.config.models import InterpretSection
@@ -71,10 +71,6 @@ LOCAL_TEXTS = [
 class Timing:
     total_s: float  # median request latency
     rest_s: float  # median of (request latency - the answering provider's call in that request): the chain's own
-
-
-class BenchError(Exception):
-    """A path answered otherwise than the figure assumes: the number would measure something else."""
 
 
 @dataclass
@@ -297,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     gwlog.configure("error")  # the chain logs every failed provider; here that is the point, not news
     random.seed(1)
     started = time.monotonic()
-    try:
-        results, base = asyncio.run(bench(args))
-    except BenchError as err:
-        print(f"interpret: FAILED: {err}", file=sys.stderr)
-        return 1
+    results, base = report.run("interpret", bench(args), stopped="the fake provider was stopped")
     print(render(results, args, base, time.monotonic() - started))
     runs = [dataclasses.asdict(r) for r in results]
     report.write_json(args.json, report.machine_info(), vars(args), runs, report.medians(ROWS, results))

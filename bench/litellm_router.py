@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import report  # bench/report.py: the script's own directory is on sys.path
+from report import BenchError
 
 from gatewayd.config import load_config
 from gatewayd.config.models import InterpretSection, ProviderConfig
@@ -96,10 +97,6 @@ FAULTS = {
     "hang": "hanging (timeout 2 s)",
     "all_down": "every provider down",
 }
-
-
-class BenchError(Exception):
-    """A side answered otherwise than the figure assumes, tried the network, or crashed."""
 
 
 @dataclass
@@ -641,16 +638,13 @@ def main(argv: list[str] | None = None) -> int:
             skipped = f"{LITELLM_REQUIREMENT} could not be installed: {str(err)[-300:]}"
             print(f"litellm_router: {skipped}; measuring gatewayd alone", file=sys.stderr)
             configs = [c for c in configs if CONFIGS[c][0] != "litellm"]
-    try:
+    started = time.monotonic()
+
+    async def measured() -> tuple[InterpretSection, dict[str, list[SideRun]]]:
         body, interpret = load_job()
-        started = time.monotonic()
-        runs = asyncio.run(bench(args, body, configs)) if configs else {}
-    except BenchError as err:
-        print(f"litellm_router: FAILED: {err}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("litellm_router: interrupted; the drivers were killed", file=sys.stderr)
-        return 130
+        return interpret, (await bench(args, body, configs) if configs else {})
+
+    interpret, runs = report.run("litellm_router", measured(), stopped="the drivers were killed")
     if not runs:
         print(f"litellm_router: nothing measured ({skipped})", file=sys.stderr)
         return 1

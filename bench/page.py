@@ -22,13 +22,13 @@ import signal
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import report  # bench/report.py: the script's own directory is on sys.path
-from daemon import CONFIG, ROOT, BenchError, Daemon, free_port, scan_log
+from daemon import CONFIG, ROOT, Daemon, free_port, scan_log
 
 CHROMIUM = os.environ.get("GATEWAYD_TEST_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -210,19 +210,9 @@ async def bench(args: argparse.Namespace) -> list[RunResult]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = report.machine_info()
-    try:
-        results = asyncio.run(bench(args))
-    except BenchError as err:
-        print(f"page: FAILED: {err}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("page: interrupted; the daemon was killed", file=sys.stderr)
-        return 130
+    results = report.run("page", bench(args))
     print(render(results, args, machine))
-    passed = not any(r.problems for r in results)
-    median = report.medians(ROWS, results)
-    report.write_json(args.json, machine, vars(args), [asdict(r) for r in results], median, passed)
-    return 0 if passed else 1
+    return report.conclude(args, machine, ROWS, results)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,49 @@
-"""What every benchmark prints the same way: the machine it ran on, the command, and a table of runs with their
-median. Imported by the scripts in this directory (their own directory is on ``sys.path``)."""
+"""What every benchmark does the same way: how it runs and fails, the machine it ran on, the command, and a table
+of runs with their median. Imported by the scripts in this directory (their own directory is on ``sys.path``)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import platform
 import shlex
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 Row = tuple[str, str, str]  # label, attribute of a run result, format
+T = TypeVar("T")
+
+
+class BenchError(Exception):
+    """A run could not measure what its figure assumes (a daemon not ready, commands not final in time, a path that
+    answered otherwise): the number would measure something else, so there is none."""
+
+
+def run(name: str, main: Coroutine[Any, Any, T], *, stopped: str = "the daemon was killed") -> T:
+    """``asyncio.run(main)``, ended as every benchmark ends: a :class:`BenchError` with ``NAME: FAILED: why`` and
+    exit status 1; Ctrl-C or SIGTERM (cancelling the main task) with ``NAME: interrupted; STOPPED`` and 130."""
+    try:
+        return asyncio.run(main)
+    except BenchError as err:
+        print(f"{name}: FAILED: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"{name}: interrupted; {stopped}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def conclude(args: Any, machine: dict[str, Any], rows: Sequence[Row], results: Sequence[Any]) -> int:
+    """The end of a benchmark whose runs are dataclasses with ``problems``: the JSON (``--json``: the runs, their
+    medians over ``rows``, passed or not) and the exit status, 0 when no run found a problem."""
+    passed = not any(r.problems for r in results)
+    runs = [dataclasses.asdict(r) for r in results]
+    write_json(args.json, machine, vars(args), runs, medians(rows, results), passed)
+    return 0 if passed else 1
 
 
 def cpu_model() -> str:

@@ -15,7 +15,6 @@ Exit status: 0 measured; 1 a tool did not behave as the happy path assumes; 2 ba
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import statistics
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import report  # bench/report.py: the script's own directory is on sys.path
+from report import BenchError
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
 from gatewayd.resilience import (
@@ -41,10 +41,6 @@ from gatewayd.resilience import (
 KEYS = 10_000
 PLENTY = 1e12  # a capacity and rate no benchmark run can exhaust: every decision is "allowed"
 WARMUP_FRACTION = 10  # a warm-up pass of calls // 10 before each timed loop
-
-
-class BenchError(Exception):
-    """A tool refused or failed where the happy path was expected: the figure would measure something else."""
 
 
 async def trivial() -> int:
@@ -241,11 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    try:
-        per_call = asyncio.run(bench(args))
-    except BenchError as err:
-        print(f"resilience: FAILED: {err}", file=sys.stderr)
-        return 1
+    per_call = report.run("resilience", bench(args), stopped="nothing was left running")
     print(render(per_call, args, time.monotonic() - started))
     # JSON: microseconds per call, per case; the runs as one dict of case -> us/call each.
     runs = [{label: values[i] / 1000 for label, values in per_call.items()} for i in range(args.runs)]

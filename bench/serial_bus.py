@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import report  # bench/report.py: the script's own directory is on sys.path
+from report import BenchError
 
 from gatewayd.config.models import SerialBusConfig
 from gatewayd.devices.serial_bus import SerialBus
@@ -41,10 +42,6 @@ TARGET = 0.90
 WARMUP_S = 1.0
 START_TIMEOUT_S = 10.0
 FLOOD_HZ = 5_000  # frames per second asked of the device: far above what the line carries (about 260 at 115200)
-
-
-class BenchError(Exception):
-    """A run could not be completed (simulator not up, bus not open, nothing received)."""
 
 
 @dataclass
@@ -243,13 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure("warning")  # the bus logs every telemetry frame at info: not what is measured
     machine = report.machine_info()
-    try:
-        results = asyncio.run(bench(args))
-    except BenchError as err:
-        print(f"serial_bus: FAILED: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    results = report.run("serial_bus", bench(args), stopped="the simulator and the bus were closed")
     print(render(results, args, machine))
     runs = [asdict(r) for r in results]
     median = {name: statistics.median(float(run[name]) for run in runs) for name in runs[0] if name != "run"}
