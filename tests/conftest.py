@@ -189,21 +189,31 @@ class Daemon:
         assert status == 200, body
         return dict(body)
 
+    def _record(self, command_id: str) -> dict[str, Any] | None:
+        """The command's record, or None while the daemon does not know it yet (404: one sent over MQTT is on
+        its way through the broker); any other answer fails the test."""
+        status, body = self.get(f"/api/v1/commands/{command_id}")
+        if status == 404 and body.get("error", {}).get("code") == "unknown_command":
+            return None
+        assert status == 200, body
+        return dict(body)
+
     def wait_final(self, command_id: str, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        rec: dict[str, Any] | None = None
         while time.monotonic() < deadline:
-            rec = self.command(command_id)
-            if rec["state"] in ("succeeded", "failed", "expired", "rejected", "cancelled"):
+            rec = self._record(command_id)
+            if rec is not None and rec["state"] in ("succeeded", "failed", "expired", "rejected", "cancelled"):
                 return rec
             time.sleep(0.05)
-        raise AssertionError(f"command {command_id} not final after {timeout} s: {rec}")
+        raise AssertionError(f"command {command_id} not final after {timeout} s: {rec or 'never known'}")
 
     def wait_state(self, command_id: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
         """The record once it has reached ``state`` (a transition by that name, not only the current state)."""
         found: dict[str, Any] = {}
 
         def reached() -> bool:
-            found.update(self.command(command_id))
+            found.update(self._record(command_id) or {})
             return any(t["state"] == state for t in found.get("transitions", []))
 
         wait_until(reached, timeout, f"command {command_id} to reach {state}")
