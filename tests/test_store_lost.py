@@ -332,3 +332,48 @@ def test_a_database_the_gateway_user_can_no_longer_write_is_lost(nobody_dir: Pat
     assert result["refused"]["code"] == "store_lost"
     message = result["refused"]["message"]
     assert "can no longer write" in message and "chown gatewayd:gatewayd" in message
+
+
+# --- the journal look after a growing commit (Store._confirm) -------------------------------------------------------
+# The real case (an ext4 journal aborted under the commit) is tests/faults/test_store_read_only.py, as root on a loop
+# device; here the look's two answers are forced, to show what each does to the commit that grew the WAL.
+
+
+def _growing_insert(n: int) -> Any:
+    return lambda c: c.execute("INSERT INTO scratch (n, pad) VALUES (?, randomblob(8000))", (n,))
+
+
+async def test_a_journal_that_refuses_the_look_after_a_growing_commit_is_the_store_lost_and_the_batch_maybe_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Store(tmp_path / "g.sqlite3", wal_preallocate_frames=0) as store:
+        await store.write(lambda c: c.execute("CREATE TABLE scratch (n INTEGER PRIMARY KEY, pad BLOB)"))
+        for n in range(5):
+            await store.write(_growing_insert(n))  # the look passes: acknowledged
+        assert store.lost is None
+
+        def refused(fd: int, **_: Any) -> None:
+            raise OSError(30, "Read-only file system")  # EROFS: what ext4 answers with its journal aborted
+
+        monkeypatch.setattr(store_db.os, "utime", refused)
+        with pytest.raises(StoreLost) as lost:
+            await store.write(_growing_insert(99))
+        assert lost.value.details.get("stored") == "unknown"  # committed by SQLite, not confirmed by the disk
+        assert store.lost is not None
+        with pytest.raises(StoreLost):
+            await store.write(_growing_insert(100))  # nothing more is written
+
+
+async def test_a_file_the_daemon_may_write_but_does_not_own_keeps_the_fsync_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_owner(fd: int, **_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")  # EPERM: only the owner sets a file's times
+
+    async with Store(tmp_path / "g.sqlite3", wal_preallocate_frames=0) as store:
+        monkeypatch.setattr(store_db.os, "utime", not_owner)
+        await store.write(lambda c: c.execute("CREATE TABLE scratch (n INTEGER PRIMARY KEY, pad BLOB)"))
+        for n in range(20):
+            await store.write(_growing_insert(n))
+        assert store.lost is None
+        assert await store.read(lambda c: c.execute("SELECT count(*) FROM scratch").fetchone()[0]) == 20

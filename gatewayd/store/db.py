@@ -28,6 +28,7 @@ any write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import queue
@@ -551,13 +552,13 @@ class Store:
         filesystem read-only a moment later (errors=remount-ro) throws that transaction away, and after the repair
         the WAL ends before the commit (measured on a loop-mounted ext4 with a standalone script: 5 acknowledged
         commits lost in 40 trials; tests/faults/test_store_read_only.py is the test that keeps it so). So whenever
-        the WAL, or the database file after a checkpoint, is
-        longer than at its last sync, it gets a full ``fsync`` here, and then a journal handle (see below), whose
-        failure is the store lost. Once the WAL
-        has grown to its working size and is reused from the start after each checkpoint, a commit overwrites it
+        the WAL, or the database file after a checkpoint, is longer than at its last sync, it gets a full ``fsync``
+        here, and then a journal handle (see below), whose failure is the store lost. Once the WAL has grown to its
+        working size and is reused from the start after each checkpoint, a commit overwrites it
         and costs nothing more. Then the read-only flag is looked at: a filesystem that turned read-only under the
         COMMIT may have returned from its sync without writing."""
         for suffix, fd in self._sync_fds.items():
+            step = "fsync"
             try:
                 st = os.fstat(fd)
                 if st.st_size > self._synced_size[suffix]:
@@ -567,9 +568,13 @@ class Store:
                     # transaction still running or committing. Setting the file's times (to what they are) needs a
                     # journal handle, which an aborted journal refuses (EROFS), before the filesystem is marked
                     # read-only. If the journal was not aborted when the fsync returned, its commit is on the disk.
-                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    # Only the file's owner may set its times: a file the daemon may write but does not own (a group
+                    # write bit) keeps the fsync alone, as before, rather than reading EPERM as a lost disk.
+                    step = "the journal after fsync of"
+                    with contextlib.suppress(PermissionError):
+                        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             except OSError as err:
-                return self._sync_loss(suffix, f"fsync {self.path}{suffix}: {err.strerror}")
+                return self._sync_loss(suffix, f"{step} {self.path}{suffix}: {err.strerror}")
             self._synced_size[suffix] = st.st_size
         loss = lost_file.unwritable(self.path)
         return None if loss is None else self._lose(loss)
