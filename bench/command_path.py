@@ -29,7 +29,6 @@ import json
 import math
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -574,10 +573,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def bench(args: argparse.Namespace) -> tuple[list[RunResult], list[RunResult]]:
     """(this tree's runs, the baseline's runs: empty without --baseline)."""
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    # SIGTERM cleans up like Ctrl-C: the daemon is stopped and the temp dir removed on the way out.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    # Ctrl-C and SIGTERM clean up: the daemon is stopped and the temp dir removed on the way out.
+    report.stop_on_signals()
     results: list[RunResult] = []
     before: list[RunResult] = []
     with contextlib.ExitStack() as stack:

@@ -24,7 +24,6 @@ import contextlib
 import json
 import re
 import shutil
-import signal
 import socket
 import statistics
 import sys
@@ -370,10 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace) -> list[RunResult]:
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    # SIGTERM cleans up like Ctrl-C: the daemon is stopped and the temp dir removed on the way out.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    # Ctrl-C and SIGTERM clean up: the daemon is stopped and the temp dir removed on the way out.
+    report.stop_on_signals()
     results = []
     for run in range(1, args.runs + 1):
         print(f"run {run}/{args.runs} ...", file=sys.stderr, flush=True)

@@ -44,7 +44,6 @@ import asyncio
 import json
 import os
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -603,10 +602,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, body: dict[str, Any], configs: list[str]) -> dict[str, list[SideRun]]:
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    # SIGTERM cleans up like Ctrl-C: the driver running is killed, the fakes stopped, the temp dir removed.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    # Ctrl-C and SIGTERM clean up: the driver running is killed, the fakes stopped, the temp dir removed.
+    report.stop_on_signals()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LITELLM", "OPENAI", "PYTHON"))}
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # the same imports every run: neither side gets to cache bytecode anew
     pythons = {"gatewayd": Path(sys.executable), "litellm": litellm_python(args.litellm_venv)}

@@ -16,9 +16,7 @@ Medians over the loads per run, then over the runs. Needs Playwright (the test e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -196,9 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def bench(args: argparse.Namespace) -> list[RunResult]:
     from playwright.async_api import async_playwright
 
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    report.stop_on_signals()
     results = []
     async with async_playwright() as playwright:
         for run in range(1, args.runs + 1):

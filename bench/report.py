@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
 from collections.abc import Coroutine, Sequence
@@ -35,6 +36,24 @@ def run(name: str, main: Coroutine[Any, Any, T], *, stopped: str = "the daemon w
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"{name}: interrupted; {stopped}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def stop_on_signals(again_s: float = 2.0) -> None:
+    """From now on Ctrl-C and SIGTERM cancel the running task (a benchmark's main task, which stops its daemon,
+    broker and drivers on the way out), and cancel it again every ``again_s`` until it has ended. Once is not
+    always enough: a library that lets a cancellation go (``asyncio.wait_for`` on Python 3.11, cpython gh-86296,
+    used inside aiomqtt) would leave the benchmark running on for minutes. Ended by cancellation, ``run`` exits 130."""
+    task = asyncio.current_task()
+    assert task is not None, "stop_on_signals() is called from the benchmark's main task"
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(again_s, stop)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
 
 
 def conclude(args: Any, machine: dict[str, Any], rows: Sequence[Row], results: Sequence[Any]) -> int:

@@ -37,7 +37,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -668,10 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def soak(args: argparse.Namespace, workdir: Path, broker: Broker) -> tuple[Soak, dict[str, Any]]:
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    # SIGTERM cleans up like Ctrl-C: the daemon and the broker are stopped on the way out.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    # Ctrl-C and SIGTERM clean up: the daemon and the broker are stopped on the way out.
+    report.stop_on_signals()
     env = {
         "GATEWAYD_MQTT__PORT": str(broker.port),
         "GATEWAYD_DEVICES__SENSOR1__SIMULATOR__TELEMETRY_HZ": repr(args.telemetry_hz),
