@@ -24,6 +24,7 @@ from gatewayd.errors import QueueFull, ShuttingDown
 from gatewayd.observability.metrics import DISPATCHER_GAPS
 from gatewayd.store import Store
 from gatewayd.store import commands as sql
+from gatewayd.uplink.outbox import Outbox
 from tests.conftest import CONFIG
 
 PROFILES = load_config(CONFIG).profiles
@@ -66,8 +67,15 @@ class Devices:
 
 
 class Core:
-    def __init__(self, store: Store, pump: RecordingDevice, service: CommandService, dispatcher: Dispatcher):
-        self.store, self.pump, self.service, self.dispatcher = store, pump, service, dispatcher
+    def __init__(
+        self,
+        store: Store,
+        pump: RecordingDevice,
+        service: CommandService,
+        dispatcher: Dispatcher,
+        box: Outbox | None = None,
+    ):
+        self.store, self.pump, self.service, self.dispatcher, self.box = store, pump, service, dispatcher, box
 
     async def final(self, command_id: str, within_s: float = 5.0) -> CommandRecord:
         async with asyncio.timeout(within_s):
@@ -79,11 +87,16 @@ class Core:
 
 
 @contextlib.asynccontextmanager
-async def core(tmp_path: Path, **commands: Any) -> AsyncIterator[Core]:
+async def core(tmp_path: Path, *, outbox: bool = False, **commands: Any) -> AsyncIterator[Core]:
+    """The command core on a real store, one recording pump1; with ``outbox``, results go to an outbox (as with
+    an uplink), readable as ``Core.box``."""
     clock = SystemClock()
     pump = RecordingDevice("pump1", PROFILES["sim_pump"])
     devices = Devices({"pump1": pump})
     async with Store(tmp_path / "g.db") as store:
+        box = Outbox(store, clock.wall) if outbox else None
+        if box is not None:
+            await box.refresh()
         service: CommandService
         dispatcher = Dispatcher(
             store,
@@ -91,6 +104,7 @@ async def core(tmp_path: Path, **commands: Any) -> AsyncIterator[Core]:
             clock=clock,
             on_final=lambda rec: service.on_final(rec),
             reconcile_interval_s=commands.get("reconcile_interval_s", 10.0),
+            outbox=box,
         )
         service = CommandService(
             store,
@@ -101,7 +115,7 @@ async def core(tmp_path: Path, **commands: Any) -> AsyncIterator[Core]:
         )
         async with dispatcher:
             service.open_intake()
-            yield Core(store, pump, service, dispatcher)
+            yield Core(store, pump, service, dispatcher, box)
 
 
 def gaps(found_by: str) -> float:

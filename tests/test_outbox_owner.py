@@ -6,7 +6,6 @@ page where the last telemetry write had put it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
@@ -14,24 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd.clock import SystemClock
-from gatewayd.commands.dispatcher import Dispatcher
-from gatewayd.commands.model import CommandRecord
-from gatewayd.commands.service import CommandService
-from gatewayd.config.models import CommandsSection
 from gatewayd.observability.metrics import OUTBOX_BYTES, OUTBOX_ROWS
-from gatewayd.store import Store
 from gatewayd.store import outbox as sql
 from gatewayd.telemetry.sink import Record
-from gatewayd.uplink.outbox import Outbox
-from tests.test_dispatcher import PROFILES, Devices, RecordingDevice
+from tests.test_dispatcher import Core, core
 from tests.test_telemetry import _recorder
 
 
 class Rig:
-    def __init__(self, store: Store, box: Outbox, service: CommandService):
-        self.store, self.box, self.service = store, box, service
+    """The command core with an outbox (tests.test_dispatcher.core), counting the uplink's wake-ups."""
+
+    def __init__(self, c: Core):
+        assert c.box is not None
+        self.store, self.box, self.service, self.final = c.store, c.box, c.service, c.final
         self.woken = 0
-        box.listeners.append(self._woken)
+        self.box.listeners.append(self._woken)
 
     def _woken(self) -> None:
         self.woken += 1
@@ -40,34 +36,11 @@ class Rig:
         """The figures as the table has them now, read apart from the owner."""
         return await self.store.read(sql.stats)
 
-    async def final(self, command_id: str) -> CommandRecord:
-        async with asyncio.timeout(5):
-            while True:
-                rec = await self.service.get(command_id)
-                if rec.state.final:
-                    return rec
-                await asyncio.sleep(0.005)
-
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    clock = SystemClock()
-    devices = Devices({"pump1": RecordingDevice("pump1", PROFILES["sim_pump"])})
-    async with Store(tmp_path / "g.db") as store:
-        box = Outbox(store, clock.wall)
-        await box.refresh()
-        service: CommandService
-        dispatcher = Dispatcher(
-            store,
-            devices.devices,  # type: ignore[arg-type]
-            clock=clock,
-            on_final=lambda rec: service.on_final(rec),
-            outbox=box,
-        )
-        service = CommandService(store, devices, CommandsSection(), clock, dispatcher=dispatcher)  # type: ignore[arg-type]
-        async with dispatcher:
-            service.open_intake()
-            yield Rig(store, box, service)
+    async with core(tmp_path, outbox=True) as c:
+        yield Rig(c)
 
 
 async def test_every_result_the_dispatcher_commits_is_in_the_figures_and_wakes_the_uplink(tmp_path: Path) -> None:

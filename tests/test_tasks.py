@@ -9,8 +9,7 @@ for code that still swallows a cancellation is shown to catch it without cutting
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,11 @@ import structlog
 
 from gatewayd import tasks
 from gatewayd.clock import SystemClock
-from gatewayd.commands.dispatcher import Dispatcher
 from gatewayd.commands.scheduler import Scheduler
-from gatewayd.commands.service import CommandService
-from gatewayd.config.models import CommandsSection
 from gatewayd.store import Store
 from gatewayd.tasks import TaskOwner, wait_set
 from gatewayd.telemetry.sink import Record
-from tests.test_dispatcher import PROFILES, Devices, RecordingDevice
+from tests.test_dispatcher import core
 from tests.test_telemetry import _recorder
 
 # More loop turns than any of these wake-ups takes to reach the code after its wait.
@@ -112,27 +108,11 @@ async def test_the_telemetry_recorder_stops_at_once_whenever_a_reading_has_just_
         await _stop_at_every_turn(start, wake, stop, lambda rec: rec._wake)
 
 
-@contextlib.asynccontextmanager
-async def _service(store: Store) -> AsyncIterator[CommandService]:
-    relay = RecordingDevice("relay1", PROFILES["gpio_relay"])
-    devices = Devices({"relay1": relay})
-    service: CommandService
-    dispatcher = Dispatcher(
-        store,
-        devices.devices,  # type: ignore[arg-type]
-        clock=SystemClock(),
-        on_final=lambda rec: service.on_final(rec),
-    )
-    service = CommandService(store, devices, CommandsSection(), SystemClock(), dispatcher=dispatcher)  # type: ignore[arg-type]
-    async with dispatcher:
-        yield service
-
-
 async def test_the_scheduler_stops_at_once_whenever_it_has_just_been_woken(tmp_path: Path) -> None:
-    async with Store(tmp_path / "gw.sqlite3") as store, _service(store) as service:
+    async with core(tmp_path) as c:
 
         async def start() -> Any:
-            return await Scheduler(store, service, SystemClock()).__aenter__()
+            return await Scheduler(c.store, c.service, SystemClock()).__aenter__()
 
         async def stop(scheduler: Any) -> None:
             await scheduler.__aexit__(None, None, None)
