@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -66,10 +67,32 @@ def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports handed to daemons and brokers come from below the ephemeral range, which outgoing connections draw from:
+# a port picked with bind(0) is free only until the next connect() anywhere on the machine takes it (another
+# worker's HTTP client, a broker reconnect), and a daemon restarted on its port later met "address already in use".
+_PORTS = range(10_000, min(_ephemeral_low(), 32768))
+_RANDOM = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now that no outgoing connection can take: from below the ephemeral range, at random,
+    so the test workers hardly ever pick the same one (and bind() says so when they do)."""
+    for _ in range(500):
+        port = _RANDOM.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def http(
